@@ -1,0 +1,20 @@
+# The virtual environment: the active one when there is one, else ./.venv (created on demand).
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+BIN := $(VENV)/bin
+PYTHON ?= python3
+
+.PHONY: install test demo bench
+
+install:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e '.[test]'
+
+test:
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+demo:
+	HF_HUB_OFFLINE=1 $(BIN)/apecli demo --store caches-demo
+
+bench:
+	$(BIN)/python benchmarks/refine_speed.py
+	$(BIN)/python benchmarks/grid_speed.py

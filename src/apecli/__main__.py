@@ -1,0 +1,5 @@
+"""``python -m apecli``: the command line."""
+
+from apecli.cli import main
+
+main()

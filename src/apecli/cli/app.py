@@ -1,0 +1,242 @@
+"""The ``apecli`` command line: each command parses, calls the library, and reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from apecli import __version__, store
+from apecli.cli.io import console, emit, reports_errors, resolve_input
+from apecli.cli.options import DEFAULT_STORE, Dataset, Input, Json, Model, Shots, Store
+from apecli.errors import ApecliError
+
+app = typer.Typer(
+    name="apecli",
+    help="Few-shot CLIP classification with APE, from HDF5 feature caches.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+import_app = typer.Typer(help="Bring features computed elsewhere into the store.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"apecli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Few-shot CLIP classification with APE, from HDF5 feature caches."""
+
+
+def _save_imported(features, store_dir: Path, as_json: bool) -> None:
+    from apecli.features import save_features
+
+    saved = save_features(features, store.in_store(store_dir, features.dataset, "features"))
+    console.print(
+        f"imported {saved.num_classes} classes × {saved.dim} channels, shots {list(saved.shots)}, "
+        + ", ".join(f"{name} {part.labels.shape[0]}" for name, part in saved.splits.items())
+    )
+    emit(saved.artifact, {"dataset": saved.dataset, "num_classes": saved.num_classes, "dim": saved.dim,
+                          "shots": list(saved.shots)}, as_json)
+
+
+@import_app.command("tip-adapter")
+@reports_errors
+def import_tip_adapter(
+    directory: Annotated[Path, typer.Argument(help="Folder with keys_{K}shots.pt, values_{K}shots.pt, val_f.pt, ...")],
+    text_weights: Annotated[
+        Optional[Path], typer.Option("--text-weights", help="D × C text classifier (default: text_weights_cupl_t.pt in the folder).")
+    ] = None,
+    class_names: Annotated[Optional[Path], typer.Option("--class-names", help="Text file, one class name per line.")] = None,
+    dataset: Dataset = None,
+    model: Model = None,
+    store_dir: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Import an APE / Tip-Adapter cache folder (every shot count in it)."""
+    from apecli.importers import import_tip_adapter as read
+
+    _save_imported(read(directory, text_weights, dataset, class_names, model), store_dir, as_json)
+
+
+@import_app.command("npz")
+@reports_errors
+def import_npz(
+    file: Annotated[Path, typer.Argument(help="An .npz with text_weights, cache_keys, cache_labels, val_*, test_*.")],
+    dataset: Dataset = None,
+    model: Model = None,
+    store_dir: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Import features from a plain .npz file."""
+    from apecli.importers import import_npz as read
+
+    _save_imported(read(file, dataset, model), store_dir, as_json)
+
+
+@app.command()
+@reports_errors
+def export(
+    source: Input = None,
+    out: Annotated[Path, typer.Option("--out", help="The .npz file to write.")] = Path("features.npz"),
+    shots: Shots = None,
+    store_dir: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Write a features artifact's arrays (one shot count) to a plain .npz."""
+    from apecli.features import load_features
+    from apecli.importers import export_npz
+
+    features = load_features(resolve_input(source, store_dir, ["features"]))
+    path = export_npz(features, out, shots)
+    console.print(f"wrote {path}")
+    emit(path, {"shots": shots or max(features.shots)}, as_json)
+
+
+@app.command()
+@reports_errors
+def refine(
+    source: Input = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Channels to keep (default: the dataset's, scaled to D).")] = None,
+    w: Annotated[
+        Optional[tuple[float, float]], typer.Option("--w", help="Weights w0 (inter-class similarity) and w1 (text variance).")
+    ] = None,
+    shots: Shots = None,
+    store_dir: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Select the channels that separate classes (APE's prior refinement)."""
+    from apecli.features import load_features
+    from apecli.refine import save_refinement, select_channels
+
+    features = load_features(resolve_input(source, store_dir, ["features"]))
+    refinement = select_channels(features, k, w, shots)
+    stem = f"refine-{refinement.shots}shot-k{refinement.k}"
+    refinement = save_refinement(refinement, features, store.in_store(store_dir, features.dataset, stem))
+    console.print(
+        f"kept {refinement.k} of {features.dim} channels from the {refinement.shots}-shot cache "
+        f"(w = {refinement.weights[0]:g}, {refinement.weights[1]:g})"
+    )
+    emit(refinement.artifact, {"channels": refinement.sorted_channels, "k": refinement.k, "shots": refinement.shots,
+                               "weights": list(refinement.weights)}, as_json)
+
+
+@app.command("eval")
+@reports_errors
+def evaluate(
+    source: Input = None,
+    mode: Annotated[str, typer.Option("--mode", help="zero-shot or training-free.")] = "training-free",
+    shots: Shots = None,
+    search_scale: Annotated[
+        Optional[tuple[float, float, float]], typer.Option("--search-scale", help="Upper ends of the β, α, γ grids.")
+    ] = None,
+    search_step: Annotated[
+        Optional[tuple[int, int, int]], typer.Option("--search-step", help="Steps of the β, α, γ grids.")
+    ] = None,
+    store_dir: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Evaluate on test with hyperparameters searched on validation; print the accuracies."""
+    from apecli.evaluate import MODES, evaluate_artifact, save_evaluation
+    from apecli.presets import preset_for
+    from apecli.training_free import SearchGrid
+
+    if mode not in MODES:
+        raise ApecliError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    artifact = resolve_input(source, store_dir, ["refinement", "features"])
+    preset = preset_for(artifact.metadata.get("dataset"))
+    grid = SearchGrid(tuple(search_scale or preset.search_scale), tuple(search_step or preset.search_step))
+    with _progress(f"searching {grid.size:,} settings") as advance:
+        evaluation = evaluate_artifact(artifact, mode, shots, grid, advance)
+    stem = f"eval-{mode}" + (f"-{evaluation.shots}shot" if evaluation.shots else "")
+    saved = save_evaluation(evaluation, [artifact], store.in_store(store_dir, evaluation.dataset, stem))
+    _print_evaluation(evaluation.summary())
+    emit(saved, evaluation.summary(), as_json)
+
+
+@app.command()
+@reports_errors
+def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: Json = False) -> None:
+    """Describe an artifact: kind, content id, parents, settings and arrays."""
+    artifact = resolve_input(source, store_dir, ["features", "refinement", "evaluation"])
+    details = {
+        "kind": artifact.kind,
+        "content_id": artifact.content_id,
+        "format_version": artifact.format_version,
+        "parents": [ref.to_json() for ref in artifact.parents],
+        "metadata": dict(artifact.metadata),
+        "arrays": list(artifact.names),
+    }
+    if not as_json:
+        for key, value in details.items():
+            console.print(f"[bold]{key}[/bold]: {value}")
+    emit(artifact, details, as_json)
+
+
+@app.command()
+@reports_errors
+def demo(
+    store_dir: Annotated[Path, typer.Option("--store", help="Folder for the demo's artifacts.")] = Path("caches-demo"),
+    as_json: Json = False,
+) -> None:
+    """Run the whole chain offline on generated features: features → refine → eval."""
+    from apecli.evaluate import evaluate_training_free, save_evaluation
+    from apecli.features import save_features
+    from apecli.refine import save_refinement, select_channels
+    from apecli.synthetic import synthetic_features
+
+    features = save_features(synthetic_features(num_classes=20, dim=128, dataset="demo"),
+                             store.in_store(store_dir, "demo", "features"))
+    console.print(f"generated features: {features.artifact.path}")
+    refinement = select_channels(features, k=64)
+    refinement = save_refinement(refinement, features, store.in_store(store_dir, "demo", "refine-16shot-k64"))
+    console.print(f"refined: {refinement.artifact.path}")
+    with _progress("searching") as advance:
+        evaluation = evaluate_training_free(features, refinement, progress=advance)
+    saved = save_evaluation(evaluation, [refinement.artifact], store.in_store(store_dir, "demo", "eval-training-free-16shot"))
+    _print_evaluation(evaluation.summary())
+    emit(saved, evaluation.summary(), as_json)
+
+
+def _print_evaluation(result: dict) -> None:
+    table = Table(title=f"{result['dataset'] or 'features'} · {result['mode']}"
+                  + (f" · {result['shots']} shots" if result.get("shots") else ""))
+    for column in ("method", "val %", "test %", "α", "β", "γ"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    table.add_row("zero-shot CLIP", f"{result['zero_shot_val_accuracy']:.2f}", f"{result['zero_shot_accuracy']:.2f}", "", "", "")
+    if result["mode"] != "zero-shot":
+        table.add_row("APE", f"{result['val_accuracy']:.2f}", f"{result['test_accuracy']:.2f}",
+                      f"{result['alpha']:.3f}", f"{result['beta']:.3f}", f"{result['gamma']:.3f}")
+    console.print(table)
+
+
+class _progress:
+    """A rich progress bar on stderr (only on a terminal); yields the callback the library calls."""
+
+    def __init__(self, description: str) -> None:
+        self.bar = Progress(TextColumn(description), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                            console=console, transient=True, disable=not console.is_terminal)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        task = self.bar.add_task("", total=None)
+        return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.__exit__(*exc_info)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,81 @@
+"""How commands talk: input artifacts from arguments or stdin, results to stdout, messages to stderr."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+import typer
+from rich.console import Console
+
+from apecli import store
+from apecli.errors import ApecliError
+
+console = Console(stderr=True, highlight=False)
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def reports_errors(command: Command) -> Command:
+    """Turn a user error into one line on stderr and exit status 1 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ApecliError as error:
+            typer.echo(f"apecli: error: {error}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("apecli: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _stdin_is_piped() -> bool:
+    """True when stdin is a pipe or a file (a pipeline), not a terminal or /dev/null."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):
+        return True  # an in-memory stream, as under a test runner
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def resolve_input(value: str | None, store_dir: Path, kinds: Iterable[str]) -> store.Artifact:
+    """The artifact a command reads: the path given, a path read from stdin, or the newest in the store."""
+    kinds = tuple(kinds)
+    if value == "-" or (value is None and _stdin_is_piped()):
+        lines = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
+        if not lines:
+            raise ApecliError("no artifact path on stdin (did the previous command fail?)")
+        value = lines[-1]
+        if value.startswith("{"):  # the previous command ran with --json
+            try:
+                value = json.loads(value)["artifact"]
+            except (ValueError, KeyError, TypeError):
+                raise ApecliError("stdin holds JSON without an 'artifact' path") from None
+    if value is None:
+        artifact = store.newest_artifact(store_dir, kinds)
+        console.print(f"using the newest {artifact.kind} artifact: {artifact.path}")
+        return artifact
+    return store.open_artifact(value, kinds)
+
+
+def emit(artifact: store.Artifact | Path, result: dict[str, Any], as_json: bool) -> None:
+    """The command's result on stdout: the artifact path, or one JSON object with ``--json``."""
+    path = str(artifact.path if isinstance(artifact, store.Artifact) else artifact)
+    if as_json:
+        typer.echo(json.dumps({"artifact": path, **result}, default=_plain))
+    else:
+        typer.echo(path)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)

@@ -1,0 +1,34 @@
+"""Options shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+DEFAULT_STORE = "caches"
+
+Input = Annotated[
+    Optional[str],
+    typer.Argument(
+        help="Artifact to read: a path, or - for a path on stdin. Default: stdin when piped, "
+        "else the newest matching artifact in the store.",
+        show_default=False,
+    ),
+]
+Store = Annotated[
+    Path,
+    typer.Option(
+        "--store",
+        envvar="APECLI_STORE",
+        help="Folder where artifacts are written (and looked up). Env: APECLI_STORE.",
+        file_okay=False,
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the artifact path.")]
+Shots = Annotated[Optional[int], typer.Option("--shots", help="Shot count of the cache to use (default: the largest stored).", min=1)]
+Dataset = Annotated[
+    Optional[str], typer.Option("--dataset", help="Dataset name (selects per-dataset defaults, e.g. caltech101).")
+]
+Model = Annotated[Optional[str], typer.Option("--model", help="Name of the model the features came from, recorded as provenance.")]

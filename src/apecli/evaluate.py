@@ -1,0 +1,163 @@
+"""The eval stage: zero-shot CLIP and training-free APE on a feature set, tuned on validation only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from apecli import store
+from apecli.errors import ApecliError
+from apecli.features import FeatureSet
+from apecli.presets import preset_for
+from apecli.refine import Refinement
+from apecli.training_free import Progress, SearchGrid, SearchResult, TriEdge, count_correct, search
+
+KIND = "evaluation"
+MODES = ("zero-shot", "training-free")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What one evaluation found: accuracies in percent and the chosen hyperparameters."""
+
+    mode: str
+    dataset: str | None
+    zero_shot_val: float
+    zero_shot_test: float
+    val_accuracy: float
+    test_accuracy: float
+    shots: int | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    gamma: float | None = None
+    channels: np.ndarray | None = None
+    search: SearchResult | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-ready results (accuracies in percent)."""
+        result: dict[str, Any] = {
+            "mode": self.mode,
+            "dataset": self.dataset,
+            "shots": self.shots,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "gamma": self.gamma,
+            "val_accuracy": self.val_accuracy,
+            "test_accuracy": self.test_accuracy,
+            "zero_shot_accuracy": self.zero_shot_test,
+            "zero_shot_val_accuracy": self.zero_shot_val,
+        }
+        if self.search is not None:
+            result["grid_settings"] = self.search.grid.size
+            result["settings_sharing_best"] = self.search.ties
+            result["search_scale"] = list(self.search.grid.scale)
+            result["search_step"] = list(self.search.grid.steps)
+        if self.channels is not None:
+            result["k"] = int(self.channels.shape[0])
+        result.update(self.extra)
+        return result
+
+
+def _accuracy(correct: int, total: int) -> float:
+    return 100.0 * correct / total if total else float("nan")
+
+
+def _zero_shot(features: FeatureSet, split: str) -> float:
+    part = features.split(split)
+    logits = 100.0 * part.features.astype(np.float64) @ features.classifier.astype(np.float64).T
+    return _accuracy(count_correct(logits, part.labels), part.labels.shape[0])
+
+
+def default_grid(features: FeatureSet) -> SearchGrid:
+    preset = preset_for(features.dataset)
+    return SearchGrid(preset.search_scale, preset.search_step)
+
+
+def evaluate_zero_shot(features: FeatureSet) -> Evaluation:
+    """CLIP's zero-shot accuracy: the argmax of 100 · f Wᵀ."""
+    val, test = _zero_shot(features, "val"), _zero_shot(features, "test")
+    return Evaluation("zero-shot", features.dataset, val, test, val, test)
+
+
+def evaluate_training_free(
+    features: FeatureSet,
+    refinement: Refinement,
+    grid: SearchGrid | None = None,
+    progress: Progress | None = None,
+) -> Evaluation:
+    """Training-free APE: search (α, β, γ) on validation, then report test accuracy with them."""
+    grid = grid or default_grid(features)
+    shots, cache = features.cache(refinement.shots)
+    if refinement.channels.max() >= features.dim:
+        raise ApecliError(f"the refinement's channels exceed the {features.dim}-channel features")
+    tri = TriEdge.build(features.classifier, cache.keys, cache.labels, refinement.channels)
+    val, test = features.split("val"), features.split("test")
+    if val.labels.shape[0] == 0:
+        raise ApecliError(f"{features.name}: the validation split is empty")
+    result = search(tri, val.features, val.labels, grid, progress)
+    logits = tri.logits(test.features, result.alpha, result.beta, result.gamma)
+    return Evaluation(
+        mode="training-free",
+        dataset=features.dataset,
+        zero_shot_val=_zero_shot(features, "val"),
+        zero_shot_test=_zero_shot(features, "test"),
+        val_accuracy=result.accuracy,
+        test_accuracy=_accuracy(count_correct(logits, test.labels), test.labels.shape[0]),
+        shots=shots,
+        alpha=result.alpha,
+        beta=result.beta,
+        gamma=result.gamma,
+        channels=refinement.channels,
+        search=result,
+    )
+
+
+def save_evaluation(
+    evaluation: Evaluation, parents: list[store.Artifact], destination: Path | Callable[[str], Path]
+) -> store.Artifact:
+    """Write an evaluation artifact: the results, the channels used and the grid of validation hits."""
+    arrays: dict[str, np.ndarray] = {}
+    if evaluation.channels is not None:
+        arrays["channels"] = evaluation.channels
+    if evaluation.search is not None:
+        arrays["search/val_correct"] = evaluation.search.correct
+        arrays["search/betas"] = evaluation.search.grid.betas
+        arrays["search/alphas"] = evaluation.search.grid.alphas
+        arrays["search/gammas"] = evaluation.search.grid.gammas
+    return store.write_artifact(destination, KIND, arrays, evaluation.summary(), parents)
+
+
+def evaluate_artifact(
+    artifact: store.Artifact,
+    mode: str,
+    shots: int | None = None,
+    grid: SearchGrid | None = None,
+    progress: Progress | None = None,
+) -> Evaluation:
+    """Evaluate a refinement or features artifact. Training-free on a features artifact refines first,
+    with the dataset's default k and weights."""
+    from apecli.features import load_features
+    from apecli.refine import load_refinement, select_channels
+
+    if mode not in MODES:
+        raise ApecliError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    refinement = None
+    if artifact.kind == "refinement":
+        refinement, features = load_refinement(artifact)
+        if shots is not None and shots != refinement.shots:
+            raise ApecliError(
+                f"{artifact.path}: was refined on the {refinement.shots}-shot cache, not {shots}; re-run refine --shots {shots}"
+            )
+    elif artifact.kind == "features":
+        features = load_features(artifact)
+    else:
+        raise ApecliError(f"{artifact.path}: is a '{artifact.kind}' artifact; eval reads features or a refinement")
+    if mode == "zero-shot":
+        return evaluate_zero_shot(features)
+    if refinement is None:
+        refinement = select_channels(features, shots=shots)
+    return evaluate_training_free(features, refinement, grid, progress)

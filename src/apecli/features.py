@@ -1,0 +1,209 @@
+"""The feature set every stage reads: text classifier, few-shot caches, validation and test features.
+
+Conventions (all arrays are numpy, one row per item):
+- ``classifier``: C × D, the text classifier W transposed (one L2-normalised row per class);
+- ``caches[K]``: the K-shot cache, keys (C·K) × D with their labels, and optionally the augmented
+  views V × (C·K) × D whose mean gave the keys;
+- ``splits["val"]``, ``splits["test"]``: N × D features with their labels.
+Floating arrays keep the dtype they were given (float16 caches stay float16); the math casts up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from apecli import store
+from apecli.errors import ApecliError
+
+KIND = "features"
+SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class FewShotCache:
+    """The few-shot cache of one shot count: keys, their labels, and the augmented views if stored."""
+
+    keys: np.ndarray
+    labels: np.ndarray
+    views: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class LabelledFeatures:
+    """Image features of one split with their labels."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Everything APE needs about one dataset under one model."""
+
+    class_names: tuple[str, ...]
+    classifier: np.ndarray
+    caches: Mapping[int, FewShotCache]
+    splits: Mapping[str, LabelledFeatures]
+    dataset: str | None = None
+    model: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    artifact: store.Artifact | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def dim(self) -> int:
+        return int(self.classifier.shape[1])
+
+    @property
+    def shots(self) -> tuple[int, ...]:
+        return tuple(sorted(self.caches))
+
+    @property
+    def name(self) -> str:
+        return str(self.artifact.path) if self.artifact else (self.dataset or "feature set")
+
+    def cache(self, shots: int | None = None) -> tuple[int, FewShotCache]:
+        """The cache of ``shots`` shots (default: the largest), or a clear error if there is none."""
+        if not self.caches:
+            raise ApecliError(f"{self.name}: holds no few-shot cache")
+        chosen = max(self.caches) if shots is None else shots
+        if chosen not in self.caches:
+            held = ", ".join(str(k) for k in self.shots)
+            raise ApecliError(f"{self.name}: has no {chosen}-shot cache (it holds {held} shots)")
+        return chosen, self.caches[chosen]
+
+    def split(self, name: str) -> LabelledFeatures:
+        if name not in self.splits:
+            raise ApecliError(f"{self.name}: has no {name} split")
+        return self.splits[name]
+
+    def views(self, shots: int) -> np.ndarray | None:
+        """The stored augmented views of the ``shots``-shot cache, read from disk when not in memory."""
+        _, cache = self.cache(shots)
+        if cache.views is not None:
+            return cache.views
+        name = f"cache/{shots}/views"
+        return self.artifact.read(name) if self.artifact and name in self.artifact else None
+
+    def validate(self) -> "FeatureSet":
+        """Check shapes, widths, labels and values; raise one clear error for the first problem."""
+        names = len(self.class_names)
+        if self.classifier.ndim != 2 or self.classifier.shape[0] != names:
+            raise ApecliError(
+                f"text classifier has shape {self.classifier.shape}, expected ({names} classes, D channels)"
+            )
+        if len(set(self.class_names)) != names:
+            raise ApecliError("class names are not unique")
+        width = self.dim
+        arrays: list[tuple[str, np.ndarray, np.ndarray | None]] = [("text classifier", self.classifier, None)]
+        for shots, cache in sorted(self.caches.items()):
+            arrays.append((f"{shots}-shot cache keys", cache.keys, cache.labels))
+            if cache.views is not None:
+                if cache.views.ndim != 3 or cache.views.shape[1:] != cache.keys.shape:
+                    raise ApecliError(
+                        f"{shots}-shot views have shape {cache.views.shape}, expected (V, {cache.keys.shape[0]}, {width})"
+                    )
+                arrays.append((f"{shots}-shot views", cache.views, None))
+        for split, part in sorted(self.splits.items()):
+            arrays.append((f"{split} features", part.features, part.labels))
+        for what, array, labels in arrays:
+            if not np.issubdtype(array.dtype, np.floating):
+                raise ApecliError(f"{what} are of type {array.dtype}, expected floating point")
+            if array.shape[-1] != width:
+                raise ApecliError(
+                    f"mixed feature widths: {what} have {array.shape[-1]} channels, the text classifier {width}"
+                )
+            if not np.isfinite(array).all():
+                raise ApecliError(f"{what} contain NaN or infinite values")
+            if labels is not None:
+                _check_labels(what, labels, array.shape[-2], names)
+        for shots, cache in self.caches.items():
+            counts = np.bincount(cache.labels, minlength=names)
+            if (counts != shots).any():
+                bad = int(np.flatnonzero(counts != shots)[0])
+                raise ApecliError(
+                    f"{shots}-shot cache: class {bad} ({self.class_names[bad]}) has {counts[bad]} keys, expected {shots}"
+                )
+        return self
+
+
+def _check_labels(what: str, labels: np.ndarray, rows: int, num_classes: int) -> None:
+    if labels.ndim != 1 or labels.shape[0] != rows:
+        raise ApecliError(f"{what}: {labels.shape[0] if labels.ndim else 0} labels for {rows} rows")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ApecliError(f"{what}: labels are of type {labels.dtype}, expected integers")
+    if rows and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ApecliError(
+            f"{what}: labels out of range [{labels.min()}, {labels.max()}] for {num_classes} classes"
+        )
+
+
+def to_arrays(features: FeatureSet) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {
+        "class_names": np.array(features.class_names, dtype=str),
+        "text/classifier": features.classifier,
+    }
+    for shots, cache in features.caches.items():
+        arrays[f"cache/{shots}/keys"] = cache.keys
+        arrays[f"cache/{shots}/labels"] = cache.labels.astype(np.int64)
+        if cache.views is not None:
+            arrays[f"cache/{shots}/views"] = cache.views
+    for split, part in features.splits.items():
+        arrays[f"{split}/features"] = part.features
+        arrays[f"{split}/labels"] = part.labels.astype(np.int64)
+    return arrays
+
+
+def save_features(features: FeatureSet, destination: Path | Callable[[str], Path]) -> FeatureSet:
+    """Validate and write a feature set; ``destination`` is a file path or :func:`store.in_store` slot."""
+    features.validate()
+    metadata = {
+        "dataset": features.dataset,
+        "model": dict(features.model),
+        "provenance": dict(features.provenance),
+        "num_classes": features.num_classes,
+        "dim": features.dim,
+        "shots": list(features.shots),
+        "splits": {name: int(part.labels.shape[0]) for name, part in features.splits.items()},
+    }
+    artifact = store.write_artifact(destination, KIND, to_arrays(features), metadata)
+    return replace(features, artifact=artifact)
+
+
+def load_features(source: str | Path | store.Artifact, *, with_views: bool = False) -> FeatureSet:
+    """Read a features artifact (views stay on disk unless ``with_views``) and validate it."""
+    artifact = source if isinstance(source, store.Artifact) else store.open_artifact(source, [KIND])
+    if artifact.kind != KIND:
+        raise ApecliError(f"{artifact.path}: is a '{artifact.kind}' artifact, expected '{KIND}'")
+    caches = {}
+    for shots in artifact.metadata.get("shots", []):
+        views = artifact.read(f"cache/{shots}/views") if with_views and f"cache/{shots}/views" in artifact else None
+        caches[int(shots)] = FewShotCache(
+            artifact.read(f"cache/{shots}/keys"), artifact.read(f"cache/{shots}/labels"), views
+        )
+    splits = {
+        split: LabelledFeatures(artifact.read(f"{split}/features"), artifact.read(f"{split}/labels"))
+        for split in SPLITS
+        if f"{split}/features" in artifact
+    }
+    features = FeatureSet(
+        class_names=tuple(artifact.read("class_names").tolist()),
+        classifier=artifact.read("text/classifier"),
+        caches=caches,
+        splits=splits,
+        dataset=artifact.metadata.get("dataset"),
+        model=artifact.metadata.get("model", {}),
+        provenance=artifact.metadata.get("provenance", {}),
+        artifact=artifact,
+    )
+    try:
+        return features.validate()
+    except ApecliError as error:
+        raise ApecliError(f"{artifact.path}: {error}") from None

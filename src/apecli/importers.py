@@ -1,0 +1,239 @@
+"""Bring features made elsewhere into the store, and take them back out.
+
+- The APE / Tip-Adapter cache folder: ``keys_{K}shots.pt`` (D × C·K), ``values_{K}shots.pt`` (C·K × C,
+  one-hot), ``val_f.pt``/``val_l.pt``, ``test_f.pt``/``test_l.pt``, and a D × C text classifier
+  (a file given by the caller, or ``text_weights_cupl_t.pt`` in the folder).
+- A plain ``.npz`` with ``text_weights`` (D × C), ``cache_keys`` (N × D), ``cache_labels``,
+  ``val_features``, ``val_labels``, ``test_features``, ``test_labels``, and optionally ``cache_views``
+  (V × N × D) and ``class_names``. :func:`export_npz` writes the same arrays back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apecli.errors import ApecliError
+from apecli.features import FeatureSet, FewShotCache, LabelledFeatures
+from apecli.presets import canonical_name
+
+CUPL_TEXT_WEIGHTS = "text_weights_cupl_t.pt"
+NPZ_REQUIRED = ("text_weights", "cache_keys", "cache_labels", "val_features", "val_labels", "test_features", "test_labels")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_tensor(path: Path) -> np.ndarray:
+    """A tensor saved with torch.save, read safely (``weights_only=True``) as a numpy array."""
+    import torch
+
+    if not path.is_file():
+        raise ApecliError(f"{path}: no such file")
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        reason = str(error).split("\n")[0][:160] or type(error).__name__
+        raise ApecliError(f"{path}: not a readable tensor file ({reason})") from None
+    if not isinstance(value, torch.Tensor):
+        raise ApecliError(f"{path}: holds a {type(value).__name__}, expected one tensor")
+    if value.dtype == torch.bfloat16:
+        value = value.float()
+    return value.detach().cpu().numpy()
+
+
+def _as_features(array: np.ndarray, what: str) -> np.ndarray:
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ApecliError(f"{what}: of type {array.dtype}, expected floating-point features")
+    return array
+
+
+def _as_labels(array: np.ndarray, what: str) -> np.ndarray:
+    if array.ndim != 1:
+        raise ApecliError(f"{what}: labels of shape {array.shape}, expected one dimension")
+    if not np.issubdtype(array.dtype, np.integer):
+        if np.issubdtype(array.dtype, np.floating) and np.array_equal(array, np.round(array)):
+            return array.astype(np.int64)
+        raise ApecliError(f"{what}: labels of type {array.dtype}, expected integers")
+    return array.astype(np.int64)
+
+
+def _labels_from_one_hot(values: np.ndarray, what: str) -> np.ndarray:
+    if values.ndim != 2:
+        raise ApecliError(f"{what}: shape {values.shape}, expected (C·K keys, C classes)")
+    ones = values == 1
+    if not (ones.sum(axis=1) == 1).all() or not ((values == 0) | ones).all():
+        raise ApecliError(f"{what}: rows are not one-hot labels")
+    return np.argmax(values, axis=1).astype(np.int64)
+
+
+def _class_names(count: int, names_file: Path | None) -> tuple[str, ...]:
+    if names_file is None:
+        return tuple(f"class_{i}" for i in range(count))
+    try:
+        names = [line.strip() for line in Path(names_file).read_text().splitlines() if line.strip()]
+    except OSError as error:
+        raise ApecliError(f"{names_file}: cannot read class names ({error.strerror})") from None
+    if len(names) != count:
+        raise ApecliError(f"{names_file}: {len(names)} class names for {count} classes")
+    return tuple(names)
+
+
+def import_tip_adapter(
+    directory: str | os.PathLike[str],
+    text_weights: str | os.PathLike[str] | None = None,
+    dataset: str | None = None,
+    class_names: str | os.PathLike[str] | None = None,
+    model: str | None = None,
+) -> FeatureSet:
+    """Read an APE / Tip-Adapter cache folder, every shot count in it."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ApecliError(f"{folder}: no such folder")
+    shot_counts = sorted(
+        int(match.group(1))
+        for path in folder.glob("keys_*shots.pt")
+        if (match := re.fullmatch(r"keys_(\d+)shots\.pt", path.name))
+    )
+    if not shot_counts:
+        raise ApecliError(f"{folder}: no keys_{{K}}shots.pt files: not an APE / Tip-Adapter cache folder")
+    if text_weights is None:
+        if not (folder / CUPL_TEXT_WEIGHTS).is_file():
+            raise ApecliError(f"{folder}: no text classifier: pass --text-weights FILE (D × C) or add {CUPL_TEXT_WEIGHTS}")
+        text_weights = folder / CUPL_TEXT_WEIGHTS
+    text_path = Path(text_weights)
+    sources = {"text_weights": text_path}
+    text = _as_features(_load_tensor(text_path), str(text_path))
+    splits = {}
+    for split, prefix in (("val", "val"), ("test", "test")):
+        features_path, labels_path = folder / f"{prefix}_f.pt", folder / f"{prefix}_l.pt"
+        sources[features_path.name], sources[labels_path.name] = features_path, labels_path
+        splits[split] = LabelledFeatures(
+            _as_features(_load_tensor(features_path), str(features_path)),
+            _as_labels(_load_tensor(labels_path), str(labels_path)),
+        )
+    dim = splits["val"].features.shape[-1]
+    if text.ndim != 2 or text.shape[0] != dim:
+        raise ApecliError(f"{text_path}: shape {tuple(text.shape)}, expected (D={dim} channels, C classes)")
+    num_classes = text.shape[1]
+    caches = {}
+    for shots in shot_counts:
+        keys_path, values_path = folder / f"keys_{shots}shots.pt", folder / f"values_{shots}shots.pt"
+        sources[keys_path.name], sources[values_path.name] = keys_path, values_path
+        keys = _as_features(_load_tensor(keys_path), str(keys_path))
+        if keys.ndim != 2 or keys.shape[0] != dim:
+            raise ApecliError(
+                f"{keys_path}: {keys.shape[0] if keys.ndim == 2 else keys.shape}-channel keys, but val_f.pt has "
+                f"{dim} channels: the folder mixes features of different models; re-extract it"
+            )
+        values = _load_tensor(values_path)
+        labels = _labels_from_one_hot(values, str(values_path))
+        if values.shape != (keys.shape[1], num_classes):
+            raise ApecliError(
+                f"{values_path}: labels for {values.shape[0]} keys and {values.shape[1]} classes, "
+                f"expected {keys.shape[1]} keys and {num_classes} classes"
+            )
+        caches[shots] = FewShotCache(np.ascontiguousarray(keys.T), labels)
+    for split, part in splits.items():
+        if part.features.ndim != 2 or part.features.shape[1] != dim:
+            raise ApecliError(f"{folder}/{split}_f.pt: shape {part.features.shape}, expected (N, {dim})")
+    provenance: dict[str, Any] = {
+        "source": "tip-adapter",
+        "path": str(folder.resolve()),
+        "files": {name: _sha256(path) for name, path in sorted(sources.items())},
+    }
+    return FeatureSet(
+        class_names=_class_names(num_classes, Path(class_names) if class_names else None),
+        classifier=np.ascontiguousarray(text.T),
+        caches=caches,
+        splits=splits,
+        dataset=canonical_name(dataset),
+        model={"name": model} if model else {},
+        provenance=provenance,
+    ).validate()
+
+
+def import_npz(
+    file: str | os.PathLike[str], dataset: str | None = None, model: str | None = None
+) -> FeatureSet:
+    """Read a plain ``.npz`` of features (see the module docstring for its arrays)."""
+    path = Path(file)
+    if not path.is_file():
+        raise ApecliError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise ApecliError(f"{path}: not a readable .npz file ({str(error).splitlines()[0][:160]})") from None
+    missing = [name for name in NPZ_REQUIRED if name not in arrays]
+    if missing:
+        raise ApecliError(f"{path}: lacks {', '.join(missing)}")
+    text = _as_features(arrays["text_weights"], "text_weights")
+    if text.ndim != 2:
+        raise ApecliError(f"{path}: text_weights of shape {text.shape}, expected (D, C)")
+    num_classes = text.shape[1]
+    labels = _as_labels(arrays["cache_labels"], "cache_labels")
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes) if labels.size else np.zeros(1, int)
+    if labels.size == 0 or labels.min() < 0 or labels.max() >= num_classes:
+        raise ApecliError(f"{path}: cache_labels out of range for {num_classes} classes")
+    shots = int(counts.max())
+    views = arrays.get("cache_views")
+    names = arrays.get("class_names")
+    features = FeatureSet(
+        class_names=tuple(str(n) for n in names) if names is not None else tuple(f"class_{i}" for i in range(num_classes)),
+        classifier=np.ascontiguousarray(text.T),
+        caches={shots: FewShotCache(_as_features(arrays["cache_keys"], "cache_keys"), labels,
+                                    None if views is None else _as_features(views, "cache_views"))},
+        splits={
+            split: LabelledFeatures(
+                _as_features(arrays[f"{split}_features"], f"{split}_features"),
+                _as_labels(arrays[f"{split}_labels"], f"{split}_labels"),
+            )
+            for split in ("val", "test")
+        },
+        dataset=canonical_name(dataset),
+        model={"name": model} if model else {},
+        provenance={"source": "npz", "path": str(path.resolve()), "files": {path.name: _sha256(path)}},
+    )
+    try:
+        return features.validate()
+    except ApecliError as error:
+        raise ApecliError(f"{path}: {error}") from None
+
+
+def export_npz(features: FeatureSet, out: str | os.PathLike[str], shots: int | None = None) -> Path:
+    """Write a feature set's arrays (one shot count) as the ``.npz`` that :func:`import_npz` reads."""
+    shots, cache = features.cache(shots)
+    arrays = {
+        "text_weights": np.ascontiguousarray(features.classifier.T),
+        "cache_keys": cache.keys,
+        "cache_labels": cache.labels,
+        "class_names": np.array(features.class_names, dtype=str),
+    }
+    views = features.views(shots)
+    if views is not None:
+        arrays["cache_views"] = views
+    for split, part in features.splits.items():
+        arrays[f"{split}_features"], arrays[f"{split}_labels"] = part.features, part.labels
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(temporary, out)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,243 @@
+"""The artifact store: HDF5 files that say what they are, where they came from, and what they hold.
+
+This is the only module that touches h5py. Every artifact is one HDF5 file whose root attributes give
+the format name and version, its kind, a content id and its parents; every dataset in it carries an
+``encoding-type`` and ``encoding-version`` attribute. The format is specified in docs/cache-format.md.
+Writes go to a temporary file in the destination folder, then ``os.replace``: a reader never sees a
+half-written artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from apecli import __version__
+from apecli.errors import ApecliError
+
+FORMAT_NAME = "apecli"
+FORMAT_VERSION = (1, 0)
+ENCODING_VERSION = "1.0"
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    """A link from an artifact to one it was computed from."""
+
+    kind: str
+    path: str  # relative to the child's folder when possible, else absolute
+    content_id: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "path": self.path, "content_id": self.content_id}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An opened artifact: its header is read, its arrays are read on demand with :meth:`read`."""
+
+    path: Path
+    kind: str
+    content_id: str
+    format_version: str
+    metadata: Mapping[str, Any]
+    parents: tuple[ParentRef, ...]
+    names: tuple[str, ...]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def read(self, name: str) -> np.ndarray:
+        """Read one array (strings come back as a numpy array of ``str``)."""
+        if name not in self.names:
+            raise ApecliError(f"{self.path}: has no '{name}' (holds: {', '.join(self.names)})")
+        import h5py
+
+        try:
+            with h5py.File(self.path, "r") as handle:
+                dataset = handle[name]
+                if dataset.attrs.get("encoding-type") == "string-array":
+                    return np.array(dataset.asstr()[()], dtype=str)
+                return dataset[()]
+        except (OSError, KeyError) as error:
+            raise ApecliError(f"{self.path}: cannot read '{name}' ({_reason(error)}); the file may be truncated") from None
+
+    def parent(self, kind: str) -> "Artifact":
+        """Open this artifact's parent of ``kind``, refusing it if it changed since this one was written."""
+        for ref in self.parents:
+            if ref.kind == kind:
+                return _open_parent(self, ref)
+        raise ApecliError(f"{self.path}: records no parent of kind '{kind}'")
+
+
+def content_id(kind: str, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any], parents: Iterable[ParentRef]) -> str:
+    """A hash of everything an artifact says, so equal inputs and settings give the same id."""
+    digest = hashlib.sha256()
+    digest.update(kind.encode())
+    digest.update(_dumps(metadata).encode())
+    for ref in parents:
+        digest.update(ref.kind.encode() + ref.content_id.encode())
+    for name in sorted(arrays):
+        array = np.asarray(arrays[name])
+        digest.update(name.encode())
+        if array.dtype.kind in "US":
+            digest.update(_dumps([str(x) for x in array.ravel()]).encode())
+        else:
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def in_store(store: str | os.PathLike[str], dataset: str | None, stem: str) -> Callable[[str], Path]:
+    """A destination in the store folder: ``STORE/DATASET/STEM-ID.h5``, named by the content id."""
+    return lambda cid: Path(store) / (dataset or "unnamed") / f"{stem}-{cid[:12]}.h5"
+
+
+def write_artifact(
+    destination: str | os.PathLike[str] | Callable[[str], Path],
+    kind: str,
+    arrays: Mapping[str, np.ndarray],
+    metadata: Mapping[str, Any],
+    parents: Iterable[Artifact] = (),
+) -> Artifact:
+    """Write an artifact atomically and return it opened. Array names may contain '/' (HDF5 groups).
+
+    ``destination`` is a file path, or a function of the content id that returns one (see
+    :func:`in_store`). An identical artifact already at that path is kept as it is.
+    """
+    import h5py
+
+    parents = tuple(parents)
+    cid = content_id(kind, arrays, metadata, [ParentRef(p.kind, "", p.content_id) for p in parents])
+    path = Path(destination(cid) if callable(destination) else destination)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    refs = tuple(ParentRef(p.kind, _relative(p.path, path.parent), p.content_id) for p in parents)
+    if path.exists():
+        try:
+            existing = open_artifact(path, [kind])
+            if existing.content_id == cid:
+                return existing
+        except ApecliError:
+            pass  # replaced below
+    temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with h5py.File(temporary, "w") as handle:
+            handle.attrs["format"] = FORMAT_NAME
+            handle.attrs["format_version"] = "%d.%d" % FORMAT_VERSION
+            handle.attrs["kind"] = kind
+            handle.attrs["content_id"] = cid
+            handle.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            handle.attrs["writer"] = f"apecli {__version__}"
+            handle.attrs["metadata"] = _dumps(metadata)
+            handle.attrs["parents"] = _dumps([ref.to_json() for ref in refs])
+            for name, value in arrays.items():
+                array = np.asarray(value)
+                if array.dtype.kind in "US":
+                    dataset = handle.create_dataset(name, data=array.astype(object), dtype=h5py.string_dtype())
+                    dataset.attrs["encoding-type"] = "string-array"
+                else:
+                    dataset = handle.create_dataset(name, data=array)
+                    dataset.attrs["encoding-type"] = "array"
+                dataset.attrs["encoding-version"] = ENCODING_VERSION
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return open_artifact(path)
+
+
+def open_artifact(path: str | os.PathLike[str], kinds: Iterable[str] | None = None) -> Artifact:
+    """Open an artifact's header, refusing missing, foreign, newer or unexpected-kind files in one line."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise ApecliError(f"{path}: no such file")
+    if path.is_dir():
+        raise ApecliError(f"{path}: is a folder, not an artifact")
+    try:
+        with h5py.File(path, "r") as handle:
+            attrs = dict(handle.attrs)
+            names: list[str] = []
+            handle.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+    except OSError as error:
+        raise ApecliError(f"{path}: not a readable HDF5 artifact ({_reason(error)})") from None
+    if _text(attrs.get("format")) != FORMAT_NAME:
+        raise ApecliError(f"{path}: not an apecli artifact (no 'format = {FORMAT_NAME}' attribute)")
+    version = _text(attrs.get("format_version", ""))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        raise ApecliError(f"{path}: unreadable format version '{version}'") from None
+    if major > FORMAT_VERSION[0]:
+        raise ApecliError(
+            f"{path}: written in format {version} by a newer apecli; this apecli {__version__} reads "
+            f"format {FORMAT_VERSION[0]}.x: upgrade apecli"
+        )
+    kind = _text(attrs.get("kind"))
+    wanted = tuple(kinds) if kinds is not None else None
+    if wanted is not None and kind not in wanted:
+        raise ApecliError(f"{path}: is a '{kind}' artifact, expected {' or '.join(repr(k) for k in wanted)}")
+    try:
+        metadata = json.loads(_text(attrs.get("metadata", "{}")))
+        parents = tuple(ParentRef(**ref) for ref in json.loads(_text(attrs.get("parents", "[]"))))
+    except (ValueError, TypeError):
+        raise ApecliError(f"{path}: its header is damaged (metadata or parents are not valid JSON)") from None
+    return Artifact(path, kind, _text(attrs.get("content_id")), version, metadata, parents, tuple(sorted(names)))
+
+
+def newest_artifact(store: Path, kinds: Iterable[str]) -> Artifact:
+    """The most recently written artifact of one of ``kinds`` anywhere under the store folder."""
+    wanted = tuple(kinds)
+    found: list[tuple[float, Artifact]] = []
+    for candidate in Path(store).rglob("*.h5"):
+        if candidate.name.startswith("."):
+            continue
+        try:
+            artifact = open_artifact(candidate, wanted)
+        except ApecliError:
+            continue
+        found.append((candidate.stat().st_mtime, artifact))
+    if not found:
+        raise ApecliError(f"no {' or '.join(wanted)} artifact in {store}; give an input path or --store")
+    return max(found, key=lambda item: item[0])[1]
+
+
+def _open_parent(child: Artifact, ref: ParentRef) -> Artifact:
+    candidates = [child.path.parent / ref.path, Path(ref.path)]
+    location = next((p for p in candidates if p.exists()), None)
+    if location is None:
+        raise ApecliError(f"{child.path}: its parent {ref.kind} artifact {ref.path} is missing")
+    parent = open_artifact(location, [ref.kind])
+    if parent.content_id != ref.content_id:
+        raise ApecliError(
+            f"{child.path}: its parent {location} changed since it was written (content id "
+            f"{parent.content_id}, expected {ref.content_id}); re-run the command that made {child.path.name}"
+        )
+    return parent
+
+
+def _relative(target: Path, folder: Path) -> str:
+    try:
+        return os.path.relpath(Path(target).resolve(), Path(folder).resolve())
+    except ValueError:  # another drive
+        return str(Path(target).resolve())
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value) if value is not None else ""
+
+
+def _reason(error: BaseException) -> str:
+    return str(error).split("\n")[0] or type(error).__name__

@@ -1,0 +1,239 @@
+"""Training-free APE: the tri-edge classifier and the search of its hyperparameters (APE, section 3.3).
+
+With ′ meaning "restricted to the refined channels, then L2-normalised again":
+
+    R_fW   = 100 · f Wᵀ                                   zero-shot logits, full width
+    R_fF′  = f′ F′ᵀ                                        affinity of an image to each cache key
+    d_j    = log2((1 + 1e-6) / (softmax(F′ W′ᵀ)_{j, y_j} + 1e-6))   divergence of key j from its label
+    logits = R_fW + α · exp(−β (1 − R_fF′)) · (L ⊙ exp(γ d))   L = one-hot labels of the keys
+
+α, β, γ come from a grid searched on the validation split: β, then α, then γ, and a setting replaces
+the best only when strictly better, so the first of equal settings wins.
+
+The search here never forms a one-hot product per setting. For one β, a batched product over the
+class blocks of the cache gives the cache logits H for every γ at once. α needs no product at all: an
+image of label t is classified correctly at α exactly when, for every other class c,
+``(R_fW[t] − R_fW[c]) + α (H[t] − H[c]) > 0``, which bounds α from below or above; so one pass over the
+classes gives, per image, the interval of α that classifies it correctly, and counting images per
+α grid value gives the accuracies of all α at once. All of it runs in float64, where it picks the same
+predictions as evaluating every setting one by one (:func:`search_loop`, kept as the reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from apecli.errors import ApecliError
+
+Progress = Callable[[int, int], None]
+DIVERGENCE_EPSILON = 1e-6
+
+
+@dataclass(frozen=True)
+class SearchGrid:
+    """The search scales (upper ends) and step counts of β, α and γ."""
+
+    scale: tuple[float, float, float]
+    steps: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        if len(self.scale) != 3 or len(self.steps) != 3:
+            raise ApecliError("a search grid needs three scales and three step counts (β, α, γ)")
+        if min(self.steps) < 1:
+            raise ApecliError(f"search steps must be at least 1, got {tuple(self.steps)}")
+
+    @property
+    def betas(self) -> np.ndarray:
+        return np.array([i * (self.scale[0] - 0.1) / self.steps[0] + 0.1 for i in range(self.steps[0])])
+
+    @property
+    def alphas(self) -> np.ndarray:
+        return np.array([i * (self.scale[1] - 0.1) / self.steps[1] + 0.1 for i in range(self.steps[1])])
+
+    @property
+    def gammas(self) -> np.ndarray:
+        return np.array([i * self.scale[2] / self.steps[2] for i in range(self.steps[2])])
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.steps))
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Correct predictions for every setting of the grid, indexed [β, α, γ], and the chosen setting."""
+
+    correct: np.ndarray
+    total: int
+    grid: SearchGrid
+
+    @property
+    def best_index(self) -> tuple[int, int, int]:
+        flat = int(np.argmax(self.correct))  # first maximum in β, α, γ order
+        return tuple(int(i) for i in np.unravel_index(flat, self.correct.shape))
+
+    @property
+    def beta(self) -> float:
+        return float(self.grid.betas[self.best_index[0]])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.grid.alphas[self.best_index[1]])
+
+    @property
+    def gamma(self) -> float:
+        return float(self.grid.gammas[self.best_index[2]])
+
+    @property
+    def accuracy(self) -> float:
+        return 100.0 * float(self.correct[self.best_index]) / self.total
+
+    @property
+    def ties(self) -> int:
+        """How many settings share the best validation accuracy."""
+        return int((self.correct == self.correct.max()).sum())
+
+
+def renormalised(x: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` restricted to ``channels`` and L2-normalised again, in float64."""
+    part = np.asarray(x, dtype=np.float64)[:, channels]
+    return part / np.linalg.norm(part, axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class TriEdge:
+    """The cache side of the tri-edge classifier, computed once for a cache and a set of channels.
+
+    Keys are kept sorted by label, so that they form C blocks of K keys.
+    """
+
+    classifier: np.ndarray  # C × D, full width
+    channels: np.ndarray
+    refined_keys: np.ndarray  # (C·K) × k, sorted by label
+    key_labels: np.ndarray  # (C·K,), sorted
+    divergence: np.ndarray  # (C·K,)
+
+    @classmethod
+    def build(cls, classifier: np.ndarray, keys: np.ndarray, key_labels: np.ndarray, channels: np.ndarray) -> "TriEdge":
+        order = np.argsort(key_labels, kind="stable")
+        labels = np.asarray(key_labels)[order]
+        refined_keys = renormalised(np.asarray(keys)[order], channels)
+        refined_text = renormalised(classifier, channels)
+        key_logits = refined_keys @ refined_text.T
+        key_logits -= key_logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(key_logits)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        own = probabilities[np.arange(labels.shape[0]), labels]
+        divergence = np.log2((1.0 + DIVERGENCE_EPSILON) / (own + DIVERGENCE_EPSILON))
+        return cls(np.asarray(classifier, dtype=np.float64), np.asarray(channels), refined_keys, labels, divergence)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.classifier.shape[0])
+
+    @property
+    def shots(self) -> int:
+        return int(self.key_labels.shape[0] // self.num_classes)
+
+    def zero_shot_logits(self, x: np.ndarray) -> np.ndarray:
+        return 100.0 * np.asarray(x, dtype=np.float64) @ self.classifier.T
+
+    def affinity(self, x: np.ndarray) -> np.ndarray:
+        return renormalised(x, self.channels) @ self.refined_keys.T
+
+    def logits(self, x: np.ndarray, alpha: float, beta: float, gamma: float) -> np.ndarray:
+        """APE's logits for one setting."""
+        values = np.eye(self.num_classes)[self.key_labels] * np.exp(self.divergence * gamma)[:, None]
+        cache_logits = np.exp(-(beta - beta * self.affinity(x))) @ values
+        return self.zero_shot_logits(x) + cache_logits * alpha
+
+
+def count_correct(logits: np.ndarray, labels: np.ndarray) -> int:
+    """Top-1 hits; of equal logits the first class is the prediction."""
+    return int((np.argmax(logits, axis=1) == labels).sum())
+
+
+def search(
+    tri: TriEdge,
+    x: np.ndarray,
+    labels: np.ndarray,
+    grid: SearchGrid,
+    progress: Progress | None = None,
+    chunk_bytes: int = 48 << 20,
+) -> SearchResult:
+    """Correct predictions of every (β, α, γ) of the grid on ``x``, computed as the module docstring says."""
+    import torch
+
+    num_classes, shots = tri.num_classes, tri.shots
+    betas, alphas, gammas = grid.betas, torch.from_numpy(grid.alphas), torch.from_numpy(grid.gammas)
+    n, steps_g = x.shape[0], gammas.shape[0]
+    target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    zero_shot = torch.from_numpy(tri.zero_shot_logits(x))
+    margin = zero_shot.gather(1, target[:, None]) - zero_shot  # a_c = R_fW[t] − R_fW[c]
+    margin.scatter_(1, target[:, None], 1.0)  # the true class never competes with itself
+    earlier = torch.arange(num_classes)[None, :] < target[:, None]  # wins an exact tie (argmax order)
+    affinity = torch.from_numpy(tri.affinity(x)).view(n, num_classes, shots)
+    divergence = torch.from_numpy(tri.divergence).view(num_classes, shots, 1)
+    value_weights = torch.exp(divergence * gammas)  # C × K × G
+    correct = torch.zeros((len(betas), len(alphas), steps_g), dtype=torch.int64)
+    rows = max(1, chunk_bytes // (8 * steps_g * num_classes * 4))
+    chunks = range(0, n, rows)
+    total_steps, done = len(chunks) * len(betas), 0
+    below, above = torch.tensor(-torch.inf, dtype=torch.float64), torch.tensor(torch.inf, dtype=torch.float64)
+    for start in chunks:
+        block = slice(start, start + rows)
+        affinity_block = affinity[block].permute(1, 0, 2).contiguous()  # C × n × K
+        negative_margin, target_block = -margin[block], target[block]
+        tie_loses = (negative_margin > 0) | ((negative_margin == 0) & earlier[block])
+        own_index = target_block.view(1, -1, 1).expand(steps_g, -1, 1)
+        # Buffers reused across β: fresh tensors of this size cost more in page faults than in arithmetic.
+        kernel = torch.empty_like(affinity_block)
+        by_class = torch.empty((num_classes, affinity_block.shape[1], steps_g), dtype=torch.float64)
+        slope = torch.empty((steps_g, affinity_block.shape[1], num_classes), dtype=torch.float64)
+        threshold, masked = torch.empty_like(slope), torch.empty_like(slope)
+        sign = torch.empty(slope.shape, dtype=torch.bool)
+        for b, beta in enumerate(betas):
+            torch.mul(affinity_block, beta, out=kernel)
+            kernel.sub_(beta).exp_()  # exp(−(β − β·R_fF′))
+            torch.bmm(kernel, value_weights, out=by_class)  # cache logits H, C × n × G
+            slope.copy_(by_class.permute(2, 1, 0))
+            torch.sub(slope.gather(2, own_index), slope, out=slope)  # H[t] − H[c]
+            torch.div(negative_margin, slope, out=threshold)
+            torch.where(torch.gt(slope, 0, out=sign), threshold, below, out=masked)
+            lower = masked.amax(dim=2)
+            torch.where(torch.lt(slope, 0, out=sign), threshold, above, out=masked)
+            upper = masked.amin(dim=2)
+            never = (torch.eq(slope, 0, out=sign) & tie_loses).any(dim=2)
+            hits = (lower[..., None] < alphas) & (alphas < upper[..., None]) & ~never[..., None]
+            correct[b] += hits.sum(dim=1).T
+            done += 1
+            if progress is not None:
+                progress(done, total_steps)
+    return SearchResult(correct.numpy(), n, grid)
+
+
+def search_loop(
+    tri: TriEdge, x: np.ndarray, labels: np.ndarray, grid: SearchGrid, progress: Progress | None = None
+) -> SearchResult:
+    """The same search the authors' way: full logits for every setting, one by one (the reference)."""
+    import torch
+
+    target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    zero_shot = torch.from_numpy(tri.zero_shot_logits(x))
+    affinity = torch.from_numpy(tri.affinity(x))
+    one_hot = torch.eye(tri.num_classes, dtype=torch.float64)[torch.from_numpy(tri.key_labels)]
+    divergence = torch.from_numpy(tri.divergence)[:, None]
+    correct = np.zeros(grid.steps, dtype=np.int64)
+    for b, beta in enumerate(grid.betas):
+        for a, alpha in enumerate(grid.alphas):
+            for g, gamma in enumerate(grid.gammas):
+                values = one_hot * torch.exp(divergence * gamma)
+                cache_logits = torch.exp(-(beta - beta * affinity)) @ values
+                logits = zero_shot + cache_logits * alpha
+                correct[b, a, g] = int((logits.argmax(dim=1) == target).sum())
+        if progress is not None:
+            progress(b + 1, len(grid.betas))
+    return SearchResult(correct, x.shape[0], grid)
