@@ -187,6 +187,11 @@ def import_npz(
     counts = np.bincount(labels[labels >= 0], minlength=num_classes) if labels.size else np.zeros(1, int)
     if labels.size == 0 or labels.min() < 0 or labels.max() >= num_classes:
         raise ApecliError(f"{path}: cache_labels out of range for {num_classes} classes")
+    if counts.min() != counts.max():
+        raise ApecliError(
+            f"{path}: cache_labels give classes between {counts.min()} and {counts.max()} keys; "
+            "every class needs the same number of shots"
+        )
     shots = int(counts.max())
     views = arrays.get("cache_views")
     names = arrays.get("class_names")

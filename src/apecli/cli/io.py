@@ -16,7 +16,7 @@ from rich.console import Console
 from apecli import store
 from apecli.errors import ApecliError
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 

@@ -1,0 +1,62 @@
+"""Shared fixtures: generated feature sets, a temporary store, and the real features when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REAL_FEATURES = Path(__file__).resolve().parents[2] / "shared" / "real-features"
+
+
+def real_dataset(name: str) -> Path:
+    """The folder of one real-feature set, or skip the test with the reason."""
+    folder = REAL_FEATURES / name
+    if not (folder / "keys_16shots.pt").is_file():
+        pytest.skip(f"real features not found at {folder} (they live in ../shared/real-features beside the project)")
+    return folder
+
+
+@pytest.fixture
+def small_features():
+    from apecli.synthetic import synthetic_features
+
+    return synthetic_features(num_classes=6, dim=32, shots=(1, 4), val_per_class=8, test_per_class=10, seed=3)
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+def write_npz(path: Path, features, shots: int | None = None) -> Path:
+    """A feature set as the .npz that `apecli import npz` reads."""
+    from apecli.importers import export_npz
+
+    return export_npz(features, path, shots)
+
+
+def no_partial_files(folder: Path) -> bool:
+    """True when no temporary file is left anywhere under ``folder``."""
+    return not any(p.name.endswith(".tmp") for p in folder.rglob("*")) if folder.exists() else True
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """A CLI failure: non-zero exit, one line on stderr that names the problem, no traceback, no stdout."""
+    assert result.exit_code != 0, result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("apecli: error: "), lines
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert result.stdout == ""
+
+
+def random_unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    x = rng.normal(size=shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)

@@ -1,0 +1,199 @@
+"""The command line: pipelines through stdin, JSON output, and one-line errors with no partial files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from apecli.cli import app
+
+from conftest import assert_one_line_error, no_partial_files, real_dataset, write_npz
+
+runner = CliRunner()
+SMALL_GRID = ["--search-scale", "7", "7", "1", "--search-step", "6", "5", "4"]
+
+
+def run(*args: str, input: str | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+@pytest.fixture
+def imported(small_features, tmp_path, store_dir) -> Path:
+    """A features artifact in the store, imported from a generated .npz."""
+    npz = write_npz(tmp_path / "small.npz", small_features, shots=4)
+    result = run("import", "npz", npz, "--dataset", "caltech101", "--store", store_dir)
+    assert result.exit_code == 0, result.stderr
+    return Path(result.stdout.strip())
+
+
+def test_import_prints_the_artifact_path_and_says_what_it_did(imported, store_dir):
+    assert imported.is_file() and imported.parent == store_dir / "caltech101"
+    assert imported.name.startswith("features-")
+
+
+def test_refine_then_eval_through_stdin(imported, store_dir):
+    refined = run("refine", "--k", "10", "--w", "0.3", "0.7", "--store", store_dir, input=f"{imported}\n")
+    assert refined.exit_code == 0, refined.stderr
+    assert "kept 10 of 32 channels" in refined.stderr
+    evaluated = run("eval", "--mode", "training-free", *SMALL_GRID, "--store", store_dir, "--json", input=refined.stdout)
+    assert evaluated.exit_code == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert {"artifact", "alpha", "beta", "gamma", "val_accuracy", "test_accuracy", "zero_shot_accuracy"} <= set(result)
+    assert result["k"] == 10 and result["shots"] == 4 and result["grid_settings"] == 120
+    assert Path(result["artifact"]).is_file()
+    assert "APE" in evaluated.stderr  # the table goes to stderr
+
+
+def test_refine_json_lists_sorted_channels(imported, store_dir):
+    result = run("refine", imported, "--k", "5", "--store", store_dir, "--json")
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["channels"] == sorted(payload["channels"]) and len(payload["channels"]) == 5
+    assert payload["weights"] == [0.5, 0.5]  # caltech101's
+
+
+def test_a_json_line_on_stdin_is_followed(imported, store_dir):
+    refined = run("refine", imported, "--k", "6", "--store", store_dir, "--json")
+    evaluated = run("eval", "-", "--mode", "zero-shot", "--store", store_dir, input=refined.stdout)
+    assert evaluated.exit_code == 0, evaluated.stderr
+    assert evaluated.stdout.strip().endswith(".h5")
+
+
+def test_without_input_the_newest_artifact_is_used(imported, store_dir, monkeypatch):
+    import apecli.cli.io as io
+
+    monkeypatch.setattr(io, "_stdin_is_piped", lambda: False)
+    result = run("refine", "--k", "4", "--store", store_dir)
+    assert result.exit_code == 0, result.stderr
+    assert f"using the newest features artifact: {imported}" in result.stderr
+
+
+def test_store_comes_from_the_environment(imported, store_dir, monkeypatch):
+    monkeypatch.setenv("APECLI_STORE", str(store_dir))
+    result = run("refine", imported, "--k", "4")
+    assert result.exit_code == 0, result.stderr
+    assert Path(result.stdout.strip()).parent == store_dir / "caltech101"
+
+
+def test_training_free_on_features_refines_with_defaults(imported, store_dir):
+    result = run("eval", imported, "--mode", "training-free", *SMALL_GRID, "--store", store_dir, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["k"] == round(800 * 32 / 1024)
+
+
+def test_export_round_trips_the_import(small_features, tmp_path, store_dir):
+    original = write_npz(tmp_path / "a.npz", small_features, shots=4)
+    artifact = run("import", "npz", original, "--store", store_dir).stdout.strip()
+    result = run("export", artifact, "--out", tmp_path / "b.npz", "--store", store_dir)
+    assert result.exit_code == 0, result.stderr
+    with np.load(original) as a, np.load(tmp_path / "b.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["refine", "{features}", "--k", "0"], "k must be between 1 and the feature width 32, got 0"),
+        (["refine", "{features}", "--k", "33"], "k must be between 1 and the feature width 32, got 33"),
+        (["refine", "{features}", "--shots", "2"], "has no 2-shot cache (it holds 4 shots)"),
+        (["eval", "{features}", "--mode", "magic"], "unknown mode 'magic'"),
+        (["refine", "{store}/absent.h5"], "absent.h5: no such file"),
+        (["eval", "{features}", "--search-step", "0", "1", "1"], "search steps must be at least 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(imported, store_dir, args, message):
+    before = sorted(store_dir.rglob("*"))
+    args = [a.format(features=imported, store=store_dir) for a in args]
+    result = run(*args, "--store", store_dir)
+    assert_one_line_error(result, message)
+    assert result.exit_code == 1
+    assert sorted(store_dir.rglob("*")) == before and no_partial_files(store_dir)
+
+
+def test_empty_stdin_is_an_error(store_dir):
+    assert_one_line_error(run("refine", "--store", store_dir, input=""), "no artifact path on stdin")
+
+
+def test_a_changed_parent_is_refused(small_features, imported, store_dir, tmp_path):
+    refined = run("refine", imported, "--k", "6", "--store", store_dir).stdout.strip()
+    from dataclasses import replace
+
+    from apecli.features import save_features
+
+    save_features(replace(small_features, classifier=-small_features.classifier), imported)
+    assert_one_line_error(run("eval", refined, "--store", store_dir), "changed since it was written")
+
+
+def test_truncated_store_file_is_refused(imported, store_dir):
+    data = imported.read_bytes()
+    imported.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(run("refine", imported, "--store", store_dir), str(imported))
+
+
+def test_shots_that_disagree_with_the_refinement(imported, store_dir):
+    refined = run("refine", imported, "--k", "6", "--shots", "4", "--store", store_dir).stdout.strip()
+    assert_one_line_error(run("eval", refined, "--shots", "1", "--store", store_dir), "refined on the 4-shot cache, not 1")
+
+
+def test_usage_errors_exit_2():
+    assert runner.invoke(app, ["refine", "--k", "many"]).exit_code == 2
+
+
+def test_info_describes_an_artifact(imported, store_dir):
+    result = run("info", imported, "--json", "--store", store_dir)
+    payload = json.loads(result.stdout)
+    assert payload["kind"] == "features" and payload["metadata"]["shots"] == [4]
+    assert "cache/4/keys" in payload["arrays"]
+
+
+def test_demo_runs_offline_and_beats_zero_shot(tmp_path):
+    result = run("demo", "--store", tmp_path / "demo", "--json")
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["val_accuracy"] > payload["zero_shot_val_accuracy"]
+    assert payload["test_accuracy"] > payload["zero_shot_accuracy"]
+
+
+def _apecli(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "apecli", *args], cwd=cwd, input=stdin, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_a_shell_pipeline_on_real_features(tmp_path):
+    folder = real_dataset("caltech101")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "APECLI_STORE": str(tmp_path / "caches")}
+    apecli = f"{sys.executable} -m apecli"
+    pipeline = (
+        f"set -o pipefail; {apecli} import tip-adapter {folder} --text-weights {folder}/proxy_text_weights.pt "
+        f"--dataset caltech101 | {apecli} refine --k 300 | {apecli} eval --mode training-free "
+        f"--search-step 20 20 5 --json"
+    )
+    done = subprocess.run(["bash", "-c", pipeline], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["zero_shot_accuracy"] == pytest.approx(87.95, abs=0.01)
+    assert result["val_accuracy"] > result["zero_shot_val_accuracy"] + 3
+    assert result["k"] == 300 and result["shots"] == 16
+
+
+def test_the_command_line_starts_without_torch(tmp_path):
+    code = "import sys; from apecli.cli import app; print('torch' in sys.modules, 'open_clip' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False False", done.stderr
+    assert _apecli("--help", cwd=tmp_path).returncode == 0
+
+
+def test_errors_from_a_real_process_have_no_traceback(tmp_path):
+    done = _apecli("refine", str(tmp_path / "nothing.h5"), cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip() == f"apecli: error: {tmp_path / 'nothing.h5'}: no such file"

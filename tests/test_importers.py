@@ -1,0 +1,138 @@
+"""Importing APE / Tip-Adapter caches and .npz files, exporting them back, and refusing bad ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from apecli.errors import ApecliError
+from apecli.importers import export_npz, import_npz, import_tip_adapter
+
+from conftest import real_dataset, write_npz
+
+
+def write_tip_adapter(folder: Path, features, *, text_name: str = "text.pt") -> Path:
+    """A feature set in the APE / Tip-Adapter layout, float16 as the authors save it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    half = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float16))  # noqa: E731
+    for shots, cache in features.caches.items():
+        torch.save(half(cache.keys.T), folder / f"keys_{shots}shots.pt")
+        torch.save(half(np.eye(features.num_classes)[cache.labels]), folder / f"values_{shots}shots.pt")
+    for split in ("val", "test"):
+        part = features.split(split)
+        torch.save(half(part.features), folder / f"{split}_f.pt")
+        torch.save(torch.from_numpy(part.labels), folder / f"{split}_l.pt")
+    torch.save(half(features.classifier.T), folder / text_name)
+    return folder
+
+
+def test_tip_adapter_folder_imports_every_shot_count(small_features, tmp_path):
+    folder = write_tip_adapter(tmp_path / "cache", small_features)
+    imported = import_tip_adapter(folder, folder / "text.pt", "Caltech-101")
+    assert imported.shots == (1, 4) and imported.dataset == "caltech101"
+    np.testing.assert_array_equal(imported.caches[4].labels, small_features.caches[4].labels)
+    np.testing.assert_array_equal(imported.caches[4].keys, small_features.caches[4].keys.astype(np.float16))
+    assert imported.classifier.shape == (6, 32) and imported.classifier.dtype == np.float16
+    assert set(imported.provenance["files"]) >= {"keys_4shots.pt", "val_f.pt", "text_weights"}
+
+
+def test_cupl_text_weights_are_found_in_the_folder(small_features, tmp_path):
+    folder = write_tip_adapter(tmp_path / "cache", small_features, text_name="text_weights_cupl_t.pt")
+    assert import_tip_adapter(folder).num_classes == 6
+    (folder / "text_weights_cupl_t.pt").unlink()
+    with pytest.raises(ApecliError, match="pass --text-weights"):
+        import_tip_adapter(folder)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: (f / "val_l.pt").unlink(), "val_l.pt: no such file"),
+        (lambda f: (f / "keys_4shots.pt").write_bytes((f / "keys_4shots.pt").read_bytes()[:100]), "keys_4shots.pt: not a readable tensor file"),
+        (lambda f: torch.save(torch.zeros(24, 6), f / "values_4shots.pt"), "values_4shots.pt: rows are not one-hot"),
+        (lambda f: torch.save(torch.zeros(64, 24), f / "keys_4shots.pt"), "64-channel keys, but val_f.pt has 32"),
+        (lambda f: torch.save(torch.tensor([0, 1, 99] * 16), f / "val_l.pt"), "labels out of range"),
+        (lambda f: torch.save({"a": torch.zeros(2)}, f / "test_f.pt"), "holds a dict"),
+    ],
+)
+def test_damaged_tip_adapter_folders_are_refused(small_features, tmp_path, damage, message):
+    folder = write_tip_adapter(tmp_path / "cache", small_features)
+    damage(folder)
+    with pytest.raises(ApecliError, match=message):
+        import_tip_adapter(folder, folder / "text.pt")
+
+
+def test_pickled_code_is_never_loaded(small_features, tmp_path):
+    folder = write_tip_adapter(tmp_path / "cache", small_features)
+    torch.save({"model": object.__new__(_Unsafe)}, folder / "text.pt")
+    with pytest.raises(ApecliError, match="text.pt: not a readable tensor file"):
+        import_tip_adapter(folder, folder / "text.pt")
+
+
+class _Unsafe:
+    pass
+
+
+def test_not_a_cache_folder(tmp_path):
+    with pytest.raises(ApecliError, match="not an APE / Tip-Adapter cache folder"):
+        import_tip_adapter(tmp_path)
+    with pytest.raises(ApecliError, match="no such folder"):
+        import_tip_adapter(tmp_path / "absent")
+
+
+def test_npz_import_export_round_trips_exactly(small_features, tmp_path):
+    first = write_npz(tmp_path / "in.npz", small_features, shots=4)
+    imported = import_npz(first, "dtd")
+    second = export_npz(imported, tmp_path / "out.npz")
+    with np.load(first) as a, np.load(second) as b:
+        assert sorted(a.files) == sorted(b.files)
+        assert "cache_views" in a.files
+        for name in a.files:
+            assert a[name].dtype == b[name].dtype, name
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.pop("val_labels"), "lacks val_labels"),
+        (lambda a: a.update(cache_labels=a["cache_labels"] + 100), "cache_labels out of range"),
+        (lambda a: a.update(val_features=np.hstack([a["val_features"]] * 2)), "mixed feature widths"),
+        (lambda a: a.update(test_features=a["test_features"] * np.nan), "NaN"),
+        (lambda a: a.update(cache_labels=np.r_[a["cache_labels"][:-1], 0]), "between 3 and 5 keys"),
+        (lambda a: a.update(val_labels=a["val_labels"][:-1]), "labels for"),
+    ],
+)
+def test_bad_npz_files_are_refused(small_features, tmp_path, change, message):
+    with np.load(write_npz(tmp_path / "good.npz", small_features, shots=4)) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    change(arrays)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ApecliError, match=message):
+        import_npz(tmp_path / "bad.npz")
+
+
+def test_truncated_npz_is_refused(small_features, tmp_path):
+    data = write_npz(tmp_path / "good.npz", small_features).read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ApecliError, match="cut.npz: not a readable .npz file"):
+        import_npz(tmp_path / "cut.npz")
+
+
+def test_real_caltech_imports_with_its_published_figures():
+    folder = real_dataset("caltech101")
+    features = import_tip_adapter(folder, folder / "proxy_text_weights.pt", "caltech101")
+    assert (features.num_classes, features.dim, features.shots) == (100, 512, (1, 2, 4, 8, 16))
+    assert features.split("val").labels.shape == (1649,) and features.split("test").labels.shape == (2465,)
+    from apecli.evaluate import evaluate_zero_shot
+
+    assert evaluate_zero_shot(features).test_accuracy == pytest.approx(87.9, abs=0.1)  # the README's figure
+
+
+def test_real_dtd_with_mixed_widths_is_refused():
+    folder = real_dataset("dtd")
+    with pytest.raises(ApecliError, match="keys_2shots.pt: 1024-channel keys, but val_f.pt has 512"):
+        import_tip_adapter(folder, folder / "proxy_text_weights.pt", "dtd")

@@ -1,0 +1,144 @@
+"""The HDF5 store: round trips, self-description, atomic writes, and refusals in one clear line."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from apecli import store
+from apecli.errors import ApecliError
+from apecli.features import load_features, save_features
+from apecli.refine import load_refinement, save_refinement, select_channels
+
+from conftest import no_partial_files
+
+
+def test_features_round_trip_exactly(small_features, tmp_path):
+    saved = save_features(small_features, tmp_path / "f.h5")
+    loaded = load_features(tmp_path / "f.h5", with_views=True)
+    assert loaded.class_names == small_features.class_names
+    np.testing.assert_array_equal(loaded.classifier, small_features.classifier)
+    for shots, cache in small_features.caches.items():
+        np.testing.assert_array_equal(loaded.caches[shots].keys, cache.keys)
+        np.testing.assert_array_equal(loaded.caches[shots].labels, cache.labels)
+        np.testing.assert_array_equal(loaded.caches[shots].views, cache.views)
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(loaded.split(split).features, small_features.split(split).features)
+    assert loaded.artifact.content_id == saved.artifact.content_id
+
+
+def test_every_element_says_what_it_is(small_features, tmp_path):
+    save_features(small_features, tmp_path / "f.h5")
+    with h5py.File(tmp_path / "f.h5", "r") as handle:
+        assert handle.attrs["format"] == "apecli" and handle.attrs["format_version"] == "1.0"
+        assert handle.attrs["kind"] == "features" and len(handle.attrs["content_id"]) == 16
+        names = []
+        handle.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+        assert "cache/4/views" in names and "text/classifier" in names
+        for name in names:
+            assert handle[name].attrs["encoding-type"] in ("array", "string-array")
+            assert handle[name].attrs["encoding-version"] == "1.0"
+
+
+def test_content_id_names_the_file_and_is_stable(small_features, store_dir):
+    first = save_features(small_features, store.in_store(store_dir, "synthetic", "features"))
+    second = save_features(small_features, store.in_store(store_dir, "synthetic", "features"))
+    assert first.artifact.path == second.artifact.path
+    assert first.artifact.path.name == f"features-{first.artifact.content_id[:12]}.h5"
+    assert first.artifact.path.parent.name == "synthetic"
+
+
+def test_a_failed_write_leaves_nothing_behind(small_features, tmp_path, monkeypatch):
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", explode)
+    with pytest.raises(OSError):
+        save_features(small_features, tmp_path / "f.h5")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_newer_major_version_is_refused(small_features, tmp_path):
+    save_features(small_features, tmp_path / "f.h5")
+    with h5py.File(tmp_path / "f.h5", "a") as handle:
+        handle.attrs["format_version"] = "2.0"
+    with pytest.raises(ApecliError, match="newer apecli"):
+        load_features(tmp_path / "f.h5")
+
+
+def test_a_newer_minor_version_is_read(small_features, tmp_path):
+    save_features(small_features, tmp_path / "f.h5")
+    with h5py.File(tmp_path / "f.h5", "a") as handle:
+        handle.attrs["format_version"] = "1.7"
+    assert load_features(tmp_path / "f.h5").num_classes == 6
+
+
+def test_foreign_truncated_and_missing_files_are_refused(small_features, tmp_path):
+    with h5py.File(tmp_path / "foreign.h5", "w") as handle:
+        handle["x"] = np.zeros(3)
+    with pytest.raises(ApecliError, match="not an apecli artifact"):
+        store.open_artifact(tmp_path / "foreign.h5")
+    save_features(small_features, tmp_path / "f.h5")
+    data = (tmp_path / "f.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ApecliError, match="cut.h5"):
+        load_features(tmp_path / "cut.h5")
+    with pytest.raises(ApecliError, match="no such file"):
+        store.open_artifact(tmp_path / "absent.h5")
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(ApecliError, match="not a readable HDF5 artifact"):
+        store.open_artifact(tmp_path / "text.h5")
+
+
+def test_a_refinement_refuses_a_changed_parent(small_features, tmp_path):
+    features = save_features(small_features, tmp_path / "f.h5")
+    refinement = save_refinement(select_channels(features, k=8), features, tmp_path / "r.h5")
+    load_refinement(refinement.artifact.path)  # unchanged: fine
+    from dataclasses import replace
+
+    changed = replace(small_features, classifier=small_features.classifier[:, ::-1].copy())
+    save_features(changed, tmp_path / "f.h5")
+    with pytest.raises(ApecliError, match="changed since it was written"):
+        load_refinement(tmp_path / "r.h5")
+    (tmp_path / "f.h5").unlink()
+    with pytest.raises(ApecliError, match="parent features artifact f.h5 is missing"):
+        load_refinement(tmp_path / "r.h5")
+
+
+def test_a_moved_store_keeps_its_links(small_features, tmp_path):
+    features = save_features(small_features, tmp_path / "a" / "f.h5")
+    save_refinement(select_channels(features, k=8), features, tmp_path / "a" / "r.h5")
+    (tmp_path / "a").rename(tmp_path / "b")
+    refinement, parent = load_refinement(tmp_path / "b" / "r.h5")
+    assert parent.artifact.path == tmp_path / "b" / "f.h5" and refinement.k == 8
+
+
+def test_the_wrong_kind_is_refused(small_features, tmp_path):
+    features = save_features(small_features, tmp_path / "f.h5")
+    with pytest.raises(ApecliError, match="is a 'features' artifact, expected 'refinement'"):
+        load_refinement(features.artifact.path)
+
+
+def test_features_of_different_widths_are_refused(small_features, tmp_path):
+    from dataclasses import replace
+
+    from apecli.features import LabelledFeatures
+
+    test = small_features.split("test")
+    wide = LabelledFeatures(np.hstack([test.features, test.features]), test.labels)
+    with pytest.raises(ApecliError, match="mixed feature widths: test features have 64 channels"):
+        save_features(replace(small_features, splits={**small_features.splits, "test": wide}), tmp_path / "f.h5")
+    assert no_partial_files(tmp_path) and not (tmp_path / "f.h5").exists()
+
+
+def test_newest_artifact_of_a_kind(small_features, store_dir):
+    import os
+
+    features = save_features(small_features, store.in_store(store_dir, "a", "features"))
+    refinement = save_refinement(select_channels(features, k=8), features, store.in_store(store_dir, "a", "refine"))
+    os.utime(features.artifact.path, (1, 1))
+    assert store.newest_artifact(store_dir, ["features"]).path == features.artifact.path
+    assert store.newest_artifact(store_dir, ["features", "refinement"]).path == refinement.artifact.path
+    with pytest.raises(ApecliError, match="no evaluation artifact"):
+        store.newest_artifact(store_dir, ["evaluation"])

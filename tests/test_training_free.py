@@ -1,0 +1,164 @@
+"""Training-free APE: the tri-edge logits, and a fast search that chooses exactly what the loop chooses."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from apecli.errors import ApecliError
+from apecli.evaluate import evaluate_training_free
+from apecli.refine import select_channels
+from apecli.training_free import SearchGrid, SearchResult, TriEdge, count_correct, search, search_loop
+
+from conftest import random_unit, real_dataset
+
+
+def literal_logits(f, W, F, labels, channels, alpha, beta, gamma):
+    """APE's logits for one image, term by term, with plain Python loops (W is D × C as in the paper)."""
+    C = W.shape[1]
+    def refine(v):
+        v = v[channels]
+        return v / math.sqrt(sum(x * x for x in v))
+    f_r = refine(f)
+    W_r = np.stack([refine(W[:, c]) for c in range(C)], axis=1)
+    out = []
+    for c in range(C):
+        value = 100.0 * sum(f[d] * W[d, c] for d in range(len(f)))
+        for j in range(F.shape[0]):
+            key = refine(F[j])
+            scores = [sum(key[d] * W_r[d, i] for d in range(len(key))) for i in range(C)]
+            soft = [math.exp(s) / sum(math.exp(t) for t in scores) for s in scores]
+            one_hot = [1.0 if i == labels[j] else 0.0 for i in range(C)]
+            divergence = sum(l * math.log2((l + 1e-6) / (p + 1e-6)) for l, p in zip(one_hot, soft))
+            affinity = sum(f_r[d] * key[d] for d in range(len(key)))
+            value += alpha * math.exp(-beta * (1 - affinity)) * one_hot[c] * math.exp(gamma * divergence)
+        out.append(value)
+    return np.array(out)
+
+
+def test_logits_follow_the_formula_term_by_term():
+    rng = np.random.default_rng(0)
+    W = random_unit(rng, 3, 9).T
+    F = random_unit(rng, 6, 9)
+    labels = np.array([2, 0, 1, 2, 1, 0])
+    f = random_unit(rng, 2, 9)
+    channels = np.array([0, 2, 3, 7, 8])
+    tri = TriEdge.build(W.T, F, labels, channels)
+    ours = tri.logits(f, alpha=1.7, beta=3.2, gamma=0.4)
+    for row in range(2):
+        np.testing.assert_allclose(ours[row], literal_logits(f[row], W, F, labels, channels, 1.7, 3.2, 0.4), rtol=1e-12)
+
+
+def test_grid_values_follow_the_authors_formula():
+    grid = SearchGrid((7.0, 7.0, 1.0), (200, 20, 20))
+    assert grid.size == 80_000
+    assert grid.betas[0] == pytest.approx(0.1) and grid.betas[-1] == pytest.approx(0.1 + 199 * 6.9 / 200)
+    assert grid.alphas[1] == pytest.approx(0.1 + 6.9 / 20)
+    assert grid.gammas[0] == 0.0 and grid.gammas[-1] == pytest.approx(19 / 20)
+
+
+def _searches_agree(tri, x, labels, grid, **kwargs):
+    fast = search(tri, x, labels, grid, **kwargs)
+    loop = search_loop(tri, x, labels, grid)
+    np.testing.assert_array_equal(fast.correct, loop.correct)
+    assert fast.best_index == loop.best_index
+    assert fast.accuracy == loop.accuracy
+    return fast
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_search_equals_the_loop_on_generated_features(seed):
+    from apecli.synthetic import synthetic_features
+
+    features = synthetic_features(num_classes=7, dim=24, shots=(4,), val_per_class=15, seed=seed, text_noise=1.2)
+    refinement = select_channels(features, k=12)
+    _, cache = features.cache(4)
+    tri = TriEdge.build(features.classifier, cache.keys, cache.labels, refinement.channels)
+    val = features.split("val")
+    # A wide α range makes the cache decide most images, so the grid is far from flat.
+    _searches_agree(tri, val.features, val.labels, SearchGrid((7.0, 30.0, 2.0), (9, 11, 5)))
+
+
+def test_fast_search_is_the_same_in_small_chunks():
+    from apecli.synthetic import synthetic_features
+
+    features = synthetic_features(num_classes=5, dim=16, shots=(2,), val_per_class=13, seed=4)
+    _, cache = features.cache(2)
+    tri = TriEdge.build(features.classifier, cache.keys, cache.labels, np.arange(0, 16, 2))
+    val = features.split("val")
+    grid = SearchGrid((7.0, 7.0, 1.0), (6, 5, 4))
+    one_chunk = search(tri, val.features, val.labels, grid)
+    many = _searches_agree(tri, val.features, val.labels, grid, chunk_bytes=1)  # one image per chunk
+    np.testing.assert_array_equal(one_chunk.correct, many.correct)
+
+
+def test_the_first_of_equal_settings_wins():
+    grid = SearchGrid((7.0, 7.0, 1.0), (2, 3, 2))
+    correct = np.zeros((2, 3, 2), dtype=np.int64)
+    correct[1, 0, 1] = correct[0, 2, 0] = correct[1, 2, 1] = 9  # three settings share the best
+    result = SearchResult(correct, 10, grid)
+    assert result.best_index == (0, 2, 0)  # β first, then α, then γ
+    assert (result.beta, result.alpha, result.gamma) == (grid.betas[0], grid.alphas[2], grid.gammas[0])
+    assert result.ties == 3 and result.accuracy == 90.0
+
+
+def test_a_flat_grid_chooses_its_first_setting():
+    """Classes so far apart that every setting is perfect: the loop order's first setting is chosen."""
+    rng = np.random.default_rng(7)
+    centres = np.eye(4, 8)
+    keys = centres[np.repeat(np.arange(4), 3)] + 0.01 * rng.normal(size=(12, 8))
+    x = centres[np.repeat(np.arange(4), 5)] + 0.01 * rng.normal(size=(20, 8))
+    tri = TriEdge.build(centres, keys, np.repeat(np.arange(4), 3), np.arange(8))
+    result = _searches_agree(tri, x, np.repeat(np.arange(4), 5), SearchGrid((7.0, 7.0, 1.0), (5, 4, 3)))
+    assert result.ties == 60 and result.best_index == (0, 0, 0)
+    assert (result.alpha, result.beta, result.gamma) == (pytest.approx(0.1), pytest.approx(0.1), 0.0)
+
+
+def test_argmax_ties_go_to_the_first_class_in_both_searches():
+    """Two classes with identical text and keys tie exactly: the lower class index is the prediction."""
+    text = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    keys = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    x = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = np.array([0, 1, 2])
+    tri = TriEdge.build(text, keys, np.array([0, 1, 2]), np.arange(3))
+    result = _searches_agree(tri, x, labels, SearchGrid((7.0, 7.0, 1.0), (3, 3, 2)))
+    assert (result.correct == 2).all()  # image 1 (label 1) always loses the tie to class 0
+    assert count_correct(np.array([[1.0, 1.0]]), np.array([0])) == 1
+
+
+@pytest.mark.parametrize("name", ["caltech101", "oxford_flowers"])
+def test_fast_search_equals_the_loop_on_real_features(name):
+    from apecli.importers import import_tip_adapter
+
+    folder = real_dataset(name)
+    features = import_tip_adapter(folder, folder / "proxy_text_weights.pt", name)
+    refinement = select_channels(features, k=350)
+    _, cache = features.cache(16)
+    tri = TriEdge.build(features.classifier, cache.keys, cache.labels, refinement.channels)
+    val = features.split("val")
+    # Every third validation image and 160 settings of the default ranges (all 20 α): what the loop affords.
+    x, labels = val.features[::3], val.labels[::3]
+    fast = _searches_agree(tri, x, labels, SearchGrid((7.0, 7.0, 1.0), (4, 20, 2)))
+    zero_shot = 100.0 * count_correct(tri.zero_shot_logits(x), labels) / labels.shape[0]
+    assert fast.accuracy > zero_shot
+
+
+def test_evaluation_reports_test_accuracy_at_the_chosen_setting(small_features):
+    refinement = select_channels(small_features, k=16)
+    grid = SearchGrid((7.0, 7.0, 1.0), (8, 6, 4))
+    evaluation = evaluate_training_free(small_features, refinement, grid)
+    _, cache = small_features.cache(refinement.shots)
+    tri = TriEdge.build(small_features.classifier, cache.keys, cache.labels, refinement.channels)
+    test = small_features.split("test")
+    logits = tri.logits(test.features, evaluation.alpha, evaluation.beta, evaluation.gamma)
+    assert evaluation.test_accuracy == 100.0 * count_correct(logits, test.labels) / test.labels.shape[0]
+    loop = search_loop(tri, small_features.split("val").features, small_features.split("val").labels, grid)
+    assert (evaluation.alpha, evaluation.beta, evaluation.gamma) == (loop.alpha, loop.beta, loop.gamma)
+    assert evaluation.val_accuracy == loop.accuracy
+
+
+def test_grid_with_no_steps_is_refused():
+    with pytest.raises(ApecliError, match="at least 1"):
+        SearchGrid((7.0, 7.0, 1.0), (0, 20, 20))
