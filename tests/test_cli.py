@@ -141,7 +141,7 @@ def test_truncated_store_file_is_refused(imported, store_dir):
 
 def test_shots_that_disagree_with_the_refinement(imported, store_dir):
     refined = run("refine", imported, "--k", "6", "--shots", "4", "--store", store_dir).stdout.strip()
-    assert_one_line_error(run("eval", refined, "--shots", "1", "--store", store_dir), "refined on the 4-shot cache, not 1")
+    assert_one_line_error(run("eval", refined, "--shots", "1", "--store", store_dir), "made from the 4-shot cache, not 1")
 
 
 def test_usage_errors_exit_2():

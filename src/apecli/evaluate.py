@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -13,10 +13,13 @@ from apecli.errors import ApecliError
 from apecli.features import FeatureSet
 from apecli.presets import preset_for
 from apecli.refine import Refinement
-from apecli.training_free import Progress, SearchGrid, SearchResult, TriEdge, count_correct, search
+from apecli.training_free import Progress, SearchGrid, SearchResult, TriEdge, count_correct, count_grid, search
+
+if TYPE_CHECKING:
+    from apecli.training_required import FitResult
 
 KIND = "evaluation"
-MODES = ("zero-shot", "training-free")
+MODES = ("zero-shot", "training-free", "training-required")
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,40 @@ def evaluate_training_free(
     )
 
 
+def evaluate_training_required(
+    features: FeatureSet, fitted: "FitResult", grid: SearchGrid | None = None, progress: Progress | None = None
+) -> Evaluation:
+    """APE-T: search (α, β) on validation for a fitted adapter (no γ), then report test accuracy."""
+    grid = grid or default_grid(features)
+    grid = SearchGrid((grid.scale[0], grid.scale[1], 0.0), (grid.steps[0], grid.steps[1], 1))
+    adapter = fitted.adapter
+    text, keys, key_labels = adapter.adapt(features)
+    order = np.argsort(key_labels, kind="stable")
+    shots = adapter.shots
+    val, test = features.split("val"), features.split("test")
+    x = val.features.astype(np.float64)
+    affinity = (x @ keys[order].T).reshape(x.shape[0], features.num_classes, shots)
+    weights = adapter.value_weights.astype(np.float64)[order].reshape(features.num_classes, shots, 1)
+    correct = count_grid(100.0 * x @ text.T, affinity, weights, val.labels, grid.betas, grid.alphas, progress)
+    result = SearchResult(correct, x.shape[0], grid)
+    logits = adapter.logits(features, test.features, result.alpha, result.beta)
+    return Evaluation(
+        mode="training-required",
+        dataset=features.dataset,
+        zero_shot_val=_zero_shot(features, "val"),
+        zero_shot_test=_zero_shot(features, "test"),
+        val_accuracy=result.accuracy,
+        test_accuracy=_accuracy(count_correct(logits, test.labels), test.labels.shape[0]),
+        shots=shots,
+        alpha=result.alpha,
+        beta=result.beta,
+        channels=adapter.channels,
+        search=result,
+        extra={"best_epoch": fitted.best_epoch, "epochs": fitted.settings.epochs,
+               "trained_on_views": fitted.trained_on_views},
+    )
+
+
 def save_evaluation(
     evaluation: Evaluation, parents: list[store.Artifact], destination: Path | Callable[[str], Path]
 ) -> store.Artifact:
@@ -142,22 +179,35 @@ def evaluate_artifact(
     with the dataset's default k and weights."""
     from apecli.features import load_features
     from apecli.refine import load_refinement, select_channels
+    from apecli.training_required import load_fit
 
     if mode not in MODES:
         raise ApecliError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    if (mode == "training-required") != (artifact.kind == "adapter"):
+        raise ApecliError(
+            f"{artifact.path}: mode training-required evaluates a fitted adapter (from apecli fit), and only it"
+            if mode == "training-required"
+            else f"{artifact.path}: is a fitted adapter; evaluate it with --mode training-required"
+        )
+    if artifact.kind == "adapter":
+        fitted, features = load_fit(artifact)
+        _check_shots(artifact, fitted.adapter.shots, shots)
+        return evaluate_training_required(features, fitted, grid, progress)
     refinement = None
     if artifact.kind == "refinement":
         refinement, features = load_refinement(artifact)
-        if shots is not None and shots != refinement.shots:
-            raise ApecliError(
-                f"{artifact.path}: was refined on the {refinement.shots}-shot cache, not {shots}; re-run refine --shots {shots}"
-            )
+        _check_shots(artifact, refinement.shots, shots)
     elif artifact.kind == "features":
         features = load_features(artifact)
     else:
-        raise ApecliError(f"{artifact.path}: is a '{artifact.kind}' artifact; eval reads features or a refinement")
+        raise ApecliError(f"{artifact.path}: is a '{artifact.kind}' artifact; eval reads features, a refinement or an adapter")
     if mode == "zero-shot":
         return evaluate_zero_shot(features)
     if refinement is None:
         refinement = select_channels(features, shots=shots)
     return evaluate_training_free(features, refinement, grid, progress)
+
+
+def _check_shots(artifact: store.Artifact, used: int, asked: int | None) -> None:
+    if asked is not None and asked != used:
+        raise ApecliError(f"{artifact.path}: was made from the {used}-shot cache, not {asked}; re-run it with --shots {asked}")

@@ -28,6 +28,7 @@ def synthetic_features(
     informative: float = 0.5,
     image_noise: float = 0.9,
     text_noise: float = 0.9,
+    view_noise: float = 0.3,
     seed: int = 0,
     dataset: str = "synthetic",
 ) -> FeatureSet:
@@ -47,7 +48,7 @@ def synthetic_features(
     for count in sorted(shots):
         labels = np.repeat(np.arange(num_classes), count)
         base = images(labels)
-        augmented = base[None] + 0.3 * rng.normal(size=(views, base.shape[0], dim))
+        augmented = base[None] + view_noise * rng.normal(size=(views, base.shape[0], dim))
         caches[count] = FewShotCache(
             _normalise(augmented.mean(axis=0)).astype(np.float32),
             labels,

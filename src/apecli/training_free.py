@@ -165,19 +165,41 @@ def search(
     chunk_bytes: int = 48 << 20,
 ) -> SearchResult:
     """Correct predictions of every (β, α, γ) of the grid on ``x``, computed as the module docstring says."""
+    value_weights = np.exp(tri.divergence.reshape(tri.num_classes, tri.shots, 1) * grid.gammas)  # C × K × G
+    affinity = tri.affinity(x).reshape(x.shape[0], tri.num_classes, tri.shots)
+    correct = count_grid(tri.zero_shot_logits(x), affinity, value_weights, labels, grid.betas, grid.alphas,
+                         progress, chunk_bytes)
+    return SearchResult(correct, x.shape[0], grid)
+
+
+def count_grid(
+    zero_shot: np.ndarray,
+    affinity: np.ndarray,
+    value_weights: np.ndarray,
+    labels: np.ndarray,
+    betas: np.ndarray,
+    alphas: np.ndarray,
+    progress: Progress | None = None,
+    chunk_bytes: int = 48 << 20,
+) -> np.ndarray:
+    """Correct predictions of ``zero_shot + α · exp(−β(1 − affinity)) · values`` for every β, α and
+    value-weight column g, as an array [β, α, g].
+
+    ``zero_shot`` is N × C; ``affinity`` N × C × K (the keys in class blocks); ``value_weights``
+    C × K × G, the weight of each key in each of G variants of the cache values (γ, for APE).
+    """
     import torch
 
-    num_classes, shots = tri.num_classes, tri.shots
-    betas, alphas, gammas = grid.betas, torch.from_numpy(grid.alphas), torch.from_numpy(grid.gammas)
-    n, steps_g = x.shape[0], gammas.shape[0]
+    n, num_classes, shots = affinity.shape
+    steps_g = value_weights.shape[2]
+    alphas = torch.from_numpy(np.asarray(alphas, dtype=np.float64))
     target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    zero_shot = torch.from_numpy(tri.zero_shot_logits(x))
+    zero_shot = torch.from_numpy(np.asarray(zero_shot, dtype=np.float64))
     margin = zero_shot.gather(1, target[:, None]) - zero_shot  # a_c = R_fW[t] − R_fW[c]
     margin.scatter_(1, target[:, None], 1.0)  # the true class never competes with itself
     earlier = torch.arange(num_classes)[None, :] < target[:, None]  # wins an exact tie (argmax order)
-    affinity = torch.from_numpy(tri.affinity(x)).view(n, num_classes, shots)
-    divergence = torch.from_numpy(tri.divergence).view(num_classes, shots, 1)
-    value_weights = torch.exp(divergence * gammas)  # C × K × G
+    affinity = torch.from_numpy(np.asarray(affinity, dtype=np.float64))
+    value_weights = torch.from_numpy(np.ascontiguousarray(value_weights, dtype=np.float64))
     correct = torch.zeros((len(betas), len(alphas), steps_g), dtype=torch.int64)
     rows = max(1, chunk_bytes // (8 * steps_g * num_classes * 4))
     chunks = range(0, n, rows)
@@ -212,7 +234,7 @@ def search(
             done += 1
             if progress is not None:
                 progress(done, total_steps)
-    return SearchResult(correct.numpy(), n, grid)
+    return correct.numpy()
 
 
 def search_loop(

@@ -137,7 +137,9 @@ def refine(
 @reports_errors
 def evaluate(
     source: Input = None,
-    mode: Annotated[str, typer.Option("--mode", help="zero-shot or training-free.")] = "training-free",
+    mode: Annotated[
+        str, typer.Option("--mode", help="zero-shot, training-free, or training-required (a fitted adapter).")
+    ] = "training-free",
     shots: Shots = None,
     search_scale: Annotated[
         Optional[tuple[float, float, float]], typer.Option("--search-scale", help="Upper ends of the β, α, γ grids.")
@@ -155,7 +157,7 @@ def evaluate(
 
     if mode not in MODES:
         raise ApecliError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
-    artifact = resolve_input(source, store_dir, ["refinement", "features"])
+    artifact = resolve_input(source, store_dir, ["adapter"] if mode == "training-required" else ["refinement", "features"])
     preset = preset_for(artifact.metadata.get("dataset"))
     grid = SearchGrid(tuple(search_scale or preset.search_scale), tuple(search_step or preset.search_step))
     with _progress(f"searching {grid.size:,} settings") as advance:
@@ -168,9 +170,44 @@ def evaluate(
 
 @app.command()
 @reports_errors
+def fit(
+    source: Input = None,
+    shots: Shots = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Channels the residual lives on (default: the dataset's, scaled to D).")] = None,
+    w: Annotated[Optional[tuple[float, float]], typer.Option("--w", help="Criterion weights w0, w1 (default: the dataset's).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default: the dataset's).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate (default: the dataset's).")] = None,
+    eps: Annotated[Optional[float], typer.Option("--eps", help="AdamW epsilon (default: the dataset's).")] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.")] = 256,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="α during training (default: the dataset's init α).")] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", help="β during training (default: 1).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of view choice, shuffling and initialisation.")] = 1,
+    store_dir: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Train APE-T (category residual and key weights) on the stored cache and its augmented views."""
+    from apecli.features import load_features
+    from apecli.training_required import FitSettings, fit as train, save_fit
+
+    features = load_features(resolve_input(source, store_dir, ["features"]))
+    settings = FitSettings(shots, k, w, epochs, lr, eps, weight_decay, batch_size, alpha, beta, seed).resolve(features)
+    if features.views(settings.shots) is None:
+        console.print(f"no augmented views stored for {settings.shots} shots: training on the cache keys themselves")
+    with _epochs(settings.epochs) as report:
+        result = train(features, settings, report)
+    result = save_fit(result, features, store.in_store(
+        store_dir, features.dataset, f"fit-{settings.shots}shot-k{settings.k}-seed{settings.seed}"))
+    console.print(f"best validation accuracy {result.best_val_accuracy:.2f}% at epoch {result.best_epoch} "
+                  f"of {settings.epochs} (α = {settings.init_alpha:g}, β = {settings.init_beta:g})")
+    emit(result.artifact, result.summary(), as_json)
+
+
+@app.command()
+@reports_errors
 def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: Json = False) -> None:
     """Describe an artifact: kind, content id, parents, settings and arrays."""
-    artifact = resolve_input(source, store_dir, ["features", "refinement", "evaluation"])
+    artifact = resolve_input(source, store_dir, ["features", "refinement", "adapter", "evaluation"])
     details = {
         "kind": artifact.kind,
         "content_id": artifact.content_id,
@@ -217,8 +254,11 @@ def _print_evaluation(result: dict) -> None:
         table.add_column(column, justify="left" if column == "method" else "right")
     table.add_row("zero-shot CLIP", f"{result['zero_shot_val_accuracy']:.2f}", f"{result['zero_shot_accuracy']:.2f}", "", "", "")
     if result["mode"] != "zero-shot":
-        table.add_row("APE", f"{result['val_accuracy']:.2f}", f"{result['test_accuracy']:.2f}",
-                      f"{result['alpha']:.3f}", f"{result['beta']:.3f}", f"{result['gamma']:.3f}")
+        name = "APE-T" + (f" (epoch {result['best_epoch']})" if "best_epoch" in result else "") \
+            if result["mode"] == "training-required" else "APE"
+        gamma = "" if result["gamma"] is None else f"{result['gamma']:.3f}"
+        table.add_row(name, f"{result['val_accuracy']:.2f}", f"{result['test_accuracy']:.2f}",
+                      f"{result['alpha']:.3f}", f"{result['beta']:.3f}", gamma)
     console.print(table)
 
 
@@ -233,6 +273,24 @@ class _progress:
         self.bar.__enter__()
         task = self.bar.add_task("", total=None)
         return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.__exit__(*exc_info)
+
+
+class _epochs:
+    """A rich display of training epochs on stderr (only on a terminal): loss and validation accuracy."""
+
+    def __init__(self, epochs: int) -> None:
+        self.bar = Progress(TextColumn("epoch {task.completed}/{task.total}"), BarColumn(),
+                            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}"), TimeRemainingColumn(),
+                            console=console, transient=True, disable=not console.is_terminal)
+        self.epochs = epochs
+
+    def __enter__(self):
+        self.bar.__enter__()
+        task = self.bar.add_task("", total=self.epochs, loss="-", val="-")
+        return lambda epoch, total, loss, val: self.bar.update(task, completed=epoch, loss=f"{loss:.4f}", val=f"{val:.2f}%")
 
     def __exit__(self, *exc_info) -> None:
         self.bar.__exit__(*exc_info)

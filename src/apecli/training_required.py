@@ -1,0 +1,223 @@
+"""Training-required APE (APE-T): a category residual and per-key value weights, learned from the cache.
+
+On the k channels chosen by the criterion (with the training weights w_training), a residual R (C × k,
+zeros at start) is added to each class's text vector and to each cache key of that class, and each
+key gets a value weight v (ones at start):
+
+    W̃[c, sel] = W[c, sel] + R[c]          F̃_j[sel] = F_j[sel] + R[y_j]      (no renormalisation)
+    logits    = 100 · f W̃ᵀ + α · exp(−β (1 − f F̃ᵀ)) · (L ⊙ v)                 (all D channels)
+
+Training minimises cross-entropy on the training images' augmented views (one random view of each
+image per epoch), in shuffled batches, with AdamW and a cosine schedule over all steps, at fixed
+α = init α and β = init β. After each epoch the validation accuracy is measured and the parameters of
+the best epoch are kept (a later epoch must be strictly better). The β × α search happens at
+evaluation, on validation, as for training-free APE but without γ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from apecli import store
+from apecli.errors import ApecliError
+from apecli.features import FeatureSet, load_features
+from apecli.presets import preset_for
+from apecli.refine import channel_criterion, top_channels
+
+KIND = "adapter"
+EpochProgress = Callable[[int, int, float, float], None]  # epoch, epochs, mean loss, val accuracy
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """APE-T's hyperparameters; ``None`` means the dataset's default."""
+
+    shots: int | None = None
+    k: int | None = None
+    weights: tuple[float, float] | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    eps: float | None = None
+    weight_decay: float = 0.1
+    batch_size: int = 256
+    init_alpha: float | None = None
+    init_beta: float | None = None
+    seed: int = 1
+
+    def resolve(self, features: FeatureSet) -> "FitSettings":
+        """These settings with every default filled in for ``features``, and checked."""
+        preset = preset_for(features.dataset)
+        shots, _ = features.cache(self.shots)
+        resolved = replace(
+            self,
+            shots=shots,
+            k=self.k if self.k is not None else preset.scaled_k(preset.k_training, features.dim),
+            weights=tuple(self.weights) if self.weights is not None else preset.w_training,
+            epochs=self.epochs if self.epochs is not None else preset.epochs,
+            lr=self.lr if self.lr is not None else preset.lr,
+            eps=self.eps if self.eps is not None else preset.eps_for(shots),
+            init_alpha=self.init_alpha if self.init_alpha is not None else preset.init_alpha,
+            init_beta=self.init_beta if self.init_beta is not None else preset.init_beta,
+        )
+        if not 1 <= resolved.k <= features.dim:
+            raise ApecliError(f"k must be between 1 and the feature width {features.dim}, got {resolved.k}")
+        for name in ("epochs", "batch_size"):
+            if getattr(resolved, name) < 1:
+                raise ApecliError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(resolved, name)}")
+        if not resolved.lr > 0 or not resolved.eps > 0 or resolved.weight_decay < 0:
+            raise ApecliError("lr and eps must be positive and weight decay not negative")
+        return resolved
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A fitted APE-T model: channels, residual and value weights (keys in the store's order)."""
+
+    channels: np.ndarray  # (k,)
+    residual: np.ndarray  # C × k
+    value_weights: np.ndarray  # (C·K,)
+    shots: int
+
+    def adapt(self, features: FeatureSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """W̃ (C × D), F̃ (C·K × D) and the key labels, in float64."""
+        _, cache = features.cache(self.shots)
+        delta = np.zeros((features.num_classes, features.dim))
+        delta[:, self.channels] = self.residual
+        text = features.classifier.astype(np.float64) + delta
+        keys = cache.keys.astype(np.float64) + delta[cache.labels]
+        return text, keys, cache.labels
+
+    def logits(self, features: FeatureSet, x: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+        text, keys, labels = self.adapt(features)
+        x = np.asarray(x, dtype=np.float64)
+        values = np.eye(features.num_classes)[labels] * self.value_weights[:, None]
+        return 100.0 * x @ text.T + alpha * np.exp(-(beta - beta * (x @ keys.T))) @ values
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What ``fit`` learned and how training went."""
+
+    adapter: Adapter
+    settings: FitSettings
+    best_epoch: int  # counted from 1
+    best_val_accuracy: float
+    loss: np.ndarray  # mean training loss per epoch
+    val_accuracy: np.ndarray  # per epoch, percent
+    trained_on_views: bool
+    artifact: store.Artifact | None = None
+
+    def summary(self) -> dict[str, Any]:
+        settings = asdict(self.settings)
+        settings["weights"] = list(settings["weights"])
+        return {
+            "settings": settings,
+            "best_epoch": self.best_epoch,
+            "best_val_accuracy": self.best_val_accuracy,
+            "trained_on_views": self.trained_on_views,
+            "history": {"loss": self.loss.tolist(), "val_accuracy": self.val_accuracy.tolist()},
+        }
+
+
+def fit(features: FeatureSet, settings: FitSettings = FitSettings(), progress: EpochProgress | None = None) -> FitResult:
+    """Train APE-T on a feature set's cache (its stored views when it has them, else its keys)."""
+    import torch
+
+    settings = settings.resolve(features)
+    shots, cache = features.cache(settings.shots)
+    val = features.split("val")
+    if val.labels.shape[0] == 0:
+        raise ApecliError(f"{features.name}: the validation split is empty; APE-T chooses its epoch on it")
+    criterion = channel_criterion(features.classifier, cache.keys, cache.labels, settings.weights)
+    channels = top_channels(criterion, settings.k)
+    views = features.views(shots)
+    trained_on_views = views is not None
+    samples = torch.from_numpy(np.asarray(views if trained_on_views else cache.keys[None], dtype=np.float32))
+    if not torch.isfinite(samples).all():
+        raise ApecliError(f"{features.name}: the {shots}-shot views contain NaN or infinite values")
+
+    generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    text = torch.from_numpy(features.classifier.astype(np.float32))
+    keys = torch.from_numpy(cache.keys.astype(np.float32))
+    labels = torch.from_numpy(cache.labels.astype(np.int64))
+    one_hot = torch.nn.functional.one_hot(labels, features.num_classes).float()
+    selected = torch.from_numpy(channels)
+    residual = torch.zeros((features.num_classes, settings.k), requires_grad=True)
+    value_weights = torch.ones(labels.shape[0], requires_grad=True)
+    alpha, beta = settings.init_alpha, settings.init_beta
+
+    def model_logits(x):
+        delta = torch.zeros_like(text).index_copy(1, selected, residual)
+        values = one_hot * value_weights[:, None]
+        cache_logits = torch.exp(-(beta - beta * (x @ (keys + delta[labels]).T))) @ values
+        return 100.0 * x @ (text + delta).T + alpha * cache_logits
+
+    optimiser = torch.optim.AdamW([residual, value_weights], lr=settings.lr, eps=settings.eps,
+                                  weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(labels.shape[0] / settings.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings.epochs * steps_per_epoch)
+    val_x = torch.from_numpy(val.features.astype(np.float32))
+    val_y = torch.from_numpy(val.labels.astype(np.int64))
+    best = (-1, -1.0, residual.detach().clone(), value_weights.detach().clone())
+    losses, accuracies = [], []
+    for epoch in range(settings.epochs):
+        chosen_view = torch.randint(samples.shape[0], (labels.shape[0],), generator=generator)
+        order = torch.randperm(labels.shape[0], generator=generator)
+        total = 0.0
+        for start in range(0, labels.shape[0], settings.batch_size):
+            batch = order[start : start + settings.batch_size]
+            loss = torch.nn.functional.cross_entropy(model_logits(samples[chosen_view[batch], batch]), labels[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += float(loss.detach()) * batch.shape[0]
+        with torch.no_grad():
+            accuracy = 100.0 * float((model_logits(val_x).argmax(dim=1) == val_y).sum()) / val_y.shape[0]
+        losses.append(total / labels.shape[0])
+        accuracies.append(accuracy)
+        if accuracy > best[1]:
+            best = (epoch, accuracy, residual.detach().clone(), value_weights.detach().clone())
+        if progress is not None:
+            progress(epoch + 1, settings.epochs, losses[-1], accuracy)
+    adapter = Adapter(channels, best[2].numpy(), best[3].numpy(), shots)
+    return FitResult(adapter, settings, best[0] + 1, best[1], np.array(losses), np.array(accuracies), trained_on_views)
+
+
+def save_fit(result: FitResult, features: FeatureSet, destination: Path | Callable[[str], Path]) -> FitResult:
+    """Write the fitted adapter with its settings and training history; its parent is the feature set."""
+    if features.artifact is None:
+        raise ApecliError("save the feature set before fitting on it")
+    arrays = {
+        "channels": result.adapter.channels,
+        "residual": result.adapter.residual,
+        "value_weights": result.adapter.value_weights,
+        "history/loss": result.loss,
+        "history/val_accuracy": result.val_accuracy,
+    }
+    metadata = {"dataset": features.dataset, "shots": result.adapter.shots, **result.summary()}
+    metadata.pop("history")
+    artifact = store.write_artifact(destination, KIND, arrays, metadata, parents=[features.artifact])
+    return replace(result, artifact=artifact)
+
+
+def load_fit(source: str | Path | store.Artifact) -> tuple[FitResult, FeatureSet]:
+    """Read a fitted adapter and the feature set it was fitted on (checked unchanged)."""
+    artifact = source if isinstance(source, store.Artifact) else store.open_artifact(source, [KIND])
+    features = load_features(artifact.parent("features"))
+    meta = artifact.metadata
+    settings = dict(meta["settings"])
+    settings["weights"] = tuple(settings["weights"])
+    adapter = Adapter(artifact.read("channels"), artifact.read("residual"), artifact.read("value_weights"), int(meta["shots"]))
+    if adapter.residual.shape != (features.num_classes, adapter.channels.shape[0]):
+        raise ApecliError(f"{artifact.path}: residual of shape {adapter.residual.shape} does not fit {features.name}")
+    result = FitResult(adapter, FitSettings(**settings), int(meta["best_epoch"]), float(meta["best_val_accuracy"]),
+                       artifact.read("history/loss"), artifact.read("history/val_accuracy"),
+                       bool(meta["trained_on_views"]), artifact)
+    return result, features

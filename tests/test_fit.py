@@ -1,0 +1,192 @@
+"""APE-T: the adapted classifier, deterministic training on stored views, and its evaluation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from apecli import store
+from apecli.cli import app
+from apecli.errors import ApecliError
+from apecli.evaluate import evaluate_training_free, evaluate_training_required
+from apecli.features import save_features, to_arrays
+from apecli.refine import select_channels
+from apecli.synthetic import synthetic_features
+from apecli.training_free import SearchGrid, count_correct
+from apecli.training_required import Adapter, FitSettings, fit, load_fit, save_fit
+
+from conftest import assert_one_line_error
+
+runner = CliRunner()
+GRID = SearchGrid((7.0, 7.0, 1.0), (50, 20, 10))
+
+
+def weak_text(seed: int = 0, **kwargs):
+    """Classes the text barely names, and augmented views as varied as the images themselves."""
+    settings = dict(num_classes=20, dim=64, shots=(16,), val_per_class=30, test_per_class=30, informative=1.0,
+                    text_noise=2.0, image_noise=1.5, view_noise=3.0, seed=seed)
+    return synthetic_features(**{**settings, **kwargs})
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_apet_beats_training_free_ape_when_text_is_weak(seed):
+    features = weak_text(seed)
+    training_free = evaluate_training_free(features, select_channels(features, k=40), GRID)
+    fitted = fit(features, FitSettings(epochs=30, lr=1e-2))
+    assert fitted.trained_on_views
+    training_required = evaluate_training_required(features, fitted, GRID)
+    assert training_required.val_accuracy > training_free.val_accuracy
+    assert training_required.val_accuracy > training_required.zero_shot_val + 30
+
+
+def test_training_is_deterministic_for_a_seed():
+    features = weak_text(0, num_classes=6, shots=(4,))
+    first = fit(features, FitSettings(epochs=4, lr=1e-2, seed=3))
+    again = fit(features, FitSettings(epochs=4, lr=1e-2, seed=3))
+    other = fit(features, FitSettings(epochs=4, lr=1e-2, seed=4))
+    np.testing.assert_array_equal(first.adapter.residual, again.adapter.residual)
+    np.testing.assert_array_equal(first.adapter.value_weights, again.adapter.value_weights)
+    np.testing.assert_array_equal(first.loss, again.loss)
+    assert not np.array_equal(first.adapter.residual, other.adapter.residual)
+
+
+def test_history_and_best_epoch():
+    features = weak_text(0, num_classes=6, shots=(4,))
+    result = fit(features, FitSettings(epochs=6, lr=1e-2))
+    assert result.loss.shape == result.val_accuracy.shape == (6,)
+    assert result.loss[-1] < result.loss[0]
+    assert result.best_epoch == int(np.argmax(result.val_accuracy)) + 1  # first of the best
+    assert result.best_val_accuracy == result.val_accuracy.max()
+
+
+def test_defaults_follow_the_dataset():
+    features = replace(weak_text(0, num_classes=4, shots=(1, 2)), dataset="food101")
+    settings = FitSettings().resolve(features)
+    assert (settings.shots, settings.k, settings.weights) == (2, round(900 * 64 / 1024), (0.2, 0.8))
+    assert (settings.lr, settings.eps, settings.epochs, settings.init_alpha) == (1e-4, 1e-2, 30, 0.8)  # 1e-2 at 2 shots
+    assert FitSettings(shots=1).resolve(replace(features, dataset="dtd")).eps == 1e-3
+
+
+def test_adapted_logits_follow_the_formula():
+    rng = np.random.default_rng(0)
+    features = weak_text(0, num_classes=3, dim=6, shots=(2,))
+    adapter = Adapter(np.array([4, 1]), rng.normal(size=(3, 2)), rng.uniform(0.5, 1.5, size=6), 2)
+    _, cache = features.cache(2)
+    x = features.split("val").features[:4].astype(np.float64)
+    expected = np.zeros((4, 3))
+    for n in range(4):
+        for c in range(3):
+            w = features.classifier[c].astype(np.float64).copy()
+            w[[4, 1]] += adapter.residual[c]
+            expected[n, c] = 100 * x[n] @ w
+            for j in range(6):
+                key = cache.keys[j].astype(np.float64).copy()
+                key[[4, 1]] += adapter.residual[cache.labels[j]]
+                if cache.labels[j] == c:
+                    expected[n, c] += 1.7 * np.exp(-0.8 * (1 - x[n] @ key)) * adapter.value_weights[j]
+    np.testing.assert_allclose(adapter.logits(features, x, alpha=1.7, beta=0.8), expected, rtol=1e-12)
+
+
+def test_alpha_beta_search_equals_a_loop_over_settings():
+    features = weak_text(2, num_classes=8, shots=(4,))
+    fitted = fit(features, FitSettings(epochs=5, lr=1e-2))
+    grid = SearchGrid((7.0, 7.0, 1.0), (12, 9, 1))
+    evaluation = evaluate_training_required(features, fitted, grid)
+    val = features.split("val")
+    counts = np.array([[count_correct(fitted.adapter.logits(features, val.features, a, b), val.labels)
+                        for a in grid.alphas] for b in grid.betas])
+    np.testing.assert_array_equal(evaluation.search.correct[:, :, 0], counts)
+    b, a = np.unravel_index(np.argmax(counts), counts.shape)
+    assert (evaluation.beta, evaluation.alpha, evaluation.gamma) == (grid.betas[b], grid.alphas[a], None)
+    test = features.split("test")
+    logits = fitted.adapter.logits(features, test.features, evaluation.alpha, evaluation.beta)
+    assert evaluation.test_accuracy == 100 * count_correct(logits, test.labels) / test.labels.shape[0]
+
+
+def test_fit_round_trips_through_the_store(tmp_path):
+    features = save_features(weak_text(0, num_classes=5, shots=(4,)), tmp_path / "f.h5")
+    result = save_fit(fit(features, FitSettings(epochs=3, lr=1e-2)), features, tmp_path / "fit.h5")
+    loaded, parent = load_fit(tmp_path / "fit.h5")
+    assert parent.artifact.content_id == features.artifact.content_id
+    np.testing.assert_array_equal(loaded.adapter.residual, result.adapter.residual)
+    np.testing.assert_array_equal(loaded.val_accuracy, result.val_accuracy)
+    assert loaded.settings == result.settings and loaded.best_epoch == result.best_epoch
+
+
+def _cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def stored(tmp_path) -> Path:
+    return save_features(weak_text(0, num_classes=6, shots=(4,)), store.in_store(tmp_path / "s", "x", "features")).artifact.path
+
+
+def test_fit_then_eval_on_the_command_line(stored, tmp_path):
+    fitted = _cli("fit", stored, "--epochs", "4", "--lr", "0.01", "--seed", "5", "--store", tmp_path / "s", "--json")
+    assert fitted.exit_code == 0, fitted.stderr
+    payload = json.loads(fitted.stdout)
+    assert payload["settings"]["seed"] == 5 and len(payload["history"]["val_accuracy"]) == 4
+    assert payload["trained_on_views"] is True
+    evaluated = runner.invoke(app, ["eval", "--mode", "training-required", "--search-step", "10", "10", "1",
+                                    "--store", str(tmp_path / "s"), "--json"], input=fitted.stdout)
+    assert evaluated.exit_code == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert result["mode"] == "training-required" and result["gamma"] is None
+    assert result["best_epoch"] == payload["best_epoch"] and "APE-T" in evaluated.stderr
+
+
+def test_a_store_without_views_trains_on_the_keys_and_says_so(tmp_path):
+    features = weak_text(0, num_classes=5, shots=(4,))
+    bare = replace(features, caches={4: replace(features.caches[4], views=None)})
+    path = save_features(bare, tmp_path / "f.h5").artifact.path
+    result = _cli("fit", path, "--epochs", "2", "--store", tmp_path / "s", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "training on the cache keys themselves" in result.stderr
+    assert json.loads(result.stdout)["trained_on_views"] is False
+
+
+def test_fit_refuses_a_store_without_validation(tmp_path):
+    features = weak_text(0, num_classes=5, shots=(4,))
+    path = save_features(replace(features, splits={"test": features.split("test")}), tmp_path / "f.h5").artifact.path
+    assert_one_line_error(_cli("fit", path, "--store", tmp_path / "s"), "has no val split")
+
+
+def test_fit_refuses_k_beyond_the_width(stored, tmp_path):
+    assert_one_line_error(_cli("fit", stored, "--k", "65", "--store", tmp_path / "s"), "k must be between 1 and the feature width 64")
+
+
+def test_fit_refuses_nan_features(tmp_path):
+    features = weak_text(0, num_classes=5, shots=(4,))
+    arrays = to_arrays(features)
+    arrays["val/features"] = arrays["val/features"].copy()
+    arrays["val/features"][3, 7] = np.nan
+    metadata = {"dataset": None, "model": {}, "provenance": {}, "num_classes": 5, "dim": 64, "shots": [4],
+                "splits": {"val": 150, "test": 150}}
+    store.write_artifact(tmp_path / "nan.h5", "features", arrays, metadata)  # written around the checks
+    assert_one_line_error(_cli("fit", tmp_path / "nan.h5", "--store", tmp_path / "s"), "val features contain NaN")
+
+
+def test_a_fitted_adapter_refuses_another_store(stored, tmp_path):
+    fitted = Path(_cli("fit", stored, "--epochs", "2", "--store", tmp_path / "s").stdout.strip())
+    save_features(weak_text(9, num_classes=6, shots=(4,)), stored)  # the store now holds other features there
+    assert_one_line_error(_cli("eval", fitted, "--mode", "training-required"), "changed since it was written")
+
+
+def test_modes_and_artifacts_must_match(stored, tmp_path):
+    fitted = _cli("fit", stored, "--epochs", "2", "--store", tmp_path / "s").stdout.strip()
+    assert_one_line_error(_cli("eval", stored, "--mode", "training-required"), "'features' artifact, expected 'adapter'")
+    assert_one_line_error(_cli("eval", fitted, "--mode", "training-free"), "'adapter' artifact, expected")
+
+
+def test_fit_settings_are_checked():
+    features = weak_text(0, num_classes=4, shots=(2,))
+    with pytest.raises(ApecliError, match="epochs must be at least 1"):
+        FitSettings(epochs=0).resolve(features)
+    with pytest.raises(ApecliError, match="lr and eps must be positive"):
+        FitSettings(lr=-1.0).resolve(features)
