@@ -18,3 +18,4 @@ demo:
 bench:
 	$(BIN)/python benchmarks/refine_speed.py
 	$(BIN)/python benchmarks/grid_speed.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/fit_speed.py
