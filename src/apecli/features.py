@@ -30,6 +30,7 @@ class FewShotCache:
     keys: np.ndarray
     labels: np.ndarray
     views: np.ndarray | None = None
+    paths: np.ndarray | None = None  # the image of each key, when extracted here
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class LabelledFeatures:
 
     features: np.ndarray
     labels: np.ndarray
+    paths: np.ndarray | None = None  # the image of each row, when extracted here
 
 
 @dataclass(frozen=True)
@@ -155,9 +157,13 @@ def to_arrays(features: FeatureSet) -> dict[str, np.ndarray]:
         arrays[f"cache/{shots}/labels"] = cache.labels.astype(np.int64)
         if cache.views is not None:
             arrays[f"cache/{shots}/views"] = cache.views
+        if cache.paths is not None:
+            arrays[f"cache/{shots}/paths"] = np.asarray(cache.paths, dtype=str)
     for split, part in features.splits.items():
         arrays[f"{split}/features"] = part.features
         arrays[f"{split}/labels"] = part.labels.astype(np.int64)
+        if part.paths is not None:
+            arrays[f"{split}/paths"] = np.asarray(part.paths, dtype=str)
     return arrays
 
 
@@ -177,6 +183,10 @@ def save_features(features: FeatureSet, destination: Path | Callable[[str], Path
     return replace(features, artifact=artifact)
 
 
+def _optional(artifact: store.Artifact, name: str) -> np.ndarray | None:
+    return artifact.read(name) if name in artifact else None
+
+
 def load_features(source: str | Path | store.Artifact, *, with_views: bool = False) -> FeatureSet:
     """Read a features artifact (views stay on disk unless ``with_views``) and validate it."""
     artifact = source if isinstance(source, store.Artifact) else store.open_artifact(source, [KIND])
@@ -186,10 +196,12 @@ def load_features(source: str | Path | store.Artifact, *, with_views: bool = Fal
     for shots in artifact.metadata.get("shots", []):
         views = artifact.read(f"cache/{shots}/views") if with_views and f"cache/{shots}/views" in artifact else None
         caches[int(shots)] = FewShotCache(
-            artifact.read(f"cache/{shots}/keys"), artifact.read(f"cache/{shots}/labels"), views
+            artifact.read(f"cache/{shots}/keys"), artifact.read(f"cache/{shots}/labels"), views,
+            _optional(artifact, f"cache/{shots}/paths"),
         )
     splits = {
-        split: LabelledFeatures(artifact.read(f"{split}/features"), artifact.read(f"{split}/labels"))
+        split: LabelledFeatures(artifact.read(f"{split}/features"), artifact.read(f"{split}/labels"),
+                                _optional(artifact, f"{split}/paths"))
         for split in SPLITS
         if f"{split}/features" in artifact
     }

@@ -1,13 +1,20 @@
-"""Structured synthetic features: a feature set with the shape of real CLIP caches, made offline.
+"""Synthetic data made offline, for the demo, the tests and the benchmarks.
 
-Classes differ on a subset of "informative" channels; the other channels carry a large offset shared
+Features (:func:`synthetic_features`), shaped like real CLIP caches: classes differ on a subset of "informative" channels; the other channels carry a large offset shared
 by every class plus noise, the kind of channel APE's prior refinement is meant to drop. Text vectors
 are noisy copies of the class centres, so zero-shot accuracy is well below what the cache adds.
 Cache keys are the L2-normalised mean of ``views`` augmented views of each training image, as the
 APE protocol builds them; the views are kept, L2-normalised.
+
+Images (:func:`make_image`, :func:`coop_caltech`, :func:`image_folder`): JPEGs whose colour and
+stripes depend on their class, in a CoOp layout or a folder per class, with a tiny open_clip model
+config (:func:`tiny_model_config`) to encode them in seconds.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -67,3 +74,57 @@ def synthetic_features(
         model={"name": "synthetic"},
         provenance={"source": "synthetic", "seed": seed},
     ).validate()
+
+
+TINY_MODEL = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+COLOURS = [(220, 40, 40), (40, 180, 60), (50, 80, 220), (230, 200, 40), (150, 60, 180)]
+
+
+def tiny_model_config(folder: Path) -> Path:
+    """An open_clip model config (embed 64, 2 layers, 32 px): created in a tenth of a second."""
+    path = Path(folder) / "apecli-tiny.json"
+    path.write_text(json.dumps(TINY_MODEL))
+    return path
+
+
+def make_image(path: Path, label: int, index: int, size: int = 48) -> Path:
+    """A JPEG whose colour and stripes depend on its class, with seeded noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(label * 1000 + index)
+    pixels = np.zeros((size, size + 8 * (index % 3), 3), dtype=np.float64)
+    pixels[...] = COLOURS[label % len(COLOURS)]
+    pixels[:, :: 3 + label] *= 0.5
+    pixels += rng.normal(scale=25, size=pixels.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def coop_caltech(root: Path, classes: int = 3, per_split: tuple[int, int, int] = (6, 3, 3)) -> Path:
+    """A caltech101-style dataset: caltech-101/101_ObjectCategories/<class>/*.jpg + split_zhou json."""
+    folder = Path(root) / "caltech-101"
+    split: dict[str, list] = {"train": [], "val": [], "test": []}
+    for label in range(classes):
+        name = f"thing_{label}"
+        number = 0
+        for part, count in zip(split, per_split):
+            for _ in range(count):
+                relative = f"{name}/image_{number:04d}.jpg"
+                make_image(folder / "101_ObjectCategories" / relative, label, number)
+                split[part].append([relative, label, name])
+                number += 1
+    (folder / "split_zhou_Caltech101.json").write_text(json.dumps(split))
+    return folder
+
+
+def image_folder(root: Path, classes: int = 3, per_class: int = 10) -> Path:
+    """A folder per class, no splits."""
+    for label in range(classes):
+        for index in range(per_class):
+            make_image(Path(root) / f"class_{label}" / f"{index}.jpg", label, index)
+    return Path(root)

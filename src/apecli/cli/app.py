@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -84,6 +86,60 @@ def import_npz(
     from apecli.importers import import_npz as read
 
     _save_imported(read(file, dataset, model), store_dir, as_json)
+
+
+@app.command()
+@reports_errors
+def extract(
+    dataset: Dataset = None,
+    root: Annotated[Path, typer.Option("--root", envvar="APECLI_DATA", help="Folder holding the CoOp datasets. Env: APECLI_DATA.")] = Path("."),
+    images: Annotated[Optional[Path], typer.Option("--images", help="Your own images: a folder per class, or a CSV of path,label[,split].")] = None,
+    model: Annotated[str, typer.Option("--model", help="open_clip model name, or the path of a model-config JSON.")] = "RN50",
+    pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip pretrained tag, a local checkpoint path, or none.")] = "openai",
+    shots: Annotated[str, typer.Option("--shots", help="Shot counts, comma-separated.")] = "1,2,4,8,16",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the few-shot sampling and augmentation.")] = 1,
+    views: Annotated[int, typer.Option("--views", help="Augmented views per training image.")] = 10,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="CuPL-style JSON: class name → sentences.")] = None,
+    allow_missing_prompts: Annotated[bool, typer.Option("--allow-missing-prompts", help="Classes missing from --prompts use the templates alone.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images in the store and go on.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, …")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="auto (fp16 on CUDA), fp32, fp16, bf16.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")] = 64,
+    workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = min(4, os.cpu_count() or 1),
+    store_dir: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Encode images into a features artifact (APE's protocol): few-shot caches, val and test, text."""
+    from apecli import datasets
+    from apecli.encoder import EncoderSpec
+    from apecli.extract import ExtractSettings, extract as run_extract
+
+    if dataset is None and images is None:
+        raise ApecliError("give --dataset NAME (a CoOp benchmark under --root) or --images DIR|CSV")
+    try:
+        shot_counts = tuple(sorted({int(part) for part in shots.split(",") if part.strip()}))
+    except ValueError:
+        raise ApecliError(f"--shots takes comma-separated integers, got '{shots}'") from None
+    settings = ExtractSettings(shot_counts, seed, views, batch_size, workers, skip_bad=skip_bad)
+    if images is not None:
+        read = datasets.read_image_list if images.suffix.lower() == ".csv" else datasets.read_image_folder
+        source = read(images, seed)
+        source = replace(source, name=dataset) if dataset else source
+    else:
+        source = datasets.read_coop(dataset, root)
+    sentences = datasets.read_prompts(prompts, source.class_names, allow_missing_prompts) if prompts else None
+    if pretrained.lower() in ("none", "random"):
+        console.print(f"[bold yellow]warning: {model} with RANDOM weights (--pretrained {pretrained}): "
+                      "the features mean nothing[/bold yellow]")
+    with _splits() as report:
+        features = run_extract(source, EncoderSpec(model, pretrained, device, precision), store_dir, settings,
+                               sentences, report, console.print)
+    skipped = features.provenance.get("skipped", [])
+    console.print(f"{features.num_classes} classes × {features.dim} channels, shots {list(features.shots)}, "
+                  + ", ".join(f"{n} {p.labels.shape[0]}" for n, p in features.splits.items())
+                  + (f"; skipped {len(skipped)} unreadable images (listed in the artifact)" if skipped else ""))
+    emit(features.artifact, {"dataset": features.dataset, "num_classes": features.num_classes, "dim": features.dim,
+                             "shots": list(features.shots), "skipped": skipped}, as_json)
 
 
 @app.command()
@@ -225,24 +281,34 @@ def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: 
 @app.command()
 @reports_errors
 def demo(
-    store_dir: Annotated[Path, typer.Option("--store", help="Folder for the demo's artifacts.")] = Path("caches-demo"),
+    store_dir: Annotated[Path, typer.Option("--store", help="Folder for the demo's images and artifacts.")] = Path("caches-demo"),
     as_json: Json = False,
 ) -> None:
-    """Run the whole chain offline on generated features: features → refine → eval."""
+    """Run the whole chain offline: generated images → extract (tiny model) → refine → eval."""
+    from apecli.datasets import read_coop
+    from apecli.encoder import EncoderSpec
     from apecli.evaluate import evaluate_training_free, save_evaluation
-    from apecli.features import save_features
+    from apecli.extract import ExtractSettings, extract as run_extract
     from apecli.refine import save_refinement, select_channels
-    from apecli.synthetic import synthetic_features
+    from apecli.synthetic import coop_caltech, tiny_model_config
 
-    features = save_features(synthetic_features(num_classes=20, dim=128, dataset="demo"),
-                             store.in_store(store_dir, "demo", "features"))
-    console.print(f"generated features: {features.artifact.path}")
-    refinement = select_channels(features, k=64)
-    refinement = save_refinement(refinement, features, store.in_store(store_dir, "demo", "refine-16shot-k64"))
+    images = store_dir / "images"
+    if not (images / "caltech-101").is_dir():
+        coop_caltech(images, classes=5, per_split=(16, 8, 8))
+        console.print(f"generated 5 classes of images in {images}")
+    model = tiny_model_config(store_dir)
+    console.print(f"model: {model} (a tiny open_clip config with seeded random weights)")
+    with _splits() as report:
+        features = run_extract(read_coop("caltech101", images), EncoderSpec(str(model), "none"), store_dir,
+                               ExtractSettings(shots=(1, 2, 4, 8, 16), workers=0), progress=report, say=console.print)
+    console.print(f"features: {features.artifact.path}")
+    refinement = save_refinement(select_channels(features, k=32), features,
+                                 store.in_store(store_dir, features.dataset, "refine-16shot-k32"))
     console.print(f"refined: {refinement.artifact.path}")
     with _progress("searching") as advance:
         evaluation = evaluate_training_free(features, refinement, progress=advance)
-    saved = save_evaluation(evaluation, [refinement.artifact], store.in_store(store_dir, "demo", "eval-training-free-16shot"))
+    saved = save_evaluation(evaluation, [refinement.artifact],
+                            store.in_store(store_dir, features.dataset, "eval-training-free-16shot"))
     _print_evaluation(evaluation.summary())
     emit(saved, evaluation.summary(), as_json)
 
@@ -273,6 +339,32 @@ class _progress:
         self.bar.__enter__()
         task = self.bar.add_task("", total=None)
         return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.__exit__(*exc_info)
+
+
+class _splits:
+    """One rich progress bar per split on stderr (only on a terminal), with images/s and time left."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(TextColumn("{task.description:<5}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console,
+                            disable=not console.is_terminal)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.bar.__enter__()
+
+        def report(split: str, done: int, total: int) -> None:
+            if split not in self.tasks:
+                self.tasks[split] = self.bar.add_task(split, total=total, rate="")
+            task = self.tasks[split]
+            self.bar.update(task, completed=done)
+            speed = self.bar.tasks[task].speed
+            self.bar.update(task, rate=f"{speed:,.0f} img/s" if speed else "")
+
+        return report
 
     def __exit__(self, *exc_info) -> None:
         self.bar.__exit__(*exc_info)

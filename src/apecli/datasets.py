@@ -1,0 +1,283 @@
+"""Image datasets: the CoOp few-shot benchmarks' layouts, a folder per class, and CSV lists.
+
+Every reader returns an :class:`ImageDataset`: class names in label order, and (path, label) lists for
+the train, val and test splits, with the prompt templates of the dataset. Reading a dataset lists
+files; it decodes no image.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from apecli.errors import ApecliError
+from apecli.presets import canonical_name
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+GENERIC_TEMPLATES = ("a photo of a {}.",)
+IMAGENET_TEMPLATES = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+EUROSAT_NAMES = {
+    "AnnualCrop": "Annual Crop Land",
+    "Forest": "Forest",
+    "HerbaceousVegetation": "Herbaceous Vegetation Land",
+    "Highway": "Highway or Road",
+    "Industrial": "Industrial Buildings",
+    "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land",
+    "Residential": "Residential Buildings",
+    "River": "River",
+    "SeaLake": "Sea or Lake",
+}
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """Class names and labelled image paths of the train, val and test splits."""
+
+    name: str
+    root: Path
+    class_names: tuple[str, ...]
+    splits: Mapping[str, tuple[tuple[Path, int], ...]]
+    templates: tuple[str, ...] = GENERIC_TEMPLATES
+    split_file: Path | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def split_file_sha256(self) -> str | None:
+        return _sha256(self.split_file) if self.split_file else None
+
+    def by_class(self, split: str = "train") -> list[list[Path]]:
+        """The images of a split grouped by label, in listing order."""
+        groups: list[list[Path]] = [[] for _ in self.class_names]
+        for path, label in self.splits[split]:
+            groups[label].append(path)
+        return groups
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a CoOp benchmark keeps its images and split, and how its prompts read."""
+
+    folders: tuple[str, ...]
+    image_dir: str
+    split_file: str | None
+    templates: tuple[str, ...] = GENERIC_TEMPLATES
+
+
+LAYOUTS: dict[str, Layout] = {
+    "caltech101": Layout(("caltech-101", "caltech101"), "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    "dtd": Layout(("dtd",), "images", "split_zhou_DescribableTextures.json", ("{} texture.",)),
+    "eurosat": Layout(("eurosat",), "2750", "split_zhou_EuroSAT.json", ("a centered satellite photo of {}.",)),
+    "fgvc": Layout(("fgvc_aircraft", "fgvcaircraft"), "images", None, ("a photo of a {}, a type of aircraft.",)),
+    "food101": Layout(("food-101", "food101"), "images", "split_zhou_Food101.json", ("a photo of {}, a type of food.",)),
+    "imagenet": Layout(("imagenet",), "images", None, IMAGENET_TEMPLATES),
+    "oxford_flowers": Layout(("oxford_flowers", "flowers102"), "jpg", "split_zhou_OxfordFlowers.json",
+                             ("a photo of a {}, a type of flower.",)),
+    "oxford_pets": Layout(("oxford_pets", "oxfordpets"), "images", "split_zhou_OxfordPets.json",
+                          ("a photo of a {}, a type of pet.",)),
+    "stanford_cars": Layout(("stanford_cars", "stanfordcars"), "", "split_zhou_StanfordCars.json"),
+    "sun397": Layout(("sun397",), "SUN397", "split_zhou_SUN397.json"),
+    "ucf101": Layout(("ucf101",), "UCF-101-midframes", "split_zhou_UCF101.json", ("a photo of a person doing {}.",)),
+}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _dataset_folder(root: Path, name: str, layout: Layout) -> Path:
+    """The dataset's folder under ``root`` (either spelling), or ``root`` itself if it is one."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ApecliError(f"{root}: no such folder")
+    for folder in layout.folders:
+        if (root / folder).is_dir():
+            return root / folder
+    if root.name in layout.folders or (root / (layout.split_file or "")).is_file():
+        return root
+    raise ApecliError(f"{root}: no {name} dataset here (expected a folder named {' or '.join(layout.folders)})")
+
+
+def read_coop(name: str, root: str | Path) -> ImageDataset:
+    """One of the eleven CoOp benchmarks under ``root``, with its split (METHOD §7 layouts)."""
+    canonical = canonical_name(name) or ""
+    if canonical not in LAYOUTS:
+        raise ApecliError(f"unknown dataset '{name}'; known: {', '.join(sorted(LAYOUTS))} (or use --images DIR)")
+    layout = LAYOUTS[canonical]
+    folder = _dataset_folder(Path(root), canonical, layout)
+    if canonical == "fgvc":
+        return _read_fgvc(folder, layout)
+    if canonical == "imagenet":
+        return _read_imagenet(folder, layout)
+    split_file = folder / layout.split_file
+    if not split_file.is_file():
+        raise ApecliError(f"{folder}: missing split file {layout.split_file}")
+    try:
+        split = json.loads(split_file.read_text())
+        names: dict[int, str] = {}
+        splits = {}
+        for part in ("train", "val", "test"):
+            entries = []
+            for relative, label, classname in split[part]:
+                label = int(label)
+                names.setdefault(label, EUROSAT_NAMES.get(classname, classname) if canonical == "eurosat" else classname)
+                entries.append((folder / layout.image_dir / relative, label))
+            splits[part] = tuple(entries)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ApecliError(f"{split_file}: not a split_zhou file ({type(error).__name__}: {error})") from None
+    if sorted(names) != list(range(len(names))):
+        raise ApecliError(f"{split_file}: labels are not 0 … C−1")
+    return ImageDataset(canonical, folder, tuple(names[i] for i in range(len(names))), splits, layout.templates, split_file)
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise ApecliError(f"{path.parent}: missing {path.name}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _read_fgvc(folder: Path, layout: Layout) -> ImageDataset:
+    names = _read_lines(folder / "variants.txt")
+    index = {name: i for i, name in enumerate(names)}
+    splits = {}
+    for part in ("train", "val", "test"):
+        entries = []
+        for line in _read_lines(folder / f"images_variant_{part}.txt"):
+            image, _, variant = line.partition(" ")
+            if variant not in index:
+                raise ApecliError(f"{folder}/images_variant_{part}.txt: unknown variant '{variant}'")
+            entries.append((folder / layout.image_dir / f"{image}.jpg", index[variant]))
+        splits[part] = tuple(entries)
+    return ImageDataset("fgvc", folder, tuple(names), splits, layout.templates, folder / "variants.txt")
+
+
+def _read_imagenet(folder: Path, layout: Layout) -> ImageDataset:
+    lines = _read_lines(folder / "classnames.txt")
+    wnids, names = zip(*(line.split(" ", 1) for line in lines))
+    splits = {}
+    for part in ("train", "val"):
+        entries = []
+        for label, wnid in enumerate(wnids):
+            directory = folder / layout.image_dir / part / wnid
+            if not directory.is_dir():
+                raise ApecliError(f"{folder}: missing {layout.image_dir}/{part}/{wnid}")
+            entries += [(path, label) for path in _images_in(directory)]
+        splits[part] = tuple(entries)
+    splits["test"] = splits["val"]  # the protocol's ImageNet has no separate test split
+    return ImageDataset("imagenet", folder, tuple(names), splits, layout.templates, folder / "classnames.txt",
+                        ("ImageNet's val images serve as both val and test",))
+
+
+def _images_in(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+RATIOS = (0.5, 0.2, 0.3)  # train, val, test: how a folder or list without splits is divided per class
+
+
+def _split_by_ratio(groups: list[list[Path]], seed: int) -> dict[str, tuple[tuple[Path, int], ...]]:
+    splits: dict[str, list[tuple[Path, int]]] = {"train": [], "val": [], "test": []}
+    for label, paths in enumerate(groups):
+        shuffled = sorted(paths)
+        random.Random(f"{seed}:{label}").shuffle(shuffled)
+        n_train = round(RATIOS[0] * len(shuffled))
+        n_val = round(RATIOS[1] * len(shuffled))
+        parts = (shuffled[:n_train], shuffled[n_train : n_train + n_val], shuffled[n_train + n_val :])
+        for name, part in zip(splits, parts):
+            splits[name] += [(p, label) for p in part]
+    return {name: tuple(entries) for name, entries in splits.items()}
+
+
+def read_image_folder(directory: str | Path, seed: int = 1) -> ImageDataset:
+    """A folder per class: ``DIR/{train,val,test}/CLASS/*`` or ``DIR/CLASS/*`` (split 50/20/30, seeded)."""
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise ApecliError(f"{directory}: no such folder")
+    if (directory / "train").is_dir():
+        names = sorted(p.name for p in (directory / "train").iterdir() if p.is_dir())
+        splits = {}
+        for part in ("train", "val", "test"):
+            if not (directory / part).is_dir():
+                raise ApecliError(f"{directory}: has train/ but no {part}/ folder")
+            unknown = sorted({p.name for p in (directory / part).iterdir() if p.is_dir()} - set(names))
+            if unknown:
+                raise ApecliError(f"{directory}/{part}: classes not in train/: {', '.join(unknown)}")
+            splits[part] = tuple(
+                (path, label) for label, name in enumerate(names)
+                if (directory / part / name).is_dir() for path in _images_in(directory / part / name)
+            )
+        return ImageDataset(directory.name, directory, tuple(names), splits)
+    names = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(names) < 2:
+        raise ApecliError(f"{directory}: expected a folder per class (found {len(names)})")
+    groups = [_images_in(directory / name) for name in names]
+    return ImageDataset(directory.name, directory, tuple(names), _split_by_ratio(groups, seed),
+                        notes=(f"split per class by seeded ratios {RATIOS} (seed {seed})",))
+
+
+def read_image_list(csv_file: str | Path, seed: int = 1) -> ImageDataset:
+    """A CSV with ``path,label`` (and optionally ``split``) columns; paths relative to the file's folder."""
+    csv_file = Path(csv_file).expanduser()
+    if not csv_file.is_file():
+        raise ApecliError(f"{csv_file}: no such file")
+    with open(csv_file, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise ApecliError(f"{csv_file}: needs a header with 'path' and 'label' columns (and optionally 'split')")
+    names = sorted({row["label"] for row in rows})
+    index = {name: i for i, name in enumerate(names)}
+    resolve = lambda p: (csv_file.parent / p) if not Path(p).is_absolute() else Path(p)  # noqa: E731
+    if "split" in rows[0]:
+        bad = sorted({row["split"] for row in rows} - {"train", "val", "test"})
+        if bad:
+            raise ApecliError(f"{csv_file}: unknown split values {', '.join(bad)} (use train, val, test)")
+        splits = {part: tuple((resolve(r["path"]), index[r["label"]]) for r in rows if r["split"] == part)
+                  for part in ("train", "val", "test")}
+        return ImageDataset(csv_file.stem, csv_file.parent, tuple(names), splits, split_file=csv_file)
+    groups: list[list[Path]] = [[] for _ in names]
+    for row in rows:
+        groups[index[row["label"]]].append(resolve(row["path"]))
+    return ImageDataset(csv_file.stem, csv_file.parent, tuple(names), _split_by_ratio(groups, seed), split_file=csv_file,
+                        notes=(f"split per class by seeded ratios {RATIOS} (seed {seed})",))
+
+
+def read_prompts(path: str | Path, class_names: tuple[str, ...], allow_missing: bool = False) -> dict[str, list[str]]:
+    """CuPL-style sentences per class from a JSON object ``{class name: [sentence, …]}``."""
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise ApecliError(f"{path}: cannot read prompts ({error.strerror})") from None
+    except ValueError as error:
+        raise ApecliError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ApecliError(f"{path}: expected a JSON object of class name → list of sentences")
+    normalised = {_key(name): sentences for name, sentences in data.items()}
+    prompts: dict[str, list[str]] = {}
+    for name in class_names:
+        sentences = data.get(name, normalised.get(_key(name)))
+        if sentences is None:
+            if not allow_missing:
+                raise ApecliError(f"{path}: no prompts for class '{name}' (pass --allow-missing-prompts to use templates alone)")
+            continue
+        if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
+            raise ApecliError(f"{path}: prompts of '{name}' are not a list of strings")
+        prompts[name] = sentences
+    return prompts
+
+
+def _key(name: str) -> str:
+    return name.replace("_", " ").strip().lower()

@@ -1,0 +1,174 @@
+"""The CLIP encoder: the only module that imports open_clip.
+
+A model is an open_clip model name (``RN50``, ``ViT-B-16``, …) or the path of an open_clip model-config
+JSON; its weights are an open_clip pretrained tag, the path of a local checkpoint, or ``none`` (random
+weights, for tests and dry runs). The evaluation transform is the model's own; the training
+augmentation is APE's: ``RandomResizedCrop(scale=(0.5, 1), bicubic)``, a horizontal flip, and the
+model's normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from apecli.errors import ApecliError
+
+NO_WEIGHTS = ("none", "random", "")  # random weights, seeded: the same in every run
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which model, which weights, where, at what precision."""
+
+    model: str
+    pretrained: str | None = None
+    device: str = "auto"  # auto: CUDA when present
+    precision: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+
+    def identity(self) -> dict[str, Any]:
+        """What makes features of this encoder what they are, computed without building the model."""
+        model_path = Path(self.model).expanduser()
+        model = {"model": self.model}
+        if model_path.suffix == ".json" and model_path.is_file():
+            model = {"model": model_path.stem, "model_config_sha256": _sha256(model_path)}
+        weights = self.pretrained or "none"
+        if weights.lower() in NO_WEIGHTS:
+            pretrained = {"pretrained": "none"}
+        elif Path(weights).expanduser().is_file():
+            pretrained = {"pretrained": str(Path(weights).expanduser().resolve()),
+                          "checkpoint_sha256": _sha256(Path(weights).expanduser())}
+        else:
+            pretrained = {"pretrained": weights}
+        return {**model, **pretrained, "device": self.resolved_device(), "precision": self.resolved_precision()}
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "fp16" if self.resolved_device().startswith("cuda") else "fp32"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Encoder:
+    """A loaded CLIP model with its transforms and tokenizer."""
+
+    def __init__(self, spec: EncoderSpec, model: Any, eval_transform: Callable, tokenizer: Callable, name: str) -> None:
+        import torch
+        from torchvision import transforms
+
+        self.spec, self.model, self.eval_transform, self.tokenizer, self.name = spec, model, eval_transform, tokenizer, name
+        self.device = torch.device(spec.resolved_device())
+        self.dtype = torch.float16 if spec.resolved_precision() == "fp16" else torch.float32
+        config = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+        size = config.get("size", model.visual.image_size)
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.mean, self.std = tuple(config.get("mean", (0.48145466, 0.4578275, 0.40821073))), tuple(
+            config.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        self.train_transform = transforms.Compose([
+            transforms.RandomResizedCrop(self.image_size, scale=(0.5, 1.0),
+                                         interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.ToTensor(),
+            transforms.Normalize(self.mean, self.std),
+        ])
+        self.preprocess_config = {**{k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+                                  "size": list(self.image_size), "train_augmentation":
+                                  "RandomResizedCrop(scale=(0.5, 1), bicubic) + RandomHorizontalFlip(0.5)"}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.spec.identity(), "name": self.name, "preprocessing": self.preprocess_config}
+
+    def encode_images(self, batch: "torch.Tensor") -> np.ndarray:
+        """Image features (not normalised) of a batch of transformed images, as float32."""
+        import torch
+
+        with torch.inference_mode():
+            features = self.model.encode_image(batch.to(self.device, self.dtype, non_blocking=True))
+        return features.float().cpu().numpy()
+
+    def text_classifier(self, class_names: tuple[str, ...], templates: tuple[str, ...],
+                        prompts: dict[str, list[str]] | None = None) -> np.ndarray:
+        """One L2-normalised row per class: the normalised mean of its normalised prompt embeddings."""
+        import torch
+
+        rows = []
+        with torch.inference_mode():
+            for name in class_names:
+                spoken = name.replace("_", " ")
+                texts = [template.format(spoken) for template in templates] + list((prompts or {}).get(name, []))
+                embedded = self.model.encode_text(self.tokenizer(texts).to(self.device)).float()
+                embedded = embedded / embedded.norm(dim=-1, keepdim=True)
+                mean = embedded.mean(dim=0)
+                rows.append((mean / mean.norm()).cpu().numpy())
+        return np.stack(rows).astype(np.float32)
+
+
+def load_encoder(spec: EncoderSpec) -> Encoder:
+    """Build the model; a missing, offline or unloadable model ends in one clear error."""
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")  # an unreachable hub fails in seconds, not minutes
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    import open_clip
+
+    name = spec.model
+    config_path = Path(spec.model).expanduser()
+    if config_path.suffix == ".json":
+        if not config_path.is_file():
+            raise ApecliError(f"{config_path}: no such model-config file")
+        try:
+            json.loads(config_path.read_text())
+        except ValueError as error:
+            raise ApecliError(f"{config_path}: not a valid model config ({error})") from None
+        open_clip.add_model_config(config_path)
+        name = config_path.stem
+    if name not in open_clip.list_models():
+        raise ApecliError(f"unknown model '{spec.model}': give an open_clip model name (see open_clip.list_models()) "
+                          "or the path of a model-config JSON")
+    weights = spec.pretrained or "none"
+    pretrained = None if weights.lower() in NO_WEIGHTS else str(Path(weights).expanduser()) \
+        if Path(weights).expanduser().is_file() else weights
+    if pretrained is not None and not Path(pretrained).is_file():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            looks_like_path = any(sep in weights for sep in "/\\") or weights.endswith((".pt", ".bin", ".safetensors"))
+            raise ApecliError(f"{weights}: no such checkpoint file" if looks_like_path else
+                              f"unknown pretrained tag '{weights}' for {name}; known: {', '.join(tags) or 'none'}")
+    import torch
+
+    logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs its failures before raising them
+    torch.manual_seed(0)  # random weights (--pretrained none) are the same in every run
+    try:
+        model, _, eval_transform = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, precision=spec.resolved_precision(), device=spec.resolved_device())
+    except Exception as error:  # downloads and checkpoint loading raise many types
+        reason = str(error).split("\n")[0][:200]
+        if pretrained is not None and not Path(pretrained).is_file():
+            raise ApecliError(
+                f"cannot get pretrained weights '{pretrained}' for {name} (offline?): download them where there "
+                f"is a network, then pass --pretrained /path/to/checkpoint ({reason})") from None
+        raise ApecliError(f"cannot build {name} with weights {weights}: {reason}") from None
+    finally:
+        logging.getLogger().setLevel(logging.WARNING)
+    model.eval()
+    return Encoder(spec, model, eval_transform, open_clip.get_tokenizer(name), name)

@@ -1,0 +1,303 @@
+"""The extract stage: images → CLIP features in the store, as the APE protocol prescribes.
+
+1. **Plan.** Per class, a seeded permutation of its training images; the K-shot cache takes the
+   first K readable ones (so the 8-shot images are among the 16-shot ones, and a training image is
+   encoded once for every shot count).
+2. **Encode** in chunks: training images through APE's augmentation, ``views`` times each (every view
+   seeded by its image and view number, so the result does not depend on batching or workers);
+   validation and test images through the model's evaluation transform. Each finished chunk is saved
+   at once (temporary file, then rename) in a folder named by the request, so a run that is
+   interrupted resumes where it stopped, and a changed model or split, being another request, never
+   meets the old chunks.
+3. **Assemble.** A key is the L2-normalised mean of its views' features; views, validation and test
+   features are L2-normalised. The text classifier and the provenance join them in one artifact.
+
+Running the same request again finds the artifact it made and returns it without encoding anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from apecli import store
+from apecli.datasets import ImageDataset
+from apecli.encoder import Encoder, EncoderSpec, load_encoder
+from apecli.errors import ApecliError
+from apecli.features import FeatureSet, FewShotCache, LabelledFeatures, load_features, save_features
+
+SplitProgress = Callable[[str, int, int], None]  # split, images done, images in the split
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """How to extract: shot counts, seed, views, and the loader's shape."""
+
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seed: int = 1
+    views: int = 10
+    batch_size: int = 64
+    workers: int = 0
+    chunk_images: int = 512
+    skip_bad: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.shots or min(self.shots) < 1:
+            raise ApecliError(f"shots must be positive, got {list(self.shots)}")
+        for name in ("views", "batch_size", "chunk_images"):
+            if getattr(self, name) < 1:
+                raise ApecliError(f"{name.replace('_', ' ')} must be at least 1")
+        if self.workers < 0:
+            raise ApecliError("workers must not be negative")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The images to encode: the few-shot training images (class by class) and the val/test images."""
+
+    train: tuple[Path, ...]
+    train_labels: np.ndarray
+    first: dict[int, list[int]]  # shot count → indices into ``train``, class by class
+    evaluation: dict[str, tuple[tuple[Path, int], ...]]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def request_id(dataset: ImageDataset, encoder: dict[str, Any], settings: ExtractSettings,
+               templates: Sequence[str], prompts: dict[str, list[str]] | None) -> str:
+    """A hash of everything that decides the features: model, weights, images, split, protocol."""
+    digest = hashlib.sha256()
+    listing = {split: [[str(path), label] for path, label in entries] for split, entries in dataset.splits.items()}
+    request = {
+        "encoder": encoder, "dataset": dataset.name, "classes": list(dataset.class_names), "listing": listing,
+        "split_file": dataset.split_file_sha256, "shots": sorted(settings.shots), "seed": settings.seed,
+        "views": settings.views, "skip_bad": settings.skip_bad, "templates": list(templates), "prompts": prompts or {},
+    }
+    digest.update(json.dumps(request, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def _readable(path: Path) -> str | None:
+    """None when the image decodes, else why not."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return None
+    except (OSError, ValueError, SyntaxError) as error:  # PIL's ways of saying "not an image"
+        return str(error).split("\n")[0] or type(error).__name__
+
+
+def plan(dataset: ImageDataset, settings: ExtractSettings) -> Plan:
+    """Choose the few-shot images (seeded, readable) and list the evaluation images."""
+    most = max(settings.shots)
+    rng = random.Random(settings.seed)
+    train: list[Path] = []
+    labels: list[int] = []
+    skipped: list[dict[str, str]] = []
+    groups = dataset.by_class("train")
+    empty = [dataset.class_names[label] for label, paths in enumerate(groups) if not paths]
+    if empty:
+        raise ApecliError(f"class '{empty[0]}' has no training images" + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else ""))
+    for label, paths in enumerate(groups):
+        name = dataset.class_names[label]
+        chosen = []
+        for path in rng.sample(paths, len(paths)):
+            if len(chosen) == most:
+                break
+            reason = _readable(path)
+            if reason is None:
+                chosen.append(path)
+            elif settings.skip_bad:
+                skipped.append({"split": "train", "path": str(path), "error": reason})
+            else:
+                raise ApecliError(f"{path}: unreadable image ({reason}); pass --skip-bad to record and skip it")
+        if len(chosen) < most:
+            raise ApecliError(f"class '{name}' has {len(chosen)} usable training images, fewer than {most} shots")
+        train += chosen
+        labels += [label] * most
+    first = {k: [c * most + i for c in range(len(dataset.class_names)) for i in range(k)] for k in settings.shots}
+    evaluation = {split: dataset.splits[split] for split in ("val", "test")}
+    for split, entries in evaluation.items():
+        if not entries:
+            raise ApecliError(f"{dataset.root}: the {split} split is empty")
+    return Plan(tuple(train), np.array(labels, dtype=np.int64), first, evaluation, skipped)
+
+
+class _Images:
+    """A map-style dataset of (index, tensor or None, error) for a torch DataLoader."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable, views: int, seed: int) -> None:
+        self.paths, self.transform, self.views, self.seed = paths, transform, views, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        import torch
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[index]) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as error:
+            return index, None, str(error).split("\n")[0] or type(error).__name__
+        if self.views == 0:
+            return index, self.transform(image), None
+        tensors = []
+        for view in range(self.views):
+            torch.manual_seed((self.seed * 1_000_003 + index) * 1_009 + view)  # the view's own augmentation
+            tensors.append(self.transform(image))
+        return index, torch.stack(tensors), None
+
+
+def _collate(items):
+    return items
+
+
+def _encode_split(encoder: Encoder, name: str, paths: Sequence[Path], views: int, work: Path,
+                  settings: ExtractSettings, progress: SplitProgress | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features (N × [V ×] D, not normalised), a readable mask and errors, resuming from saved chunks."""
+    import torch
+
+    transform = encoder.train_transform if views else encoder.eval_transform
+    chunks = [range(start, min(start + settings.chunk_images, len(paths)))
+              for start in range(0, len(paths), settings.chunk_images)]
+    files = [work / f"{name}-{number:05d}.npz" for number in range(len(chunks))]
+    pending = [number for number, file in enumerate(files) if not file.is_file()]
+    finished = set(range(len(chunks))) - set(pending)
+    per_batch = max(1, settings.batch_size // max(views, 1))
+    batches = [list(chunks[n][i : i + per_batch]) for n in pending for i in range(0, len(chunks[n]), per_batch)]
+    done = sum(len(chunks[n]) for n in finished)
+    if progress is not None:
+        progress(name, done, len(paths))
+    loader = torch.utils.data.DataLoader(
+        _Images(paths, transform, views, settings.seed), batch_sampler=batches, num_workers=settings.workers,
+        collate_fn=_collate, pin_memory=encoder.device.type == "cuda")
+    buffers: dict[int, dict[int, tuple[np.ndarray | None, str]]] = {}
+    for items in loader:
+        good = [(index, tensor) for index, tensor, _ in items if tensor is not None]
+        encoded = {}
+        if good:
+            stacked = torch.cat([t.reshape(-1, *t.shape[-3:]) for _, t in good])
+            out = encoder.encode_images(stacked).reshape(len(good), *((views,) if views else ()), -1)
+            encoded = {index: out[row] for row, (index, _) in enumerate(good)}
+        for index, tensor, error in items:
+            number = index // settings.chunk_images
+            if error is not None and not settings.skip_bad:
+                raise ApecliError(f"{paths[index]}: unreadable image ({error}); pass --skip-bad to record and skip it")
+            buffers.setdefault(number, {})[index] = (encoded.get(index), error or "")
+            if len(buffers[number]) == len(chunks[number]):
+                _save_chunk(files[number], chunks[number], buffers.pop(number))
+        done += len(items)
+        if progress is not None:
+            progress(name, done, len(paths))
+    return _load_chunks(files)
+
+
+def _save_chunk(file: Path, indices: range, results: dict[int, tuple[np.ndarray | None, str]]) -> None:
+    shape = next((f.shape for f, _ in results.values() if f is not None), None)
+    features = np.stack([results[i][0] if results[i][0] is not None else np.full(shape, np.nan, np.float32)
+                         for i in indices]) if shape is not None else np.zeros((len(indices), 0), np.float32)
+    errors = np.array([results[i][1] for i in indices], dtype=str)
+    temporary = file.parent / f".{file.name}.{os.getpid()}.tmp"
+    with open(temporary, "wb") as handle:
+        np.savez(handle, features=features, errors=errors)
+    os.replace(temporary, file)
+
+
+def _load_chunks(files: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    parts, errors = [], []
+    for file in files:
+        with np.load(file) as chunk:
+            parts.append(chunk["features"])
+            errors += chunk["errors"].tolist()
+    width = max(p.shape[-1] for p in parts)
+    shape = next(p.shape[1:] for p in parts if p.shape[-1] == width)
+    features = np.concatenate([p if p.shape[-1] == width else np.full((len(p), *shape), np.nan, np.float32)
+                               for p in parts])
+    return features, np.array([e == "" for e in errors]), errors
+
+
+def _encode_all(encoder: Encoder, chosen: Plan, work: Path, settings: ExtractSettings,
+                progress: SplitProgress | None) -> tuple[np.ndarray, dict[str, LabelledFeatures]]:
+    train, _, _ = _encode_split(encoder, "train", chosen.train, settings.views, work, settings, progress)
+    evaluated: dict[str, LabelledFeatures] = {}
+    for split, entries in chosen.evaluation.items():
+        if split == "test" and entries is chosen.evaluation["val"]:
+            evaluated[split] = evaluated["val"]  # ImageNet: one split serves both
+            continue
+        paths = [path for path, _ in entries]
+        features, ok, errors = _encode_split(encoder, split, paths, 0, work, settings, progress)
+        chosen.skipped.extend({"split": split, "path": str(paths[i]), "error": errors[i]} for i in np.flatnonzero(~ok))
+        labels = np.array([label for _, label in entries], dtype=np.int64)
+        evaluated[split] = LabelledFeatures(_normalise(features[ok]), labels[ok], np.array(paths, dtype=str)[ok])
+    return train, evaluated
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def find_extracted(store_dir: Path, dataset: str, request: str) -> store.Artifact | None:
+    """The features artifact an identical request already wrote, if any."""
+    folder = Path(store_dir) / dataset
+    for candidate in sorted(folder.glob("features-*.h5")) if folder.is_dir() else []:
+        try:
+            artifact = store.open_artifact(candidate, ["features"])
+        except ApecliError:
+            continue
+        if artifact.metadata.get("provenance", {}).get("request_id") == request:
+            return artifact
+    return None
+
+
+def extract(
+    dataset: ImageDataset,
+    spec: EncoderSpec,
+    store_dir: Path,
+    settings: ExtractSettings = ExtractSettings(),
+    prompts: dict[str, list[str]] | None = None,
+    progress: SplitProgress | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> FeatureSet:
+    """Extract a dataset into the store (or return what an identical earlier run extracted)."""
+    request = request_id(dataset, spec.identity(), settings, dataset.templates, prompts)
+    existing = find_extracted(store_dir, dataset.name, request)
+    if existing is not None:
+        say(f"already extracted: {existing.path}")
+        return load_features(existing)
+    work = Path(store_dir) / dataset.name / f".extract-{request}"
+    chosen = plan(dataset, settings)
+    encoder = load_encoder(spec)
+    work.mkdir(parents=True, exist_ok=True)
+    say(f"extracting into {work} (an interrupted run resumes from there)")
+    try:
+        train, evaluated = _encode_all(encoder, chosen, work, settings, progress)
+    except ApecliError:
+        shutil.rmtree(work, ignore_errors=True)  # bad input: leave nothing behind
+        raise
+    keys, views = _normalise(train.mean(axis=1)), _normalise(train).transpose(1, 0, 2)  # V × N × D
+    train_paths = np.array([str(p) for p in chosen.train], dtype=str)
+    caches = {k: FewShotCache(keys[index], chosen.train_labels[index], np.ascontiguousarray(views[:, index]),
+                              train_paths[index]) for k, index in ((k, np.array(i)) for k, i in chosen.first.items())}
+    provenance = {
+        "source": "extract", "request_id": request, "dataset": dataset.name, "root": str(dataset.root.resolve()),
+        "split_file": str(dataset.split_file) if dataset.split_file else None,
+        "split_file_sha256": dataset.split_file_sha256, "seed": settings.seed, "shots": sorted(settings.shots),
+        "views": settings.views, "templates": list(dataset.templates), "prompted_classes": len(prompts or {}),
+        "skipped": chosen.skipped, "notes": list(dataset.notes),
+    }
+    features = FeatureSet(dataset.class_names, encoder.text_classifier(dataset.class_names, dataset.templates, prompts),
+                          caches, evaluated, dataset.name, encoder.describe(), provenance)
+    saved = save_features(features, store.in_store(store_dir, dataset.name, "features"))
+    shutil.rmtree(work, ignore_errors=True)
+    return saved

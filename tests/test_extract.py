@@ -1,0 +1,317 @@
+"""extract: the APE protocol on generated images with a tiny open_clip model, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from apecli.cli import app
+from apecli.datasets import read_coop, read_image_folder, read_image_list, read_prompts
+from apecli.encoder import EncoderSpec
+from apecli.errors import ApecliError
+from apecli.extract import ExtractSettings, extract
+from apecli.synthetic import coop_caltech, image_folder, make_image, tiny_model_config
+
+from conftest import assert_one_line_error
+
+runner = CliRunner()
+SETTINGS = ExtractSettings(shots=(1, 2, 4), views=3, batch_size=8, workers=0, chunk_images=5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> EncoderSpec:
+    """The tiny model with a saved checkpoint, as a user's local checkpoint would be given."""
+    import open_clip
+    import torch
+
+    folder = tmp_path_factory.mktemp("model")
+    config = tiny_model_config(folder)
+    open_clip.add_model_config(config)
+    torch.manual_seed(42)
+    model = open_clip.create_model("apecli-tiny", pretrained=None)
+    torch.save(model.state_dict(), folder / "tiny.pt")
+    return EncoderSpec(str(config), str(folder / "tiny.pt"), device="cpu")
+
+
+@pytest.fixture
+def caltech(tmp_path) -> Path:
+    coop_caltech(tmp_path / "data", classes=3, per_split=(5, 3, 3))
+    return tmp_path / "data"
+
+
+def test_features_agree_with_open_clip_directly(tiny, caltech, tmp_path):
+    import open_clip
+    import torch
+    from PIL import Image
+
+    features = extract(read_coop("caltech101", caltech), tiny, tmp_path / "s", SETTINGS)
+    model, _, preprocess = open_clip.create_model_and_transforms("apecli-tiny", pretrained=tiny.pretrained)
+    model.eval()
+    val = features.split("val")
+    for row in (0, 4):
+        with torch.no_grad():
+            direct = model.encode_image(preprocess(Image.open(val.paths[row]).convert("RGB"))[None])[0].numpy()
+        np.testing.assert_allclose(val.features[row], direct / np.linalg.norm(direct), rtol=1e-5, atol=1e-6)
+    tokens = open_clip.get_tokenizer("apecli-tiny")(["a photo of a thing 1."])
+    with torch.no_grad():
+        text = model.encode_text(tokens)[0].numpy()
+    np.testing.assert_allclose(features.classifier[1], text / np.linalg.norm(text), rtol=1e-5, atol=1e-6)
+
+
+def test_the_protocol_shapes_and_provenance(tiny, caltech, tmp_path):
+    features = extract(read_coop("caltech101", caltech), tiny, tmp_path / "s", SETTINGS)
+    assert features.shots == (1, 2, 4) and features.num_classes == 3 and features.dim == 64
+    for shots in (1, 2, 4):
+        cache = features.caches[shots]
+        assert cache.keys.shape == (3 * shots, 64) and cache.views.shape == (3, 3 * shots, 64)
+        np.testing.assert_allclose(np.linalg.norm(cache.keys, axis=1), 1, rtol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(cache.views, axis=2), 1, rtol=1e-5)
+        assert cache.labels.tolist() == np.repeat(np.arange(3), shots).tolist()
+    assert set(features.caches[1].paths) < set(features.caches[2].paths) < set(features.caches[4].paths)
+    views = features.views(4)  # the key is the direction of its views' mean (views here normalised)
+    assert np.all(np.einsum("nd,vnd->vn", features.caches[4].keys, views) > 0.5)
+    meta = features.artifact.metadata
+    assert meta["model"]["name"] == "apecli-tiny" and len(meta["model"]["checkpoint_sha256"]) == 64
+    assert meta["model"]["preprocessing"]["size"] == [32, 32]
+    provenance = meta["provenance"]
+    assert provenance["seed"] == 1 and provenance["shots"] == [1, 2, 4] and provenance["views"] == 3
+    assert len(provenance["split_file_sha256"]) == 64 and provenance["root"].endswith("caltech-101")
+    assert features.split("test").paths[0].endswith(".jpg")
+
+
+def test_the_seed_decides_the_few_shot_images(tiny, caltech, tmp_path):
+    from dataclasses import replace
+
+    first = extract(read_coop("caltech101", caltech), tiny, tmp_path / "a", SETTINGS)
+    again = extract(read_coop("caltech101", caltech), tiny, tmp_path / "b", SETTINGS)
+    other = extract(read_coop("caltech101", caltech), tiny, tmp_path / "c", replace(SETTINGS, seed=7))
+    np.testing.assert_array_equal(first.caches[4].views, again.caches[4].views)
+    assert first.caches[2].paths.tolist() != other.caches[2].paths.tolist()
+
+
+def test_a_second_run_reuses_without_the_encoder(tiny, caltech, tmp_path, monkeypatch):
+    first = extract(read_coop("caltech101", caltech), tiny, tmp_path / "s", SETTINGS)
+    import apecli.extract as module
+
+    monkeypatch.setattr(module, "load_encoder", lambda spec: pytest.fail("the encoder was loaded again"))
+    messages = []
+    again = extract(read_coop("caltech101", caltech), tiny, tmp_path / "s", SETTINGS, say=messages.append)
+    assert again.artifact.path == first.artifact.path and messages == [f"already extracted: {first.artifact.path}"]
+
+
+def test_another_model_is_never_mixed_with_old_features(tiny, caltech, tmp_path):
+    first = extract(read_coop("caltech101", caltech), tiny, tmp_path / "s", SETTINGS)
+    random_weights = EncoderSpec(tiny.model, "none", device="cpu")
+    second = extract(read_coop("caltech101", caltech), random_weights, tmp_path / "s", SETTINGS)
+    assert second.artifact.path != first.artifact.path
+    assert second.artifact.metadata["model"]["pretrained"] == "none"
+    assert not np.allclose(second.caches[1].keys, first.caches[1].keys)
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tiny, caltech, tmp_path, monkeypatch):
+    whole = extract(read_coop("caltech101", caltech), tiny, tmp_path / "whole", SETTINGS)
+    from apecli.encoder import Encoder
+
+    original, calls = Encoder.encode_images, {"n": 0}
+
+    def dies_on_the_fourth_batch(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(Encoder, "encode_images", dies_on_the_fourth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        extract(read_coop("caltech101", caltech), tiny, tmp_path / "cut", SETTINGS)
+    work = next((tmp_path / "cut" / "caltech101").glob(".extract-*"))
+    saved = sorted(p.name for p in work.iterdir())
+    assert saved and not list((tmp_path / "cut" / "caltech101").glob("*.h5"))  # no artifact yet
+    monkeypatch.setattr(Encoder, "encode_images", original)
+    resumed = extract(read_coop("caltech101", caltech), tiny, tmp_path / "cut", SETTINGS)
+    assert resumed.artifact.content_id == whole.artifact.content_id
+    assert not work.exists()
+
+
+def test_prompts_join_the_templates(tiny, caltech, tmp_path):
+    dataset = read_coop("caltech101", caltech)
+    prompts_file = tmp_path / "cupl.json"
+    prompts_file.write_text(json.dumps({"thing_0": ["a red thing."], "thing 1": ["a green thing."]}))
+    with pytest.raises(ApecliError, match="no prompts for class 'thing_2'"):
+        read_prompts(prompts_file, dataset.class_names)
+    prompts = read_prompts(prompts_file, dataset.class_names, allow_missing=True)
+    assert prompts == {"thing_0": ["a red thing."], "thing_1": ["a green thing."]}
+    plain = extract(dataset, tiny, tmp_path / "a", SETTINGS)
+    prompted = extract(dataset, tiny, tmp_path / "b", SETTINGS, prompts)
+    assert not np.allclose(plain.classifier[0], prompted.classifier[0])
+    np.testing.assert_allclose(plain.classifier[2], prompted.classifier[2], rtol=1e-6)
+
+
+def _corrupt(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:60])
+
+
+def test_an_unreadable_test_image_is_named_or_skipped(tiny, caltech, tmp_path):
+    dataset = read_coop("caltech101", caltech)
+    bad = dataset.splits["test"][2][0]
+    _corrupt(bad)
+    with pytest.raises(ApecliError, match=f"{bad.name}: unreadable image .*--skip-bad"):
+        extract(dataset, tiny, tmp_path / "s", SETTINGS)
+    assert not list((tmp_path / "s").rglob("*.h5")) and not list((tmp_path / "s").rglob(".extract-*"))
+    from dataclasses import replace
+
+    features = extract(dataset, tiny, tmp_path / "s", replace(SETTINGS, skip_bad=True))
+    assert features.split("test").labels.shape == (8,)
+    assert features.provenance["skipped"][0]["path"] == str(bad) and features.provenance["skipped"][0]["split"] == "test"
+
+
+def test_an_unreadable_training_image_is_replaced_when_skipping(tiny, caltech, tmp_path):
+    from dataclasses import replace
+
+    dataset = read_coop("caltech101", caltech)
+    bad = dataset.splits["train"][0][0]
+    _corrupt(bad)
+    with pytest.raises(ApecliError, match="unreadable image"):
+        extract(dataset, tiny, tmp_path / "s", ExtractSettings(shots=(5,), views=1, workers=0))
+    features = extract(dataset, tiny, tmp_path / "s", replace(SETTINGS, skip_bad=True))
+    assert str(bad) not in features.caches[4].paths.tolist()
+    assert features.caches[4].keys.shape == (12, 64)
+
+
+@pytest.mark.parametrize(
+    "shots, message",
+    [((6,), "class 'thing_0' has 5 usable training images, fewer than 6 shots"), ((0,), "shots must be positive")],
+)
+def test_shots_beyond_a_class(tiny, caltech, tmp_path, shots, message):
+    with pytest.raises(ApecliError, match=message):
+        extract(read_coop("caltech101", caltech), tiny, tmp_path / "s", ExtractSettings(shots=shots, workers=0))
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_empty_class(tiny, tmp_path):
+    image_folder(tmp_path / "mine", classes=2, per_class=10)
+    (tmp_path / "mine" / "class_2").mkdir()
+    with pytest.raises(ApecliError, match="class 'class_2' has no training images"):
+        extract(read_image_folder(tmp_path / "mine"), tiny, tmp_path / "s", SETTINGS)
+
+
+def test_dataset_layout_errors(caltech, tmp_path):
+    with pytest.raises(ApecliError, match="unknown dataset 'cifar10'"):
+        read_coop("cifar10", caltech)
+    with pytest.raises(ApecliError, match="no oxford_pets dataset here"):
+        read_coop("oxford_pets", caltech)
+    (caltech / "caltech-101" / "split_zhou_Caltech101.json").unlink()
+    with pytest.raises(ApecliError, match="missing split file split_zhou_Caltech101.json"):
+        read_coop("caltech101", caltech)
+    with pytest.raises(ApecliError, match="no such folder"):
+        read_coop("caltech101", tmp_path / "absent")
+
+
+def test_both_spellings_and_renamed_eurosat(tmp_path):
+    for folder in ("oxford_pets", "oxfordpets"):
+        root = tmp_path / folder
+        make_image(root / folder / "images" / "a.jpg", 0, 0)
+        split = {"train": [["a.jpg", 0, "abyssinian"]], "val": [["a.jpg", 0, "abyssinian"]], "test": []}
+        (root / folder / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
+        dataset = read_coop("oxford_pets", root)
+        assert dataset.class_names == ("abyssinian",) and dataset.templates == ("a photo of a {}, a type of pet.",)
+        assert dataset.splits["train"][0][0] == root / folder / "images" / "a.jpg"
+    split = {"train": [["SeaLake/1.jpg", 0, "SeaLake"], ["Forest/2.jpg", 1, "Forest"]], "val": [], "test": []}
+    (tmp_path / "eurosat").mkdir()
+    (tmp_path / "eurosat" / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
+    assert read_coop("eurosat", tmp_path).class_names == ("Sea or Lake", "Forest")
+
+
+def test_fgvc_and_imagenet_layouts(tmp_path):
+    fgvc = tmp_path / "fgvc_aircraft"
+    (fgvc / "variants.txt").parent.mkdir(parents=True)
+    (fgvc / "variants.txt").write_text("707-320\nA300B4\n")
+    for part in ("train", "val", "test"):
+        (fgvc / f"images_variant_{part}.txt").write_text("0034309 707-320\n1234567 A300B4\n")
+    dataset = read_coop("fgvc_aircraft", tmp_path)
+    assert dataset.class_names == ("707-320", "A300B4")
+    assert dataset.splits["val"][1] == (fgvc / "images" / "1234567.jpg", 1)
+    imagenet = tmp_path / "imagenet"
+    (imagenet).mkdir()
+    (imagenet / "classnames.txt").write_text("n01440764 tench\nn01443537 goldfish\n")
+    for part in ("train", "val"):
+        for wnid in ("n01440764", "n01443537"):
+            make_image(imagenet / "images" / part / wnid / f"{wnid}_1.JPEG", 0, 0)
+    dataset = read_coop("imagenet", tmp_path)
+    assert dataset.class_names == ("tench", "goldfish") and len(dataset.templates) == 7
+    assert dataset.splits["test"] is dataset.splits["val"]
+
+
+def test_own_folders_and_csv_lists(tmp_path):
+    image_folder(tmp_path / "flat", classes=2, per_class=10)
+    flat = read_image_folder(tmp_path / "flat", seed=3)
+    assert [len(flat.splits[p]) for p in ("train", "val", "test")] == [10, 4, 6]
+    assert read_image_folder(tmp_path / "flat", seed=3).splits == flat.splits
+    for part in ("train", "val", "test"):
+        image_folder(tmp_path / "split" / part, classes=2, per_class=2)
+    assert len(read_image_folder(tmp_path / "split").splits["test"]) == 4
+    rows = ["path,label,split"] + [f"flat/class_{c}/{i}.jpg,class_{c},{'train' if i < 6 else 'test' if i < 8 else 'val'}"
+                                   for c in range(2) for i in range(10)]
+    (tmp_path / "list.csv").write_text("\n".join(rows))
+    listed = read_image_list(tmp_path / "list.csv")
+    assert listed.class_names == ("class_0", "class_1") and len(listed.splits["train"]) == 12
+    assert listed.splits["val"][0][0] == tmp_path / "flat" / "class_0" / "8.jpg"
+    (tmp_path / "bad.csv").write_text("file,class\na.jpg,x\n")
+    with pytest.raises(ApecliError, match="needs a header with 'path' and 'label'"):
+        read_image_list(tmp_path / "bad.csv")
+
+
+def test_extract_refine_eval_on_the_command_line(tiny, caltech, tmp_path):
+    store_dir = str(tmp_path / "s")
+    args = ["extract", "--dataset", "caltech101", "--root", str(caltech), "--model", tiny.model, "--pretrained",
+            tiny.pretrained, "--shots", "1,2,4", "--views", "2", "--workers", "0", "--store", store_dir, "--json"]
+    extracted = runner.invoke(app, args)
+    assert extracted.exit_code == 0, extracted.stderr
+    payload = json.loads(extracted.stdout)
+    assert payload["shots"] == [1, 2, 4] and payload["dim"] == 64
+    refined = runner.invoke(app, ["refine", "--k", "16", "--store", store_dir], input=payload["artifact"])
+    evaluated = runner.invoke(app, ["eval", "--search-step", "10", "5", "3", "--store", store_dir, "--json"],
+                              input=refined.stdout)
+    assert evaluated.exit_code == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["shots"] == 4
+
+
+def test_own_images_with_workers_on_the_command_line(tiny, tmp_path):
+    image_folder(tmp_path / "mine", classes=2, per_class=10)
+    result = runner.invoke(app, ["extract", "--images", str(tmp_path / "mine"), "--dataset", "mine", "--model", tiny.model,
+                                 "--pretrained", tiny.pretrained, "--shots", "1,4", "--views", "2", "--workers", "2",
+                                 "--store", str(tmp_path / "s"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["dataset"] == "mine"
+
+
+def test_command_line_refusals(tiny, caltech, tmp_path):
+    base = ["extract", "--model", tiny.model, "--pretrained", tiny.pretrained, "--store", str(tmp_path / "s")]
+    assert_one_line_error(runner.invoke(app, base), "give --dataset NAME")
+    assert_one_line_error(runner.invoke(app, base + ["--dataset", "caltech101", "--root", str(caltech), "--shots", "1,x"]),
+                          "--shots takes comma-separated integers")
+    assert_one_line_error(runner.invoke(app, base + ["--dataset", "dtd", "--root", str(caltech)]), "no dtd dataset here")
+    assert_one_line_error(runner.invoke(app, ["extract", "--dataset", "caltech101", "--root", str(caltech), "--model",
+                                              tiny.model, "--pretrained", str(tmp_path / "gone.pt"), "--shots", "1"]),
+                          "gone.pt: no such checkpoint file")
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_offline_download_fails_fast_in_one_line(caltech, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "APECLI_STORE": str(tmp_path / "s")}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "apecli", "extract", "--dataset", "caltech101", "--root", str(caltech),
+                           "--model", "RN50", "--pretrained", "openai", "--shots", "1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert time.monotonic() - start < 60
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot get pretrained weights 'openai' for RN50" in lines[0]
+    assert "--pretrained /path/to/checkpoint" in lines[0]
