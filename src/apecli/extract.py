@@ -163,9 +163,13 @@ def _collate(items):
     return items
 
 
-def _encode_split(encoder: Encoder, name: str, paths: Sequence[Path], views: int, work: Path,
+def encode_split(encoder: Encoder, name: str, paths: Sequence[Path], views: int, work: Path,
                   settings: ExtractSettings, progress: SplitProgress | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Features (N × [V ×] D, not normalised), a readable mask and errors, resuming from saved chunks."""
+    """Encode one split's images: features (N × [V ×] D, not normalised), a readable mask and the errors.
+
+    ``views`` > 0 encodes that many augmented views of each image, 0 the evaluation transform alone.
+    Chunks already saved in ``work`` are read, not encoded again.
+    """
     import torch
 
     transform = encoder.train_transform if views else encoder.eval_transform
@@ -229,14 +233,14 @@ def _load_chunks(files: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def _encode_all(encoder: Encoder, chosen: Plan, work: Path, settings: ExtractSettings,
                 progress: SplitProgress | None) -> tuple[np.ndarray, dict[str, LabelledFeatures]]:
-    train, _, _ = _encode_split(encoder, "train", chosen.train, settings.views, work, settings, progress)
+    train, _, _ = encode_split(encoder, "train", chosen.train, settings.views, work, settings, progress)
     evaluated: dict[str, LabelledFeatures] = {}
     for split, entries in chosen.evaluation.items():
         if split == "test" and entries is chosen.evaluation["val"]:
             evaluated[split] = evaluated["val"]  # ImageNet: one split serves both
             continue
         paths = [path for path, _ in entries]
-        features, ok, errors = _encode_split(encoder, split, paths, 0, work, settings, progress)
+        features, ok, errors = encode_split(encoder, split, paths, 0, work, settings, progress)
         chosen.skipped.extend({"split": split, "path": str(paths[i]), "error": errors[i]} for i in np.flatnonzero(~ok))
         labels = np.array([label for _, label in entries], dtype=np.int64)
         evaluated[split] = LabelledFeatures(_normalise(features[ok]), labels[ok], np.array(paths, dtype=str)[ok])

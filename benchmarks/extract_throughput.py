@@ -1,0 +1,107 @@
+"""Extraction throughput: decoding, encoding, and apecli's loader that overlaps them.
+
+On generated 500 × 375 JPEGs, measures images per second of
+- decode: PIL decoding + the evaluation transform in --workers processes, no encoder;
+- encode: the encoder alone on ready tensors;
+- apecli: `apecli.extract.encode_split`, the extraction loop (decoding in --workers processes
+  overlapped with encoding), and the same loop with decoding in the main process (--workers 0),
+  which is the baseline the ratio is taken against.
+The share of time spent decoding is that of a serial loop: decode / (decode + encode) per image.
+
+    python benchmarks/extract_throughput.py --model ViT-B-16 --images 64            # CPU, encoder-bound
+    python benchmarks/extract_throughput.py --model tiny --images 512               # CPU, decoding-bound
+    python benchmarks/extract_throughput.py --model ViT-B-16 --images 4096 --batch-size 256 --workers 16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_jpegs(folder: Path, count: int) -> list[Path]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        base = rng.integers(0, 255, size=(1, 1, 3))
+        noise = rng.normal(scale=40, size=(375, 500, 3))
+        pixels = np.clip(base + noise + np.linspace(0, 80, 500)[None, :, None], 0, 255).astype(np.uint8)
+        path = folder / f"{index:05d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    import torch
+
+    from apecli.encoder import EncoderSpec, load_encoder
+    from apecli.extract import ExtractSettings, _Images, _collate, encode_split
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip model (random weights: same cost), or 'tiny'")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    shown = args.model
+    with tempfile.TemporaryDirectory() as folder:
+        if args.model == "tiny":  # decoding-bound: the encoder costs almost nothing
+            from apecli.synthetic import tiny_model_config
+
+            args.model = str(tiny_model_config(Path(folder)))
+        encoder = load_encoder(EncoderSpec(args.model, "none", args.device))
+        paths = make_jpegs(Path(folder), args.images)
+
+        def rate(run) -> float:
+            start = time.perf_counter()
+            run()
+            if encoder.device.type == "cuda":
+                torch.cuda.synchronize()
+            return args.images / (time.perf_counter() - start)
+
+        def decode(workers: int) -> None:
+            loader = torch.utils.data.DataLoader(_Images(paths, encoder.eval_transform, 0, 1), batch_size=args.batch_size,
+                                                 num_workers=workers, collate_fn=_collate)
+            for _ in loader:
+                pass
+
+        batch = torch.randn(args.batch_size, 3, *encoder.image_size)
+        encoder.encode_images(batch[:2])  # warm-up
+
+        def encode() -> None:
+            for _ in range(0, args.images, args.batch_size):
+                encoder.encode_images(batch)
+
+        def extraction(workers: int) -> None:
+            settings = ExtractSettings(batch_size=args.batch_size, workers=workers, chunk_images=args.images)
+            with tempfile.TemporaryDirectory() as work:
+                encode_split(encoder, "test", paths, 0, Path(work), settings, None)
+
+        decode_one, decode_many = rate(lambda: decode(0)), rate(lambda: decode(args.workers))
+        encode_rate = rate(encode)
+        serial, overlapped = rate(lambda: extraction(0)), rate(lambda: extraction(args.workers))
+    device = torch.cuda.get_device_name(0) if encoder.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    share = (1 / decode_one) / (1 / decode_one + 1 / encode_rate)
+    print(f"machine: {platform.machine()}, {device}, torch {torch.__version__}; {shown} {encoder.spec.resolved_precision()}, "
+          f"{args.images} JPEGs 500x375, batch {args.batch_size}, {args.workers} workers")
+    print(f"decode (PIL + eval transform): {decode_one:8.1f} img/s in 1 process, {decode_many:8.1f} img/s in {args.workers} workers")
+    print(f"encode alone:                  {encode_rate:8.1f} img/s")
+    print(f"share of a serial loop's time spent decoding: {share:.0%}")
+    print(f"apecli extraction, decoding in the main process (baseline): {serial:8.1f} img/s")
+    print(f"apecli extraction, {args.workers} decoding workers overlapped:     {overlapped:8.1f} img/s; "
+          f"ratio {overlapped / serial:.2f}x; {overlapped / min(decode_many, encode_rate):.0%} of the slower stage's ceiling")
+
+
+if __name__ == "__main__":
+    main()
