@@ -13,13 +13,13 @@ from apecli.errors import ApecliError
 from apecli.features import FeatureSet
 from apecli.presets import preset_for
 from apecli.refine import Refinement
-from apecli.training_free import Progress, SearchGrid, SearchResult, TriEdge, count_correct, count_grid, search
+from apecli.training_free import Progress, SearchGrid, SearchResult, TriEdge, count_correct, search
 
 if TYPE_CHECKING:
     from apecli.training_required import FitResult
 
 KIND = "evaluation"
-MODES = ("zero-shot", "training-free", "training-required")
+MODES = ("zero-shot", "training-free", "training-required", "tip-adapter", "tip-adapter-f", "gda", "proker")
 
 
 @dataclass(frozen=True)
@@ -124,18 +124,12 @@ def evaluate_training_required(
 ) -> Evaluation:
     """APE-T: search (α, β) on validation for a fitted adapter (no γ), then report test accuracy."""
     grid = grid or default_grid(features)
-    grid = SearchGrid((grid.scale[0], grid.scale[1], 0.0), (grid.steps[0], grid.steps[1], 1))
     adapter = fitted.adapter
-    text, keys, key_labels = adapter.adapt(features)
-    order = np.argsort(key_labels, kind="stable")
-    shots = adapter.shots
+    model = adapter.cache_model(features)
     val, test = features.split("val"), features.split("test")
-    x = val.features.astype(np.float64)
-    affinity = (x @ keys[order].T).reshape(x.shape[0], features.num_classes, shots)
-    weights = adapter.value_weights.astype(np.float64)[order].reshape(features.num_classes, shots, 1)
-    correct = count_grid(100.0 * x @ text.T, affinity, weights, val.labels, grid.betas, grid.alphas, progress)
-    result = SearchResult(correct, x.shape[0], grid)
-    logits = adapter.logits(features, test.features, result.alpha, result.beta)
+    result = model.search(val.features, val.labels, grid, progress)
+    logits = model.logits(test.features, result.alpha, result.beta)
+    shots = adapter.shots
     return Evaluation(
         mode="training-required",
         dataset=features.dataset,
@@ -203,6 +197,16 @@ def evaluate_artifact(
         raise ApecliError(f"{artifact.path}: is a '{artifact.kind}' artifact; eval reads features, a refinement or an adapter")
     if mode == "zero-shot":
         return evaluate_zero_shot(features)
+    if mode != "training-free":
+        from apecli import baselines
+
+        if mode == "tip-adapter":
+            return baselines.evaluate_tip_adapter(features, shots, grid, progress)
+        if mode == "tip-adapter-f":
+            return baselines.evaluate_tip_adapter_f(features, shots, grid)
+        if mode == "gda":
+            return baselines.evaluate_gda(features, shots)
+        return baselines.evaluate_proker(features, shots, grid, progress)
     if refinement is None:
         refinement = select_channels(features, shots=shots)
     return evaluate_training_free(features, refinement, grid, progress)

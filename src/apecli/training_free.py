@@ -259,3 +259,36 @@ def search_loop(
         if progress is not None:
             progress(b + 1, len(grid.betas))
     return SearchResult(correct, x.shape[0], grid)
+
+
+@dataclass(frozen=True)
+class CacheModel:
+    """The classifier of the Tip-Adapter family without γ: ``100 · f textᵀ + α · exp(−β(1 − f keysᵀ)) · (L ⊙ v)``.
+
+    Tip-Adapter uses CLIP's text classifier and cache keys with v = 1; Tip-Adapter-F trained keys;
+    APE-T the text and keys with its residual added, and its learned v.
+    """
+
+    text: np.ndarray  # C × D
+    keys: np.ndarray  # M × D
+    key_labels: np.ndarray  # (M,)
+    value_weights: np.ndarray  # (M,)
+
+    def logits(self, x: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        values = np.eye(self.text.shape[0])[self.key_labels] * np.asarray(self.value_weights, dtype=np.float64)[:, None]
+        affinity = x @ np.asarray(self.keys, dtype=np.float64).T
+        return 100.0 * x @ np.asarray(self.text, dtype=np.float64).T + alpha * np.exp(-(beta - beta * affinity)) @ values
+
+    def search(self, x: np.ndarray, labels: np.ndarray, grid: SearchGrid, progress: Progress | None = None) -> SearchResult:
+        """Correct predictions for every β and α of ``grid`` (its γ is ignored), as SearchResult[β, α, 0]."""
+        grid = SearchGrid((grid.scale[0], grid.scale[1], 0.0), (grid.steps[0], grid.steps[1], 1))
+        num_classes = self.text.shape[0]
+        order = np.argsort(self.key_labels, kind="stable")
+        shots = order.shape[0] // num_classes
+        x = np.asarray(x, dtype=np.float64)
+        affinity = (x @ np.asarray(self.keys, dtype=np.float64)[order].T).reshape(x.shape[0], num_classes, shots)
+        weights = np.asarray(self.value_weights, dtype=np.float64)[order].reshape(num_classes, shots, 1)
+        zero_shot = 100.0 * x @ np.asarray(self.text, dtype=np.float64).T
+        correct = count_grid(zero_shot, affinity, weights, labels, grid.betas, grid.alphas, progress)
+        return SearchResult(correct, x.shape[0], grid)

@@ -7,16 +7,13 @@ key gets a value weight v (ones at start):
     W̃[c, sel] = W[c, sel] + R[c]          F̃_j[sel] = F_j[sel] + R[y_j]      (no renormalisation)
     logits    = 100 · f W̃ᵀ + α · exp(−β (1 − f F̃ᵀ)) · (L ⊙ v)                 (all D channels)
 
-Training minimises cross-entropy on the training images' augmented views (one random view of each
-image per epoch), in shuffled batches, with AdamW and a cosine schedule over all steps, at fixed
-α = init α and β = init β. After each epoch the validation accuracy is measured and the parameters of
-the best epoch are kept (a later epoch must be strictly better). The β × α search happens at
+Training (:mod:`apecli.training`) minimises cross-entropy on the training images' augmented views,
+at fixed α = init α and β = init β, and keeps the parameters of the best validation epoch. The β × α search happens at
 evaluation, on validation, as for training-free APE but without γ.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -28,9 +25,10 @@ from apecli.errors import ApecliError
 from apecli.features import FeatureSet, load_features
 from apecli.presets import preset_for
 from apecli.refine import channel_criterion, top_channels
+from apecli.training import EpochProgress, train, training_samples
+from apecli.training_free import CacheModel
 
 KIND = "adapter"
-EpochProgress = Callable[[int, int, float, float], None]  # epoch, epochs, mean loss, val accuracy
 
 
 @dataclass(frozen=True)
@@ -83,20 +81,17 @@ class Adapter:
     value_weights: np.ndarray  # (C·K,)
     shots: int
 
-    def adapt(self, features: FeatureSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """W̃ (C × D), F̃ (C·K × D) and the key labels, in float64."""
+    def cache_model(self, features: FeatureSet) -> CacheModel:
+        """The adapted classifier: W̃ and F̃ (the residual added on the channels), and the key weights."""
         _, cache = features.cache(self.shots)
         delta = np.zeros((features.num_classes, features.dim))
         delta[:, self.channels] = self.residual
         text = features.classifier.astype(np.float64) + delta
         keys = cache.keys.astype(np.float64) + delta[cache.labels]
-        return text, keys, cache.labels
+        return CacheModel(text, keys, cache.labels, self.value_weights)
 
     def logits(self, features: FeatureSet, x: np.ndarray, alpha: float, beta: float) -> np.ndarray:
-        text, keys, labels = self.adapt(features)
-        x = np.asarray(x, dtype=np.float64)
-        values = np.eye(features.num_classes)[labels] * self.value_weights[:, None]
-        return 100.0 * x @ text.T + alpha * np.exp(-(beta - beta * (x @ keys.T))) @ values
+        return self.cache_model(features).logits(x, alpha, beta)
 
 
 @dataclass(frozen=True)
@@ -133,15 +128,8 @@ def fit(features: FeatureSet, settings: FitSettings = FitSettings(), progress: E
     val = features.split("val")
     if val.labels.shape[0] == 0:
         raise ApecliError(f"{features.name}: the validation split is empty; APE-T chooses its epoch on it")
-    criterion = channel_criterion(features.classifier, cache.keys, cache.labels, settings.weights)
-    channels = top_channels(criterion, settings.k)
-    views = features.views(shots)
-    trained_on_views = views is not None
-    samples = torch.from_numpy(np.asarray(views if trained_on_views else cache.keys[None], dtype=np.float32))
-    if not torch.isfinite(samples).all():
-        raise ApecliError(f"{features.name}: the {shots}-shot views contain NaN or infinite values")
-
-    generator = torch.Generator().manual_seed(settings.seed)
+    channels = top_channels(channel_criterion(features.classifier, cache.keys, cache.labels, settings.weights), settings.k)
+    samples, trained_on_views = training_samples(features, shots)
     torch.manual_seed(settings.seed)
     text = torch.from_numpy(features.classifier.astype(np.float32))
     keys = torch.from_numpy(cache.keys.astype(np.float32))
@@ -158,36 +146,11 @@ def fit(features: FeatureSet, settings: FitSettings = FitSettings(), progress: E
         cache_logits = torch.exp(-(beta - beta * (x @ (keys + delta[labels]).T))) @ values
         return 100.0 * x @ (text + delta).T + alpha * cache_logits
 
-    optimiser = torch.optim.AdamW([residual, value_weights], lr=settings.lr, eps=settings.eps,
-                                  weight_decay=settings.weight_decay)
-    steps_per_epoch = math.ceil(labels.shape[0] / settings.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings.epochs * steps_per_epoch)
-    val_x = torch.from_numpy(val.features.astype(np.float32))
-    val_y = torch.from_numpy(val.labels.astype(np.int64))
-    best = (-1, -1.0, residual.detach().clone(), value_weights.detach().clone())
-    losses, accuracies = [], []
-    for epoch in range(settings.epochs):
-        chosen_view = torch.randint(samples.shape[0], (labels.shape[0],), generator=generator)
-        order = torch.randperm(labels.shape[0], generator=generator)
-        total = 0.0
-        for start in range(0, labels.shape[0], settings.batch_size):
-            batch = order[start : start + settings.batch_size]
-            loss = torch.nn.functional.cross_entropy(model_logits(samples[chosen_view[batch], batch]), labels[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += float(loss.detach()) * batch.shape[0]
-        with torch.no_grad():
-            accuracy = 100.0 * float((model_logits(val_x).argmax(dim=1) == val_y).sum()) / val_y.shape[0]
-        losses.append(total / labels.shape[0])
-        accuracies.append(accuracy)
-        if accuracy > best[1]:
-            best = (epoch, accuracy, residual.detach().clone(), value_weights.detach().clone())
-        if progress is not None:
-            progress(epoch + 1, settings.epochs, losses[-1], accuracy)
-    adapter = Adapter(channels, best[2].numpy(), best[3].numpy(), shots)
-    return FitResult(adapter, settings, best[0] + 1, best[1], np.array(losses), np.array(accuracies), trained_on_views)
+    run = train([residual, value_weights], model_logits, samples, cache.labels, val.features, val.labels,
+                epochs=settings.epochs, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay,
+                batch_size=settings.batch_size, seed=settings.seed, progress=progress)
+    adapter = Adapter(channels, run.parameters[0], run.parameters[1], shots)
+    return FitResult(adapter, settings, run.best_epoch, run.best_val_accuracy, run.loss, run.val_accuracy, trained_on_views)
 
 
 def save_fit(result: FitResult, features: FeatureSet, destination: Path | Callable[[str], Path]) -> FitResult:

@@ -194,7 +194,8 @@ def refine(
 def evaluate(
     source: Input = None,
     mode: Annotated[
-        str, typer.Option("--mode", help="zero-shot, training-free, or training-required (a fitted adapter).")
+        str, typer.Option("--mode", help="zero-shot, training-free, training-required (a fitted adapter), "
+                                         "tip-adapter, tip-adapter-f, gda or proker.")
     ] = "training-free",
     shots: Shots = None,
     search_scale: Annotated[
@@ -313,18 +314,23 @@ def demo(
     emit(saved, evaluation.summary(), as_json)
 
 
+METHOD_NAMES = {"training-free": "APE", "training-required": "APE-T", "tip-adapter": "Tip-Adapter",
+                "tip-adapter-f": "Tip-Adapter-F", "gda": "GDA", "proker": "ProKeR"}
+
+
 def _print_evaluation(result: dict) -> None:
     table = Table(title=f"{result['dataset'] or 'features'} · {result['mode']}"
                   + (f" · {result['shots']} shots" if result.get("shots") else ""))
-    for column in ("method", "val %", "test %", "α", "β", "γ"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    table.add_row("zero-shot CLIP", f"{result['zero_shot_val_accuracy']:.2f}", f"{result['zero_shot_accuracy']:.2f}", "", "", "")
+    for column in ("method", "val %", "test %", "chosen on validation"):
+        table.add_column(column, justify="left" if column in ("method", "chosen on validation") else "right")
+    table.add_row("zero-shot CLIP", f"{result['zero_shot_val_accuracy']:.2f}", f"{result['zero_shot_accuracy']:.2f}", "")
     if result["mode"] != "zero-shot":
-        name = "APE-T" + (f" (epoch {result['best_epoch']})" if "best_epoch" in result else "") \
-            if result["mode"] == "training-required" else "APE"
-        gamma = "" if result["gamma"] is None else f"{result['gamma']:.3f}"
-        table.add_row(name, f"{result['val_accuracy']:.2f}", f"{result['test_accuracy']:.2f}",
-                      f"{result['alpha']:.3f}", f"{result['beta']:.3f}", gamma)
+        chosen = [f"{symbol}={result[key]:.4g}" for key, symbol in
+                  (("alpha", "α"), ("beta", "β"), ("gamma", "γ"), ("lambda", "λ")) if result.get(key) is not None]
+        if "best_epoch" in result:
+            chosen.append(f"epoch {result['best_epoch']}/{result['epochs']}")
+        table.add_row(METHOD_NAMES[result["mode"]], f"{result['val_accuracy']:.2f}", f"{result['test_accuracy']:.2f}",
+                      " ".join(chosen))
     console.print(table)
 
 

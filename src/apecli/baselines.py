@@ -1,0 +1,173 @@
+"""Competing few-shot methods, run on the same stored features with the same protocol as APE.
+
+Every method tunes its hyperparameters on the validation split only, then reports test accuracy once
+with the chosen ones. The formulas, in the papers' terms, are in docs/methods.md.
+
+- Tip-Adapter (Zhang et al., ECCV 2022): ``100 · f Wᵀ + α · exp(−β(1 − f Fᵀ)) · L``, β × α grid.
+- Tip-Adapter-F: the same, with the cache keys trained from the stored views.
+- GDA (Wang et al., ICLR 2024): Gaussian discriminant analysis on the views, a linear head fused with
+  the zero-shot logits by an α chosen from a small grid.
+- ProKeR (Bendou et al., CVPR 2025): kernel ridge regression of the labels' residual from CLIP's
+  zero-shot prediction on the cache, ``f₀(x) + k(x, S)(K + λI)⁻¹(Y − f₀(S))``, β × λ grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from apecli.evaluate import Evaluation, _accuracy, _zero_shot, default_grid
+from apecli.features import FeatureSet
+from apecli.training import EpochProgress, train, training_samples
+from apecli.training_free import CacheModel, Progress, SearchGrid, SearchResult, count_correct
+
+GDA_ALPHAS = tuple(10.0**i for i in range(-4, 5))
+PROKER_LAMBDAS = tuple(10.0 ** (i / 2) for i in range(-10, 5))  # 1e-5 … 1e2, half a decade apart
+PROKER_BETAS = 20
+
+
+def _result(mode: str, features: FeatureSet, shots: int, val_accuracy: float, test_correct: int,
+            search: SearchResult | None = None, **values: Any) -> Evaluation:
+    test = features.split("test")
+    known = {k: values.pop(k) for k in ("alpha", "beta", "gamma") if k in values}
+    return Evaluation(mode=mode, dataset=features.dataset, zero_shot_val=_zero_shot(features, "val"),
+                      zero_shot_test=_zero_shot(features, "test"), val_accuracy=val_accuracy,
+                      test_accuracy=_accuracy(test_correct, test.labels.shape[0]), shots=shots, search=search,
+                      extra=values, **known)
+
+
+def _plain_cache(features: FeatureSet, shots: int | None) -> tuple[int, CacheModel]:
+    shots, cache = features.cache(shots)
+    return shots, CacheModel(features.classifier, cache.keys, cache.labels, np.ones(cache.labels.shape[0]))
+
+
+def evaluate_tip_adapter(features: FeatureSet, shots: int | None = None, grid: SearchGrid | None = None,
+                         progress: Progress | None = None) -> Evaluation:
+    """Tip-Adapter: the cache as it is, β × α searched on validation."""
+    shots, model = _plain_cache(features, shots)
+    val, test = features.split("val"), features.split("test")
+    result = model.search(val.features, val.labels, grid or default_grid(features), progress)
+    correct = count_correct(model.logits(test.features, result.alpha, result.beta), test.labels)
+    return _result("tip-adapter", features, shots, result.accuracy, correct, result, alpha=result.alpha, beta=result.beta)
+
+
+@dataclass(frozen=True)
+class TipAdapterFSettings:
+    """Tip-Adapter-F's training settings (the authors' defaults)."""
+
+    epochs: int = 20
+    lr: float = 1e-3
+    eps: float = 1e-4
+    weight_decay: float = 0.01
+    batch_size: int = 256
+    alpha: float = 1.0
+    beta: float = 1.0
+    seed: int = 1
+
+
+def evaluate_tip_adapter_f(features: FeatureSet, shots: int | None = None, grid: SearchGrid | None = None,
+                           settings: TipAdapterFSettings = TipAdapterFSettings(),
+                           progress: EpochProgress | None = None) -> Evaluation:
+    """Tip-Adapter-F: train the cache keys on the stored views, then search β × α on validation."""
+    import torch
+
+    shots, plain = _plain_cache(features, shots)
+    val, test = features.split("val"), features.split("test")
+    samples, on_views = training_samples(features, shots)
+    text = torch.from_numpy(features.classifier.astype(np.float32))
+    one_hot = torch.nn.functional.one_hot(torch.from_numpy(plain.key_labels), features.num_classes).float()
+    keys = torch.tensor(plain.keys, dtype=torch.float32, requires_grad=True)
+    alpha, beta = settings.alpha, settings.beta
+
+    def logits(x):
+        return 100.0 * x @ text.T + alpha * torch.exp(-(beta - beta * (x @ keys.T))) @ one_hot
+
+    run = train([keys], logits, samples, plain.key_labels, val.features, val.labels, epochs=settings.epochs,
+                lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay, batch_size=settings.batch_size,
+                seed=settings.seed, progress=progress)
+    model = CacheModel(features.classifier, run.parameters[0], plain.key_labels, plain.value_weights)
+    result = model.search(val.features, val.labels, grid or default_grid(features))
+    correct = count_correct(model.logits(test.features, result.alpha, result.beta), test.labels)
+    return _result("tip-adapter-f", features, shots, result.accuracy, correct, result, alpha=result.alpha,
+                   beta=result.beta, best_epoch=run.best_epoch, epochs=settings.epochs, trained_on_views=on_views)
+
+
+def gda_head(samples: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """GDA's linear head (C × D weights, C biases) from samples (N × D) with a shared covariance."""
+    x = np.asarray(samples, dtype=np.float64)
+    means = np.stack([x[labels == c].mean(axis=0) for c in range(num_classes)])
+    centred = x - means[labels]
+    count, dim = centred.shape
+    covariance = centred.T @ centred / (count - 1)
+    precision = dim * np.linalg.pinv((count - 1) * covariance + np.trace(covariance) * np.eye(dim))
+    weights = means @ precision
+    bias = np.log(1.0 / num_classes) - 0.5 * np.einsum("cd,cd->c", weights, means)
+    return weights, bias
+
+
+def evaluate_gda(features: FeatureSet, shots: int | None = None) -> Evaluation:
+    """GDA: class means and a shared covariance from all stored views; α from a small grid."""
+    shots, cache = features.cache(shots)
+    samples, on_views = training_samples(features, shots)
+    labels = np.tile(cache.labels, samples.shape[0])
+    weights, bias = gda_head(samples.reshape(-1, samples.shape[-1]), labels, features.num_classes)
+    alphas = np.array(GDA_ALPHAS)
+
+    def correct(split: str, chosen: np.ndarray) -> np.ndarray:
+        part = features.split(split)
+        x = part.features.astype(np.float64)
+        zero_shot = 100.0 * x @ features.classifier.astype(np.float64).T
+        head = x @ weights.T + bias
+        predictions = np.argmax(zero_shot[None] + chosen[:, None, None] * head[None], axis=2)
+        return (predictions == part.labels[None]).sum(axis=1)
+
+    val_correct = correct("val", alphas)
+    best = int(np.argmax(val_correct))  # first of the best
+    test_correct = int(correct("test", alphas[best : best + 1])[0])
+    val_total = features.split("val").labels.shape[0]
+    return _result("gda", features, shots, _accuracy(int(val_correct[best]), val_total), test_correct,
+                   alpha=float(alphas[best]), trained_on_views=on_views)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: SearchGrid | None = None,
+                    progress: Progress | None = None) -> Evaluation:
+    """ProKeR: kernel ridge regression of the residual Y − f₀(S) on the cache; β × λ on validation.
+
+    f₀ is CLIP's zero-shot prediction as class probabilities, softmax(100 · x Wᵀ), so that the residual
+    and the one-hot targets share a scale; the kernel is exp(−β(1 − x·s)).
+    """
+    shots, cache = features.cache(shots)
+    grid = grid or default_grid(features)
+    betas = np.array([i * (grid.scale[0] - 0.1) / PROKER_BETAS + 0.1 for i in range(PROKER_BETAS)])
+    lambdas = np.array(PROKER_LAMBDAS)
+    text = features.classifier.astype(np.float64)
+    support = cache.keys.astype(np.float64)
+    base = lambda x: _softmax(100.0 * x @ text.T)  # noqa: E731
+    residual = np.eye(features.num_classes)[cache.labels] - base(support)
+    val, test = features.split("val"), features.split("test")
+
+    def predictions(x: np.ndarray, beta: float, chosen: np.ndarray) -> np.ndarray:
+        eigenvalues, vectors = np.linalg.eigh(np.exp(-beta * (1.0 - support @ support.T)))
+        projected = vectors.T @ residual  # M × C
+        kernel = np.exp(-beta * (1.0 - x @ support.T)) @ vectors  # N × M
+        prior = base(x)
+        eigenvalues = np.clip(eigenvalues, 0.0, None)  # K is positive semi-definite; rounding is not
+        return np.stack([np.argmax(prior + (kernel / (eigenvalues + lam)) @ projected, axis=1) for lam in chosen])
+
+    x_val = val.features.astype(np.float64)
+    val_correct = np.zeros((len(betas), len(lambdas)), dtype=np.int64)
+    for b, beta in enumerate(betas):
+        val_correct[b] = (predictions(x_val, beta, lambdas) == val.labels[None]).sum(axis=1)
+        if progress is not None:
+            progress(b + 1, len(betas))
+    b, l = np.unravel_index(int(np.argmax(val_correct)), val_correct.shape)
+    test_correct = int((predictions(test.features.astype(np.float64), betas[b], lambdas[l : l + 1])[0] == test.labels).sum())
+    return _result("proker", features, shots, _accuracy(int(val_correct[b, l]), val.labels.shape[0]), test_correct,
+                   beta=float(betas[b]), **{"lambda": float(lambdas[l])})

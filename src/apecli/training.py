@@ -1,0 +1,96 @@
+"""The training loop shared by the methods that learn from the cache (APE-T, Tip-Adapter-F).
+
+A training sample is one of the stored augmented views of a few-shot image, drawn afresh for every
+image in every epoch (seeded), which stands in for re-encoding a freshly augmented image each epoch;
+a store without views trains on the keys. Cross-entropy, shuffled batches, AdamW, cosine annealing
+over all steps; after each epoch the validation accuracy is measured, and the parameters of the
+first best epoch are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from apecli.errors import ApecliError
+from apecli.features import FeatureSet
+
+EpochProgress = Callable[[int, int, float, float], None]  # epoch, epochs, mean loss, val accuracy
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """The kept parameters and the history of one training run."""
+
+    parameters: list[np.ndarray]  # those of the best epoch
+    best_epoch: int  # counted from 1
+    best_val_accuracy: float
+    loss: np.ndarray  # mean training loss per epoch
+    val_accuracy: np.ndarray  # percent, per epoch
+
+
+def training_samples(features: FeatureSet, shots: int) -> tuple[np.ndarray, bool]:
+    """The V × N × D training views of a cache (its keys as one view when none are stored)."""
+    _, cache = features.cache(shots)
+    views = features.views(shots)
+    samples = np.asarray(views if views is not None else cache.keys[None], dtype=np.float32)
+    if not np.isfinite(samples).all():
+        raise ApecliError(f"{features.name}: the {shots}-shot views contain NaN or infinite values")
+    return samples, views is not None
+
+
+def train(
+    parameters: list,
+    logits: Callable,
+    samples: np.ndarray,
+    labels: np.ndarray,
+    val_features: np.ndarray,
+    val_labels: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    eps: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    progress: EpochProgress | None = None,
+) -> TrainingRun:
+    """Train ``parameters`` (torch tensors) of ``logits(x)`` as the module docstring says."""
+    import torch
+
+    if val_labels.shape[0] == 0:
+        raise ApecliError("the validation split is empty; training chooses its epoch on it")
+    generator = torch.Generator().manual_seed(seed)
+    samples_t = torch.from_numpy(samples)
+    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    val_x = torch.from_numpy(np.asarray(val_features, dtype=np.float32))
+    val_y = torch.from_numpy(np.asarray(val_labels, dtype=np.int64))
+    count = labels_t.shape[0]
+    optimiser = torch.optim.AdamW(parameters, lr=lr, eps=eps, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs * math.ceil(count / batch_size))
+    best = (-1, -1.0, [p.detach().clone() for p in parameters])
+    losses, accuracies = [], []
+    for epoch in range(epochs):
+        view = torch.randint(samples_t.shape[0], (count,), generator=generator)
+        order = torch.randperm(count, generator=generator)
+        total = 0.0
+        for start in range(0, count, batch_size):
+            batch = order[start : start + batch_size]
+            loss = torch.nn.functional.cross_entropy(logits(samples_t[view[batch], batch]), labels_t[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += float(loss.detach()) * batch.shape[0]
+        with torch.no_grad():
+            accuracy = 100.0 * float((logits(val_x).argmax(dim=1) == val_y).sum()) / val_y.shape[0]
+        losses.append(total / count)
+        accuracies.append(accuracy)
+        if accuracy > best[1]:
+            best = (epoch, accuracy, [p.detach().clone() for p in parameters])
+        if progress is not None:
+            progress(epoch + 1, epochs, losses[-1], accuracy)
+    return TrainingRun([p.numpy() for p in best[2]], best[0] + 1, best[1], np.array(losses), np.array(accuracies))

@@ -1,0 +1,105 @@
+"""Baselines on the same store: each search equals a loop over its settings, each head its formula."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from apecli import baselines
+from apecli.cli import app
+from apecli.features import save_features
+from apecli.synthetic import synthetic_features
+from apecli.training_free import CacheModel, SearchGrid, count_correct
+
+runner = CliRunner()
+GRID = SearchGrid((7.0, 7.0, 1.0), (9, 7, 1))
+
+
+@pytest.fixture(scope="module")
+def features():
+    return synthetic_features(num_classes=6, dim=32, shots=(4,), val_per_class=12, test_per_class=12, seed=11,
+                              text_noise=1.5, view_noise=1.0, views=4)
+
+
+def test_tip_adapter_search_equals_a_loop(features):
+    result = baselines.evaluate_tip_adapter(features, grid=GRID)
+    _, cache = features.cache(4)
+    model = CacheModel(features.classifier, cache.keys, cache.labels, np.ones(24))
+    val = features.split("val")
+    loop = np.array([[count_correct(model.logits(val.features, a, b), val.labels) for a in GRID.alphas] for b in GRID.betas])
+    np.testing.assert_array_equal(result.search.correct[:, :, 0], loop)
+    b, a = np.unravel_index(np.argmax(loop), loop.shape)
+    assert (result.beta, result.alpha) == (GRID.betas[b], GRID.alphas[a])
+    test = features.split("test")
+    expected = 100 * count_correct(model.logits(test.features, result.alpha, result.beta), test.labels) / test.labels.shape[0]
+    assert result.test_accuracy == expected
+
+
+def test_tip_adapter_f_trains_the_keys(features):
+    result = baselines.evaluate_tip_adapter_f(features, grid=GRID, settings=baselines.TipAdapterFSettings(epochs=5, lr=1e-2))
+    assert result.extra["trained_on_views"] and 1 <= result.extra["best_epoch"] <= 5
+    again = baselines.evaluate_tip_adapter_f(features, grid=GRID, settings=baselines.TipAdapterFSettings(epochs=5, lr=1e-2))
+    assert (again.alpha, again.beta, again.test_accuracy) == (result.alpha, result.beta, result.test_accuracy)
+
+
+def test_gda_head_follows_its_formula():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 5))
+    labels = np.repeat(np.arange(3), 10)
+    weights, bias = baselines.gda_head(x, labels, 3)
+    means = np.array([x[labels == c].mean(0) for c in range(3)])
+    covariance = np.cov((x - means[labels]).T)  # n − 1 normalisation
+    precision = 5 * np.linalg.pinv(29 * covariance + np.trace(covariance) * np.eye(5))
+    np.testing.assert_allclose(weights, means @ precision, rtol=1e-10)
+    np.testing.assert_allclose(bias, np.log(1 / 3) - 0.5 * np.diag(means @ precision @ means.T), rtol=1e-10)
+
+
+def test_gda_picks_the_first_best_alpha(features):
+    result = baselines.evaluate_gda(features)
+    _, cache = features.cache(4)
+    views = features.views(4)
+    weights, bias = baselines.gda_head(views.reshape(-1, 32), np.tile(cache.labels, 4), 6)
+    val = features.split("val")
+    zero_shot = 100 * val.features @ features.classifier.T
+    counts = [count_correct(zero_shot + a * (val.features @ weights.T + bias), val.labels) for a in baselines.GDA_ALPHAS]
+    assert result.alpha == baselines.GDA_ALPHAS[int(np.argmax(counts))]
+    assert result.val_accuracy == 100 * max(counts) / val.labels.shape[0]
+
+
+def test_proker_equals_its_closed_form_solved_directly(features):
+    result = baselines.evaluate_proker(features)
+    _, cache = features.cache(4)
+    support = cache.keys.astype(np.float64)
+    text = features.classifier.astype(np.float64)
+    softmax = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+    residual = np.eye(6)[cache.labels] - softmax(100 * support @ text.T)
+    val = features.split("val")
+
+    def correct(x, labels, beta, lam):
+        gram = np.exp(-beta * (1 - support @ support.T))
+        coefficients = np.linalg.solve(gram + lam * np.eye(len(support)), residual)
+        prediction = softmax(100 * x @ text.T) + np.exp(-beta * (1 - x @ support.T)) @ coefficients
+        return count_correct(prediction, labels)
+
+    betas = [i * (7.0 - 0.1) / baselines.PROKER_BETAS + 0.1 for i in range(baselines.PROKER_BETAS)]
+    counts = np.array([[correct(val.features, val.labels, b, l) for l in baselines.PROKER_LAMBDAS] for b in betas])
+    b, l = np.unravel_index(np.argmax(counts), counts.shape)
+    assert (result.beta, result.extra["lambda"]) == (pytest.approx(betas[b]), baselines.PROKER_LAMBDAS[l])
+    assert result.val_accuracy == 100 * counts[b, l] / val.labels.shape[0]
+    test = features.split("test")
+    assert result.test_accuracy == 100 * correct(test.features, test.labels, betas[b], baselines.PROKER_LAMBDAS[l]) / 72
+
+
+@pytest.mark.parametrize("mode, keys", [("tip-adapter", {"alpha", "beta"}), ("tip-adapter-f", {"alpha", "beta", "best_epoch"}),
+                                        ("gda", {"alpha"}), ("proker", {"beta", "lambda"})])
+def test_every_baseline_on_the_command_line(features, tmp_path, mode, keys):
+    path = save_features(features, tmp_path / "f.h5").artifact.path
+    result = runner.invoke(app, ["eval", str(path), "--mode", mode, "--search-step", "6", "5", "1",
+                                 "--store", str(tmp_path / "s"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["mode"] == mode and keys <= {k for k, v in payload.items() if v is not None}
+    assert 0 <= payload["test_accuracy"] <= 100
