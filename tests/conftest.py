@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apecli.encoder import EncoderSpec
+from apecli.synthetic import coop_caltech, tiny_model_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REAL_FEATURES = Path(__file__).resolve().parents[2] / "shared" / "real-features"
@@ -60,3 +63,26 @@ def assert_one_line_error(result, *fragments: str) -> None:
 def random_unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
     x = rng.normal(size=shape)
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> EncoderSpec:
+    """The tiny model with a saved checkpoint, as a user's local checkpoint would be given."""
+    import open_clip
+    import torch
+
+    folder = tmp_path_factory.mktemp("model")
+    config = tiny_model_config(folder)
+    open_clip.add_model_config(config)
+    torch.manual_seed(42)
+    model = open_clip.create_model("apecli-tiny", pretrained=None)
+    torch.save(model.state_dict(), folder / "tiny.pt")
+    return EncoderSpec(str(config), str(folder / "tiny.pt"), device="cpu")
+
+
+@pytest.fixture
+def caltech(tmp_path) -> Path:
+    coop_caltech(tmp_path / "data", classes=3, per_split=(5, 3, 3))
+    return tmp_path / "data"
+
+

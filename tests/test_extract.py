@@ -26,27 +26,6 @@ runner = CliRunner()
 SETTINGS = ExtractSettings(shots=(1, 2, 4), views=3, batch_size=8, workers=0, chunk_images=5)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> EncoderSpec:
-    """The tiny model with a saved checkpoint, as a user's local checkpoint would be given."""
-    import open_clip
-    import torch
-
-    folder = tmp_path_factory.mktemp("model")
-    config = tiny_model_config(folder)
-    open_clip.add_model_config(config)
-    torch.manual_seed(42)
-    model = open_clip.create_model("apecli-tiny", pretrained=None)
-    torch.save(model.state_dict(), folder / "tiny.pt")
-    return EncoderSpec(str(config), str(folder / "tiny.pt"), device="cpu")
-
-
-@pytest.fixture
-def caltech(tmp_path) -> Path:
-    coop_caltech(tmp_path / "data", classes=3, per_split=(5, 3, 3))
-    return tmp_path / "data"
-
-
 def test_features_agree_with_open_clip_directly(tiny, caltech, tmp_path):
     import open_clip
     import torch

@@ -29,13 +29,13 @@ PROKER_BETAS = 20
 
 
 def _result(mode: str, features: FeatureSet, shots: int, val_accuracy: float, test_correct: int,
-            search: SearchResult | None = None, **values: Any) -> Evaluation:
+            search: SearchResult | None = None, learned: dict[str, np.ndarray] | None = None, **values: Any) -> Evaluation:
     test = features.split("test")
     known = {k: values.pop(k) for k in ("alpha", "beta", "gamma") if k in values}
     return Evaluation(mode=mode, dataset=features.dataset, zero_shot_val=_zero_shot(features, "val"),
                       zero_shot_test=_zero_shot(features, "test"), val_accuracy=val_accuracy,
                       test_accuracy=_accuracy(test_correct, test.labels.shape[0]), shots=shots, search=search,
-                      extra=values, **known)
+                      extra=values, learned=learned or {}, **known)
 
 
 def _plain_cache(features: FeatureSet, shots: int | None) -> tuple[int, CacheModel]:
@@ -90,7 +90,8 @@ def evaluate_tip_adapter_f(features: FeatureSet, shots: int | None = None, grid:
     model = CacheModel(features.classifier, run.parameters[0], plain.key_labels, plain.value_weights)
     result = model.search(val.features, val.labels, grid or default_grid(features))
     correct = count_correct(model.logits(test.features, result.alpha, result.beta), test.labels)
-    return _result("tip-adapter-f", features, shots, result.accuracy, correct, result, alpha=result.alpha,
+    return _result("tip-adapter-f", features, shots, result.accuracy, correct, result, {"keys": run.parameters[0]},
+                   alpha=result.alpha,
                    beta=result.beta, best_epoch=run.best_epoch, epochs=settings.epochs, trained_on_views=on_views)
 
 

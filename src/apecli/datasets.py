@@ -8,7 +8,6 @@ files; it decodes no image.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from apecli.errors import ApecliError
+from apecli.store import file_sha256
 from apecli.presets import canonical_name
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -57,7 +57,7 @@ class ImageDataset:
 
     @property
     def split_file_sha256(self) -> str | None:
-        return _sha256(self.split_file) if self.split_file else None
+        return file_sha256(self.split_file) if self.split_file else None
 
     def by_class(self, split: str = "train") -> list[list[Path]]:
         """The images of a split grouped by label, in listing order."""
@@ -92,10 +92,6 @@ LAYOUTS: dict[str, Layout] = {
     "sun397": Layout(("sun397",), "SUN397", "split_zhou_SUN397.json"),
     "ucf101": Layout(("ucf101",), "UCF-101-midframes", "split_zhou_UCF101.json", ("a photo of a person doing {}.",)),
 }
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _dataset_folder(root: Path, name: str, layout: Layout) -> Path:

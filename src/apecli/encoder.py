@@ -9,7 +9,6 @@ model's normalisation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from apecli.errors import ApecliError
+from apecli.store import file_sha256
 
 NO_WEIGHTS = ("none", "random", "")  # random weights, seeded: the same in every run
 
@@ -36,13 +36,14 @@ class EncoderSpec:
         model_path = Path(self.model).expanduser()
         model = {"model": self.model}
         if model_path.suffix == ".json" and model_path.is_file():
-            model = {"model": model_path.stem, "model_config_sha256": _sha256(model_path)}
+            model = {"model": model_path.stem, "model_config_sha256": file_sha256(model_path),
+                     "model_config": json.loads(model_path.read_text())}
         weights = self.pretrained or "none"
         if weights.lower() in NO_WEIGHTS:
             pretrained = {"pretrained": "none"}
         elif Path(weights).expanduser().is_file():
             pretrained = {"pretrained": str(Path(weights).expanduser().resolve()),
-                          "checkpoint_sha256": _sha256(Path(weights).expanduser())}
+                          "checkpoint_sha256": file_sha256(Path(weights).expanduser())}
         else:
             pretrained = {"pretrained": weights}
         return {**model, **pretrained, "device": self.resolved_device(), "precision": self.resolved_precision()}
@@ -58,14 +59,6 @@ class EncoderSpec:
         if self.precision != "auto":
             return self.precision
         return "fp16" if self.resolved_device().startswith("cuda") else "fp32"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Encoder:

@@ -39,6 +39,7 @@ class Evaluation:
     channels: np.ndarray | None = None
     search: SearchResult | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    learned: dict[str, np.ndarray] = field(default_factory=dict)  # parameters a prediction needs (stored)
 
     def summary(self) -> dict[str, Any]:
         """The JSON-ready results (accuracies in percent)."""
@@ -159,6 +160,8 @@ def save_evaluation(
         arrays["search/betas"] = evaluation.search.grid.betas
         arrays["search/alphas"] = evaluation.search.grid.alphas
         arrays["search/gammas"] = evaluation.search.grid.gammas
+    for name, value in evaluation.learned.items():
+        arrays[f"learned/{name}"] = value
     return store.write_artifact(destination, KIND, arrays, evaluation.summary(), parents)
 
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import zipfile
@@ -20,19 +19,12 @@ from typing import Any
 import numpy as np
 
 from apecli.errors import ApecliError
+from apecli.store import file_sha256
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures
 from apecli.presets import canonical_name
 
 CUPL_TEXT_WEIGHTS = "text_weights_cupl_t.pt"
 NPZ_REQUIRED = ("text_weights", "cache_keys", "cache_labels", "val_features", "val_labels", "test_features", "test_labels")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _load_tensor(path: Path) -> np.ndarray:
@@ -151,7 +143,7 @@ def import_tip_adapter(
     provenance: dict[str, Any] = {
         "source": "tip-adapter",
         "path": str(folder.resolve()),
-        "files": {name: _sha256(path) for name, path in sorted(sources.items())},
+        "files": {name: file_sha256(path) for name, path in sorted(sources.items())},
     }
     return FeatureSet(
         class_names=_class_names(num_classes, Path(class_names) if class_names else None),
@@ -209,7 +201,7 @@ def import_npz(
         },
         dataset=canonical_name(dataset),
         model={"name": model} if model else {},
-        provenance={"source": "npz", "path": str(path.resolve()), "files": {path.name: _sha256(path)}},
+        provenance={"source": "npz", "path": str(path.resolve()), "files": {path.name: file_sha256(path)}},
     )
     try:
         return features.validate()

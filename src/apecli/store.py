@@ -210,6 +210,15 @@ def newest_artifact(store: Path, kinds: Iterable[str]) -> Artifact:
     return max(found, key=lambda item: item[0])[1]
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _open_parent(child: Artifact, ref: ParentRef) -> Artifact:
     candidates = [child.path.parent / ref.path, Path(ref.path)]
     location = next((p for p in candidates if p.exists()), None)

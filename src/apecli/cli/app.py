@@ -116,11 +116,7 @@ def extract(
 
     if dataset is None and images is None:
         raise ApecliError("give --dataset NAME (a CoOp benchmark under --root) or --images DIR|CSV")
-    try:
-        shot_counts = tuple(sorted({int(part) for part in shots.split(",") if part.strip()}))
-    except ValueError:
-        raise ApecliError(f"--shots takes comma-separated integers, got '{shots}'") from None
-    settings = ExtractSettings(shot_counts, seed, views, batch_size, workers, skip_bad=skip_bad)
+    settings = ExtractSettings(_integers(shots, "--shots"), seed, views, batch_size, workers, skip_bad=skip_bad)
     if images is not None:
         read = datasets.read_image_list if images.suffix.lower() == ".csv" else datasets.read_image_folder
         source = read(images, seed)
@@ -262,6 +258,90 @@ def fit(
 
 @app.command()
 @reports_errors
+def bench(
+    sources: Annotated[Optional[list[Path]], typer.Argument(help="Features artifacts or folders (default: the store).", show_default=False)] = None,
+    shots: Annotated[str, typer.Option("--shots", help="Shot counts, comma-separated.")] = "1,2,4,8,16",
+    modes: Annotated[str, typer.Option("--modes", help="Modes, comma-separated.")] = "zero-shot,tip-adapter,training-free,gda",
+    out: Annotated[Path, typer.Option("--out", help="Folder for results.json, results.csv and the plot.")] = Path("results"),
+    store_dir: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Run modes × shot counts × feature sets; write CSV, JSON and plots; print the papers' table."""
+    from apecli import bench as runner
+
+    counts = _integers(shots, "--shots")
+    chosen = [mode.strip() for mode in modes.split(",") if mode.strip()]
+    artifacts = runner.find_features(sources or [store_dir])
+
+    def report(row: dict, skipped: bool) -> None:
+        took = "done before" if skipped else f"{row['seconds']:7.1f} s"
+        console.print(f"{took}  {row['dataset']} {row['shots']}-shot {row['mode']}: test {row['test_accuracy']:.2f}%")
+
+    rows = runner.run_bench(artifacts, counts, chosen, out, report)
+    picture = runner.plot(rows, chosen, out / "accuracy-vs-shots.png")
+    for count in counts:
+        table = Table(title=f"test accuracy (%), {count} shots")
+        table.add_column("dataset")
+        for mode in chosen:
+            table.add_column(METHOD_NAMES.get(mode, mode), justify="right")
+        for line in runner.summary_table(rows, count, chosen):
+            table.add_row(*[line[0]] + ["" if v is None else f"{v:.2f}" for v in line[1:]],
+                          style="bold" if line[0] == "Average" else None)
+        console.print(table)
+    emit(out / "results.json", {"csv": str(out / "results.csv"), "plot": str(picture), "rows": rows}, as_json)
+
+
+def _integers(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise ApecliError(f"{option} takes comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise ApecliError(f"{option} takes positive integers, got '{text}'")
+    return values
+
+
+@app.command()
+@reports_errors
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files to classify.", show_default=False)],
+    model_artifact: Annotated[
+        Optional[Path], typer.Option("--model-artifact", help="An evaluation artifact (default: the newest in the store).")
+    ] = None,
+    top: Annotated[int, typer.Option("--top", help="Labels to report per image.")] = 5,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Report unreadable files and classify the others.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, …")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")] = 64,
+    workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 0,
+    store_dir: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Classify image files with an evaluated model (re-encoded with the model its features came from)."""
+    from apecli.predict import predict as classify
+
+    artifact = store.open_artifact(model_artifact, ["evaluation"]) if model_artifact else \
+        resolve_input(None, store_dir, ["evaluation"])
+    with _splits() as report:
+        predictions, skipped = classify(images, artifact, top, device, batch_size, workers, skip_bad, report)
+    for item in skipped:
+        console.print(f"skipped {item['path']}: {item['error']}")
+    if as_json:
+        emit(artifact, {"predictions": [{"path": p.path, "top": [{"label": label, "probability": prob}
+                                                                 for label, prob in zip(p.labels, p.probabilities)]}
+                                        for p in predictions], "skipped": skipped}, True)
+        return
+    typer.echo("path,rank,label,probability")
+    for p in predictions:
+        for rank, (label, probability) in enumerate(zip(p.labels, p.probabilities), start=1):
+            typer.echo(f"{_csv_field(p.path)},{rank},{_csv_field(label)},{probability:.6f}")
+
+
+def _csv_field(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+@app.command()
+@reports_errors
 def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: Json = False) -> None:
     """Describe an artifact: kind, content id, parents, settings and arrays."""
     artifact = resolve_input(source, store_dir, ["features", "refinement", "adapter", "evaluation"])
@@ -314,7 +394,7 @@ def demo(
     emit(saved, evaluation.summary(), as_json)
 
 
-METHOD_NAMES = {"training-free": "APE", "training-required": "APE-T", "tip-adapter": "Tip-Adapter",
+METHOD_NAMES = {"zero-shot": "zero-shot CLIP", "training-free": "APE", "training-required": "APE-T", "tip-adapter": "Tip-Adapter",
                 "tip-adapter-f": "Tip-Adapter-F", "gda": "GDA", "proker": "ProKeR"}
 
 

@@ -1,0 +1,193 @@
+"""The benchmark runner: every mode × shot count × feature set, into one table of results.
+
+Each finished cell is written at once to ``results.json`` and ``results.csv`` in the output folder;
+running again skips the cells already there (a cell is a feature set's content id, a shot count and
+a mode), so an interrupted benchmark resumes. ``accuracy-vs-shots.png`` draws test accuracy against
+shots, one line per mode, one panel per dataset and one for their average.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from apecli import store
+from apecli.errors import ApecliError
+from apecli.evaluate import MODES, Evaluation, evaluate_artifact
+
+COLUMNS = ("dataset", "model", "shots", "mode", "val_accuracy", "test_accuracy", "zero_shot_accuracy", "alpha",
+           "beta", "gamma", "lambda", "best_epoch", "seconds", "features", "content_id")
+CellProgress = Callable[[dict[str, Any], bool], None]  # the row, and whether it was already done
+
+
+def find_features(paths: Iterable[Path]) -> list[store.Artifact]:
+    """The features artifacts among ``paths`` (files, or folders searched recursively)."""
+    found: dict[str, store.Artifact] = {}
+    for path in paths:
+        path = Path(path)
+        candidates = sorted(path.rglob("*.h5")) if path.is_dir() else [path]
+        if path.is_dir():
+            for candidate in candidates:
+                if not candidate.name.startswith("."):
+                    try:
+                        artifact = store.open_artifact(candidate, ["features"])
+                    except ApecliError:
+                        continue
+                    found.setdefault(artifact.content_id, artifact)
+        else:
+            artifact = store.open_artifact(path, ["features"])
+            found.setdefault(artifact.content_id, artifact)
+    if not found:
+        raise ApecliError(f"no features artifact in {', '.join(str(p) for p in paths)}")
+    return sorted(found.values(), key=lambda a: (a.metadata.get("dataset") or "", str(a.path)))
+
+
+def _model_name(artifact: store.Artifact) -> str:
+    model = artifact.metadata.get("model", {})
+    return str(model.get("name") or model.get("model") or "unknown")
+
+
+def read_results(out: Path) -> list[dict[str, Any]]:
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text()))
+    except ValueError:
+        raise ApecliError(f"{path}: not valid JSON; move it away to start the benchmark afresh") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_results(out: Path, rows: Sequence[dict[str, Any]]) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _write_atomic(Path(out) / "results.json", json.dumps(list(rows), indent=1))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(Path(out) / "results.csv", buffer.getvalue())
+
+
+def _row(artifact: store.Artifact, shots: int, mode: str, evaluation: Evaluation, seconds: float) -> dict[str, Any]:
+    summary = evaluation.summary()
+    return {
+        "dataset": artifact.metadata.get("dataset") or artifact.path.parent.name,
+        "model": _model_name(artifact),
+        "shots": shots,
+        "mode": mode,
+        **{key: summary.get(key) for key in ("val_accuracy", "test_accuracy", "zero_shot_accuracy", "alpha", "beta",
+                                             "gamma", "lambda", "best_epoch")},
+        "seconds": round(seconds, 3),
+        "features": str(artifact.path),
+        "content_id": artifact.content_id,
+    }
+
+
+def run_bench(
+    artifacts: Sequence[store.Artifact],
+    shots: Sequence[int],
+    modes: Sequence[str],
+    out: Path,
+    progress: CellProgress | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate every cell not yet in ``out``'s results; return all results."""
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise ApecliError(f"unknown mode '{unknown[0]}'; choose among {', '.join(MODES)}")
+    for artifact in artifacts:
+        missing = sorted(set(shots) - set(artifact.metadata.get("shots", [])))
+        if missing:
+            raise ApecliError(f"{artifact.path}: has no {missing[0]}-shot cache (it holds {artifact.metadata.get('shots')} shots)")
+    rows = read_results(out)
+    done = {(row["content_id"], row["shots"], row["mode"]): row for row in rows}
+    for artifact in artifacts:
+        for count in shots:
+            for mode in modes:
+                if (artifact.content_id, count, mode) in done:
+                    if progress is not None:
+                        progress(done[artifact.content_id, count, mode], True)
+                    continue
+                start = time.perf_counter()
+                evaluation = _evaluate(artifact, mode, count)
+                row = _row(artifact, count, mode, evaluation, time.perf_counter() - start)
+                rows.append(row)
+                write_results(out, rows)
+                if progress is not None:
+                    progress(row, False)
+    return rows
+
+
+def _evaluate(artifact: store.Artifact, mode: str, shots: int) -> Evaluation:
+    if mode != "training-required":
+        return evaluate_artifact(artifact, mode, shots)
+    from apecli.evaluate import evaluate_training_required
+    from apecli.features import load_features
+    from apecli.training_required import FitSettings, fit
+
+    features = load_features(artifact)
+    return evaluate_training_required(features, fit(features, FitSettings(shots=shots)))
+
+
+def summary_table(rows: Sequence[dict[str, Any]], shots: int, modes: Sequence[str]) -> list[list[Any]]:
+    """Rows of [dataset, test accuracy per mode …] for one shot count, then the average row."""
+    by_dataset: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if row["shots"] == shots and row["mode"] in modes:
+            by_dataset.setdefault(f"{row['dataset']} ({row['model']})", {})[row["mode"]] = row["test_accuracy"]
+    table = [[name, *(cells.get(mode) for mode in modes)] for name, cells in sorted(by_dataset.items())]
+    averages = []
+    for index in range(len(modes)):
+        values = [line[index + 1] for line in table]
+        averages.append(sum(values) / len(values) if values and None not in values else None)
+    return table + [["Average", *averages]]
+
+
+def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], path: Path) -> Path:
+    """Test accuracy against shots: a panel per dataset and one for the average, a line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({f"{r['dataset']} ({r['model']})" for r in rows})
+    panels = ["Average"] + datasets
+    columns = min(4, len(panels))
+    lines = (len(panels) + columns - 1) // columns
+    figure, axes = plt.subplots(lines, columns, figsize=(4 * columns, 3.2 * lines), squeeze=False)
+    for axis, panel in zip(axes.flat, panels):
+        for mode in modes:
+            points: dict[int, list[float]] = {}
+            for row in rows:
+                if row["mode"] == mode and (panel == "Average" or f"{row['dataset']} ({row['model']})" == panel):
+                    points.setdefault(row["shots"], []).append(row["test_accuracy"])
+            complete = {k: v for k, v in points.items() if panel != "Average" or len(v) == len(datasets)}
+            if complete:
+                xs = sorted(complete)
+                axis.plot(xs, [sum(complete[x]) / len(complete[x]) for x in xs], marker="o", label=mode)
+        axis.set_title(panel, fontsize=10)
+        axis.set_xscale("log", base=2)
+        shot_counts = sorted({row["shots"] for row in rows})
+        axis.set_xticks(shot_counts, [str(count) for count in shot_counts])
+        axis.set_xlabel("shots per class")
+        axis.set_ylabel("test accuracy (%)")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    axes.flat[0].legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    temporary = path.parent / f".{path.stem}.{os.getpid()}.tmp.png"
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path

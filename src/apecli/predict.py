@@ -1,0 +1,157 @@
+"""Classify new images with an evaluated model: the evaluation artifact names everything needed.
+
+An evaluation artifact records its mode and chosen hyperparameters; through its parents it reaches the
+feature set, whose metadata names the encoder (model, weights and their hash). The images are encoded
+with that encoder's evaluation transform, and classified by the mode's classifier:
+
+- zero-shot: ``100 · x Wᵀ``; training-free: APE's tri-edge logits (the stored channels, α, β, γ);
+- training-required: the fitted adapter's logits (α, β); tip-adapter / tip-adapter-f: the cache
+  classifier (the stored trained keys for -F); gda: the zero-shot logits plus α times GDA's head,
+  recomputed from the stored views; probabilities are the softmax of these logits;
+- proker: its prediction ``f₀(x) + k(x, S)(K + λI)⁻¹(Y − f₀(S))``, whose scores are clipped at zero
+  and normalised to sum to one.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from apecli import store
+from apecli.errors import ApecliError
+from apecli.features import FeatureSet, load_features
+from apecli.training_free import CacheModel, TriEdge
+
+Scores = Callable[[np.ndarray], np.ndarray]  # L2-normalised features N × D → probabilities N × C
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    labels: tuple[str, ...]
+    probabilities: tuple[float, ...]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _features_of(artifact: store.Artifact) -> FeatureSet:
+    """The feature set at the root of an artifact's parents (each checked unchanged)."""
+    while artifact.kind != "features":
+        if not artifact.parents:
+            raise ApecliError(f"{artifact.path}: leads to no features artifact")
+        artifact = artifact.parent(artifact.parents[0].kind)
+    return load_features(artifact, with_views=False)
+
+
+def classifier(evaluation: store.Artifact) -> tuple[Scores, FeatureSet]:
+    """The probability function of an evaluation artifact, and its feature set."""
+    if evaluation.kind != "evaluation":
+        raise ApecliError(f"{evaluation.path}: is a '{evaluation.kind}' artifact; predict needs an evaluation (from apecli eval)")
+    meta = evaluation.metadata
+    mode = meta.get("mode")
+    features = _features_of(evaluation)
+    text = features.classifier.astype(np.float64)
+    zero_shot = lambda x: 100.0 * x @ text.T  # noqa: E731
+    if mode == "zero-shot":
+        return (lambda x: _softmax(zero_shot(x))), features
+    shots, cache = features.cache(meta.get("shots"))
+    alpha, beta, gamma = meta.get("alpha"), meta.get("beta"), meta.get("gamma")
+    if mode == "training-free":
+        tri = TriEdge.build(features.classifier, cache.keys, cache.labels, evaluation.read("channels"))
+        return (lambda x: _softmax(tri.logits(x, alpha, beta, gamma))), features
+    if mode == "training-required":
+        from apecli.training_required import load_fit
+
+        fitted, _ = load_fit(evaluation.parent("adapter"))
+        model = fitted.adapter.cache_model(features)
+        return (lambda x: _softmax(model.logits(x, alpha, beta))), features
+    if mode in ("tip-adapter", "tip-adapter-f"):
+        keys = evaluation.read("learned/keys") if mode == "tip-adapter-f" else cache.keys
+        model = CacheModel(features.classifier, keys, cache.labels, np.ones(cache.labels.shape[0]))
+        return (lambda x: _softmax(model.logits(x, alpha, beta))), features
+    if mode == "gda":
+        from apecli.baselines import gda_head
+        from apecli.training import training_samples
+
+        samples, _ = training_samples(features, shots)
+        weights, bias = gda_head(samples.reshape(-1, features.dim), np.tile(cache.labels, samples.shape[0]),
+                                 features.num_classes)
+        return (lambda x: _softmax(zero_shot(x) + alpha * (x @ weights.T + bias))), features
+    if mode == "proker":
+        support = cache.keys.astype(np.float64)
+        residual = np.eye(features.num_classes)[cache.labels] - _softmax(zero_shot(support))
+        gram = np.exp(-beta * (1.0 - support @ support.T))
+        coefficients = np.linalg.solve(gram + meta["lambda"] * np.eye(support.shape[0]), residual)
+
+        def proker(x: np.ndarray) -> np.ndarray:
+            scores = np.clip(_softmax(zero_shot(x)) + np.exp(-beta * (1.0 - x @ support.T)) @ coefficients, 0.0, None)
+            return scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
+
+        return proker, features
+    raise ApecliError(f"{evaluation.path}: mode '{mode}' cannot be applied to new images")
+
+
+def encoder_spec(features: FeatureSet, device: str, folder: Path):
+    """The encoder the feature set was extracted with, checked to be the same weights."""
+    from apecli.encoder import EncoderSpec
+
+    model = dict(features.model)
+    if "pretrained" not in model or "model" not in model:
+        raise ApecliError(f"{features.name}: records no encoder (imported features?); predict needs features "
+                          "made by apecli extract")
+    name = model["model"]
+    if "model_config" in model:
+        config = folder / f"{name}.json"
+        config.write_text(json.dumps(model["model_config"]))
+        name = str(config)
+    if "checkpoint_sha256" in model:
+        checkpoint = Path(model["pretrained"])
+        if not checkpoint.is_file():
+            raise ApecliError(f"{features.name}: its checkpoint {checkpoint} is missing")
+        if store.file_sha256(checkpoint) != model["checkpoint_sha256"]:
+            raise ApecliError(f"{checkpoint}: changed since the features were extracted (its SHA-256 differs)")
+    return EncoderSpec(name, model["pretrained"], device, "auto")
+
+
+def predict(
+    paths: Sequence[Path],
+    evaluation: store.Artifact,
+    top: int = 5,
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int = 0,
+    skip_bad: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[list[Prediction], list[dict[str, str]]]:
+    """Top-``top`` labels and probabilities of each image; unreadable images fail, or are listed with ``skip_bad``."""
+    from apecli.encoder import load_encoder
+    from apecli.extract import ExtractSettings, encode_split
+
+    if top < 1:
+        raise ApecliError(f"--top must be at least 1, got {top}")
+    if not paths:
+        raise ApecliError("no images to classify")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ApecliError(f"{missing[0]}: no such file")
+    scores, features = classifier(evaluation)
+    with tempfile.TemporaryDirectory() as folder:
+        encoder = load_encoder(encoder_spec(features, device, Path(folder)))
+        settings = ExtractSettings(batch_size=batch_size, workers=workers, skip_bad=skip_bad)
+        encoded, ok, errors = encode_split(encoder, "images", list(paths), 0, Path(folder), settings, progress)
+    x = encoded[ok].astype(np.float64)
+    probabilities = scores(x / np.linalg.norm(x, axis=1, keepdims=True)) if ok.any() else np.zeros((0, features.num_classes))
+    best = np.argsort(-probabilities, axis=1, kind="stable")[:, : min(top, features.num_classes)]
+    kept = [str(p) for p, good in zip(paths, ok) if good]
+    predictions = [Prediction(path, tuple(features.class_names[c] for c in row), tuple(float(probabilities[i, c]) for c in row))
+                   for i, (path, row) in enumerate(zip(kept, best))]
+    skipped = [{"path": str(p), "error": e} for p, good, e in zip(paths, ok, errors) if not good]
+    return predictions, skipped

@@ -1,0 +1,79 @@
+"""apecli bench: every cell once, results as CSV and JSON, the papers' table, and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from apecli import bench, store
+from apecli.cli import app
+from apecli.errors import ApecliError
+from apecli.features import save_features
+from apecli.synthetic import synthetic_features
+
+from conftest import assert_one_line_error
+
+runner = CliRunner()
+MODES = ["zero-shot", "tip-adapter", "training-free", "gda"]
+
+
+@pytest.fixture
+def two_stores(tmp_path):
+    for seed, name in ((1, "alpha"), (2, "beta")):
+        features = synthetic_features(num_classes=5, dim=24, shots=(1, 4), val_per_class=6, test_per_class=6,
+                                      seed=seed, dataset=name, views=2)
+        save_features(features, store.in_store(tmp_path / "caches", name, "features"))
+    return tmp_path / "caches"
+
+
+def test_every_cell_once_then_skipped(two_stores, tmp_path, monkeypatch):
+    artifacts = bench.find_features([two_stores])
+    assert [a.metadata["dataset"] for a in artifacts] == ["alpha", "beta"]
+    rows = bench.run_bench(artifacts, [1, 4], MODES, tmp_path / "out")
+    assert len(rows) == 2 * 2 * 4
+    with open(tmp_path / "out" / "results.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 16 and set(table[0]) >= {"dataset", "model", "shots", "mode", "val_accuracy", "test_accuracy",
+                                                  "alpha", "beta", "gamma", "seconds"}
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == rows
+
+    monkeypatch.setattr(bench, "_evaluate", lambda *a: pytest.fail("a finished cell ran again"))
+    seen = []
+    again = bench.run_bench(artifacts, [1, 4], MODES, tmp_path / "out", lambda row, skipped: seen.append(skipped))
+    assert again == rows and seen == [True] * 16
+
+
+def test_the_average_row_and_the_plot(two_stores, tmp_path):
+    rows = bench.run_bench(bench.find_features([two_stores]), [1, 4], ["zero-shot", "gda"], tmp_path / "out")
+    table = bench.summary_table(rows, 4, ["zero-shot", "gda"])
+    assert [line[0] for line in table] == ["alpha (synthetic)", "beta (synthetic)", "Average"]
+    assert table[-1][2] == pytest.approx((table[0][2] + table[1][2]) / 2)
+    picture = bench.plot(rows, ["zero-shot", "gda"], tmp_path / "out" / "plot.png")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
+
+
+def test_refusals(two_stores, tmp_path):
+    artifacts = bench.find_features([two_stores])
+    with pytest.raises(ApecliError, match="unknown mode 'magic'"):
+        bench.run_bench(artifacts, [1], ["magic"], tmp_path / "out")
+    with pytest.raises(ApecliError, match="has no 16-shot cache"):
+        bench.run_bench(artifacts, [16], ["zero-shot"], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ApecliError, match="no features artifact"):
+        bench.find_features([tmp_path / "empty"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_on_the_command_line(two_stores, tmp_path):
+    result = runner.invoke(app, ["bench", "--store", str(two_stores), "--shots", "1,4", "--modes",
+                                 "zero-shot,training-free,training-required", "--out", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert len(payload["rows"]) == 12 and payload["artifact"].endswith("results.json")
+    assert "Average" in result.stderr and "APE-T" in result.stderr
+    assert (tmp_path / "out" / "accuracy-vs-shots.png").is_file()
+    assert_one_line_error(runner.invoke(app, ["bench", "--store", str(two_stores), "--modes", "magic",
+                                              "--out", str(tmp_path / "o2")]), "unknown mode 'magic'")
