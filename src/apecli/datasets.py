@@ -96,7 +96,7 @@ LAYOUTS: dict[str, Layout] = {
 
 def _dataset_folder(root: Path, name: str, layout: Layout) -> Path:
     """The dataset's folder under ``root`` (either spelling), or ``root`` itself if it is one."""
-    root = Path(root).expanduser()
+    root = Path(root).expanduser().resolve()  # absolute paths: the same images from any working folder
     if not root.is_dir():
         raise ApecliError(f"{root}: no such folder")
     for folder in layout.folders:
@@ -199,7 +199,7 @@ def _split_by_ratio(groups: list[list[Path]], seed: int) -> dict[str, tuple[tupl
 
 def read_image_folder(directory: str | Path, seed: int = 1) -> ImageDataset:
     """A folder per class: ``DIR/{train,val,test}/CLASS/*`` or ``DIR/CLASS/*`` (split 50/20/30, seeded)."""
-    directory = Path(directory).expanduser()
+    directory = Path(directory).expanduser().resolve()
     if not directory.is_dir():
         raise ApecliError(f"{directory}: no such folder")
     if (directory / "train").is_dir():
@@ -226,7 +226,7 @@ def read_image_folder(directory: str | Path, seed: int = 1) -> ImageDataset:
 
 def read_image_list(csv_file: str | Path, seed: int = 1) -> ImageDataset:
     """A CSV with ``path,label`` (and optionally ``split``) columns; paths relative to the file's folder."""
-    csv_file = Path(csv_file).expanduser()
+    csv_file = Path(csv_file).expanduser().resolve()
     if not csv_file.is_file():
         raise ApecliError(f"{csv_file}: no such file")
     with open(csv_file, newline="") as handle:

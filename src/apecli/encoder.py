@@ -10,6 +10,7 @@ model's normalisation.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -46,14 +47,17 @@ class EncoderSpec:
                           "checkpoint_sha256": file_sha256(Path(weights).expanduser())}
         else:
             pretrained = {"pretrained": weights}
-        return {**model, **pretrained, "device": self.resolved_device(), "precision": self.resolved_precision()}
+        device_type = self.resolved_device().split(":")[0]  # cuda:1 and cuda:0 give the same features
+        return {**model, **pretrained, "device": device_type, "precision": self.resolved_precision()}
 
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"  # one GPU per rank
 
     def resolved_precision(self) -> str:
         if self.precision != "auto":
@@ -118,7 +122,6 @@ class Encoder:
 def load_encoder(spec: EncoderSpec) -> Encoder:
     """Build the model; a missing, offline or unloadable model ends in one clear error."""
     import logging
-    import os
 
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")  # an unreachable hub fails in seconds, not minutes
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")

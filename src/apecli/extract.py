@@ -8,7 +8,8 @@
    validation and test images through the model's evaluation transform. Each finished chunk is saved
    at once (temporary file, then rename) in a folder named by the request, so a run that is
    interrupted resumes where it stopped, and a changed model or split, being another request, never
-   meets the old chunks.
+   meets the old chunks. Under torchrun each process encodes the chunks it owns (see
+   :mod:`apecli.distributed`) and rank 0 assembles them.
 3. **Assemble.** A key is the L2-normalised mean of its views' features; views, validation and test
    features are L2-normalised. The text classifier and the provenance join them in one artifact.
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from apecli import store
 from apecli.datasets import ImageDataset
+from apecli.distributed import Ranks, barrier, owns
 from apecli.encoder import Encoder, EncoderSpec, load_encoder
 from apecli.errors import ApecliError
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures, load_features, save_features
@@ -163,26 +165,36 @@ def _collate(items):
     return items
 
 
-def encode_split(encoder: Encoder, name: str, paths: Sequence[Path], views: int, work: Path,
-                  settings: ExtractSettings, progress: SplitProgress | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Encode one split's images: features (N × [V ×] D, not normalised), a readable mask and the errors.
+def _chunks(count: int, settings: ExtractSettings) -> list[range]:
+    return [range(start, min(start + settings.chunk_images, count)) for start in range(0, count, settings.chunk_images)]
+
+
+def _chunk_files(work: Path, name: str, count: int, settings: ExtractSettings) -> list[Path]:
+    return [work / f"{name}-{number:05d}.npz" for number in range(len(_chunks(count, settings)))]
+
+
+def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int, work: Path,
+                  settings: ExtractSettings, progress: SplitProgress | None, ranks: Ranks = Ranks()) -> None:
+    """Encode the chunks of one split that are not saved yet and that this process owns, saving each.
 
     ``views`` > 0 encodes that many augmented views of each image, 0 the evaluation transform alone.
-    Chunks already saved in ``work`` are read, not encoded again.
+    Progress counts the saved chunks of every process, so rank 0 shows the aggregate.
     """
     import torch
 
     transform = encoder.train_transform if views else encoder.eval_transform
-    chunks = [range(start, min(start + settings.chunk_images, len(paths)))
-              for start in range(0, len(paths), settings.chunk_images)]
-    files = [work / f"{name}-{number:05d}.npz" for number in range(len(chunks))]
-    pending = [number for number, file in enumerate(files) if not file.is_file()]
-    finished = set(range(len(chunks))) - set(pending)
+    chunks = _chunks(len(paths), settings)
+    files = _chunk_files(work, name, len(paths), settings)
+    pending = [n for n, file in enumerate(files) if not file.is_file() and owns(n, ranks.rank, ranks.world)]
     per_batch = max(1, settings.batch_size // max(views, 1))
     batches = [list(chunks[n][i : i + per_batch]) for n in pending for i in range(0, len(chunks[n]), per_batch)]
-    done = sum(len(chunks[n]) for n in finished)
-    if progress is not None:
-        progress(name, done, len(paths))
+
+    def report(in_memory: int) -> None:
+        if progress is not None:
+            saved = sum(len(chunk) for chunk, file in zip(chunks, files) if file.is_file())
+            progress(name, min(len(paths), saved + in_memory), len(paths))
+
+    report(0)
     loader = torch.utils.data.DataLoader(
         _Images(paths, transform, views, settings.seed), batch_sampler=batches, num_workers=settings.workers,
         collate_fn=_collate, pin_memory=encoder.device.type == "cuda")
@@ -201,10 +213,14 @@ def encode_split(encoder: Encoder, name: str, paths: Sequence[Path], views: int,
             buffers.setdefault(number, {})[index] = (encoded.get(index), error or "")
             if len(buffers[number]) == len(chunks[number]):
                 _save_chunk(files[number], chunks[number], buffers.pop(number))
-        done += len(items)
-        if progress is not None:
-            progress(name, done, len(paths))
-    return _load_chunks(files)
+        report(sum(len(buffer) for buffer in buffers.values()))
+
+
+def encode_split(encoder: Encoder, name: str, paths: Sequence[Path], views: int, work: Path,
+                 settings: ExtractSettings, progress: SplitProgress | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Encode one split in this process: features (N × [V ×] D, not normalised), a readable mask, errors."""
+    encode_chunks(encoder, name, paths, views, work, settings, progress)
+    return _load_chunks(_chunk_files(work, name, len(paths), settings))
 
 
 def _save_chunk(file: Path, indices: range, results: dict[int, tuple[np.ndarray | None, str]]) -> None:
@@ -232,15 +248,25 @@ def _load_chunks(files: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def _encode_all(encoder: Encoder, chosen: Plan, work: Path, settings: ExtractSettings,
-                progress: SplitProgress | None) -> tuple[np.ndarray, dict[str, LabelledFeatures]]:
-    train, _, _ = encode_split(encoder, "train", chosen.train, settings.views, work, settings, progress)
+                progress: SplitProgress | None, ranks: Ranks) -> None:
+    """Encode every split's chunks this process owns."""
+    encode_chunks(encoder, "train", chosen.train, settings.views, work, settings, progress, ranks)
+    for split, entries in chosen.evaluation.items():
+        if split == "test" and entries is chosen.evaluation["val"]:
+            continue  # ImageNet: one split serves both
+        encode_chunks(encoder, split, [path for path, _ in entries], 0, work, settings, progress, ranks)
+
+
+def _assemble(chosen: Plan, work: Path, settings: ExtractSettings) -> tuple[np.ndarray, dict[str, LabelledFeatures]]:
+    """Every split's features from the saved chunks."""
+    train, _, _ = _load_chunks(_chunk_files(work, "train", len(chosen.train), settings))
     evaluated: dict[str, LabelledFeatures] = {}
     for split, entries in chosen.evaluation.items():
         if split == "test" and entries is chosen.evaluation["val"]:
-            evaluated[split] = evaluated["val"]  # ImageNet: one split serves both
+            evaluated[split] = evaluated["val"]
             continue
         paths = [path for path, _ in entries]
-        features, ok, errors = encode_split(encoder, split, paths, 0, work, settings, progress)
+        features, ok, errors = _load_chunks(_chunk_files(work, split, len(paths), settings))
         chosen.skipped.extend({"split": split, "path": str(paths[i]), "error": errors[i]} for i in np.flatnonzero(~ok))
         labels = np.array([label for _, label in entries], dtype=np.int64)
         evaluated[split] = LabelledFeatures(_normalise(features[ok]), labels[ok], np.array(paths, dtype=str)[ok])
@@ -272,23 +298,32 @@ def extract(
     prompts: dict[str, list[str]] | None = None,
     progress: SplitProgress | None = None,
     say: Callable[[str], None] = lambda message: None,
-) -> FeatureSet:
-    """Extract a dataset into the store (or return what an identical earlier run extracted)."""
+    ranks: Ranks = Ranks(),
+) -> FeatureSet | None:
+    """Extract a dataset into the store (or return what an identical earlier run extracted).
+
+    Under torchrun, pass this process's :class:`Ranks`: every process encodes its own chunks, and
+    rank 0 assembles and returns the artifact (the others return None).
+    """
     request = request_id(dataset, spec.identity(), settings, dataset.templates, prompts)
     existing = find_extracted(store_dir, dataset.name, request)
     if existing is not None:
         say(f"already extracted: {existing.path}")
-        return load_features(existing)
+        return load_features(existing) if ranks.leader else None
     work = Path(store_dir) / dataset.name / f".extract-{request}"
     chosen = plan(dataset, settings)
     encoder = load_encoder(spec)
     work.mkdir(parents=True, exist_ok=True)
     say(f"extracting into {work} (an interrupted run resumes from there)")
     try:
-        train, evaluated = _encode_all(encoder, chosen, work, settings, progress)
+        _encode_all(encoder, chosen, work, settings, progress, ranks)
     except ApecliError:
         shutil.rmtree(work, ignore_errors=True)  # bad input: leave nothing behind
         raise
+    barrier(ranks)  # every chunk is saved
+    if not ranks.leader:
+        return None
+    train, evaluated = _assemble(chosen, work, settings)
     keys, views = _normalise(train.mean(axis=1)), _normalise(train).transpose(1, 0, 2)  # V × N × D
     train_paths = np.array([str(p) for p in chosen.train], dtype=str)
     caches = {k: FewShotCache(keys[index], chosen.train_labels[index], np.ascontiguousarray(views[:, index]),

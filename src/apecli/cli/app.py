@@ -106,17 +106,19 @@ def extract(
     precision: Annotated[str, typer.Option("--precision", help="auto (fp16 on CUDA), fp32, fp16, bf16.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")] = 64,
     workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = min(4, os.cpu_count() or 1),
+    chunk_images: Annotated[int, typer.Option("--chunk-images", help="Images per saved chunk (the unit of resuming and of sharding across ranks).")] = 512,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
     """Encode images into a features artifact (APE's protocol): few-shot caches, val and test, text."""
     from apecli import datasets
     from apecli.encoder import EncoderSpec
+    from apecli.distributed import join, leave
     from apecli.extract import ExtractSettings, extract as run_extract
 
     if dataset is None and images is None:
         raise ApecliError("give --dataset NAME (a CoOp benchmark under --root) or --images DIR|CSV")
-    settings = ExtractSettings(_integers(shots, "--shots"), seed, views, batch_size, workers, skip_bad=skip_bad)
+    settings = ExtractSettings(_integers(shots, "--shots"), seed, views, batch_size, workers, chunk_images, skip_bad)
     if images is not None:
         read = datasets.read_image_list if images.suffix.lower() == ".csv" else datasets.read_image_folder
         source = read(images, seed)
@@ -124,12 +126,18 @@ def extract(
     else:
         source = datasets.read_coop(dataset, root)
     sentences = datasets.read_prompts(prompts, source.class_names, allow_missing_prompts) if prompts else None
-    if pretrained.lower() in ("none", "random"):
+    ranks = join()
+    if pretrained.lower() in ("none", "random") and ranks.leader:
         console.print(f"[bold yellow]warning: {model} with RANDOM weights (--pretrained {pretrained}): "
                       "the features mean nothing[/bold yellow]")
-    with _splits() as report:
-        features = run_extract(source, EncoderSpec(model, pretrained, device, precision), store_dir, settings,
-                               sentences, report, console.print)
+    try:
+        with _splits(enabled=ranks.leader) as report:
+            features = run_extract(source, EncoderSpec(model, pretrained, device, precision), store_dir, settings,
+                                   sentences, report, console.print if ranks.leader else lambda message: None, ranks)
+    finally:
+        leave(ranks)
+    if features is None:  # another rank: rank 0 reports
+        return
     skipped = features.provenance.get("skipped", [])
     console.print(f"{features.num_classes} classes × {features.dim} channels, shots {list(features.shots)}, "
                   + ", ".join(f"{n} {p.labels.shape[0]}" for n, p in features.splits.items())
@@ -433,10 +441,10 @@ class _progress:
 class _splits:
     """One rich progress bar per split on stderr (only on a terminal), with images/s and time left."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.bar = Progress(TextColumn("{task.description:<5}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console,
-                            disable=not console.is_terminal)
+                            disable=not (enabled and console.is_terminal))
         self.tasks: dict[str, int] = {}
 
     def __enter__(self):

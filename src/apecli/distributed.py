@@ -1,0 +1,65 @@
+"""Extraction over several processes or machines, started by torchrun.
+
+``torchrun --nproc_per_node N -m apecli extract …`` starts N copies; each learns its rank from the
+environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK), joins the process group (NCCL on GPUs, gloo
+on CPUs), encodes the chunks that :func:`owns` gives it, and waits for the others; rank 0 then
+assembles the one artifact. Chunks are saved in the store's work folder, which all ranks must share
+(one machine, or a shared file system across machines).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the extraction processes."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+def owns(chunk: int, rank: int, world: int) -> bool:
+    """Whether chunk ``chunk`` is encoded by process ``rank`` of ``world``: a pure function."""
+    return chunk % world == rank
+
+
+def join() -> Ranks:
+    """This process's ranks, joining torchrun's process group when there are several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    import torch
+    import torch.distributed as dist
+
+    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(ranks.local_rank)
+        dist.init_process_group(backend, timeout=timedelta(hours=2))
+    return ranks
+
+
+def barrier(ranks: Ranks) -> None:
+    """Wait until every process has reached this point."""
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def leave(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
