@@ -5,7 +5,8 @@ On generated 500 × 375 JPEGs, measures images per second of
 - encode: the encoder alone on ready tensors;
 - apecli: `apecli.extract.encode_split`, the extraction loop (decoding in --workers processes
   overlapped with encoding), and the same loop with decoding in the main process (--workers 0),
-  which is the baseline the ratio is taken against.
+  which is the baseline the ratio is taken against;
+- on a CUDA device also: JPEG decoding on the GPU alone, and the extraction loop with --decode gpu.
 The share of time spent decoding is that of a serial loop: decode / (decode + encode) per image.
 
     python benchmarks/extract_throughput.py --model ViT-B-16 --images 64            # CPU, encoder-bound
@@ -44,7 +45,8 @@ def main() -> None:
     import torch
 
     from apecli.encoder import EncoderSpec, load_encoder
-    from apecli.extract import ExtractSettings, _Images, _collate, encode_split
+    from apecli.extract import ExtractSettings, encode_split
+    from apecli.images import PilImages, RawBytes, collate, decode_on_device
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model (random weights: same cost), or 'tiny'")
@@ -71,10 +73,16 @@ def main() -> None:
             return args.images / (time.perf_counter() - start)
 
         def decode(workers: int) -> None:
-            loader = torch.utils.data.DataLoader(_Images(paths, encoder.eval_transform, 0, 1), batch_size=args.batch_size,
-                                                 num_workers=workers, collate_fn=_collate)
+            loader = torch.utils.data.DataLoader(PilImages(paths, encoder.eval_transform, 0, 1), batch_size=args.batch_size,
+                                                 num_workers=workers, collate_fn=collate)
             for _ in loader:
                 pass
+
+        def decode_gpu() -> None:
+            loader = torch.utils.data.DataLoader(RawBytes(paths), batch_size=args.batch_size, num_workers=args.workers,
+                                                 collate_fn=collate, pin_memory=True)
+            for items in loader:
+                decode_on_device(items, paths, encoder, encoder.device)
 
         batch = torch.randn(args.batch_size, 3, *encoder.image_size)
         encoder.encode_images(batch[:2])  # warm-up
@@ -83,14 +91,17 @@ def main() -> None:
             for _ in range(0, args.images, args.batch_size):
                 encoder.encode_images(batch)
 
-        def extraction(workers: int) -> None:
-            settings = ExtractSettings(batch_size=args.batch_size, workers=workers, chunk_images=args.images)
+        def extraction(workers: int, decode: str = "pil") -> None:
+            settings = ExtractSettings(batch_size=args.batch_size, workers=workers, chunk_images=args.images, decode=decode)
             with tempfile.TemporaryDirectory() as work:
                 encode_split(encoder, "test", paths, 0, Path(work), settings, None)
 
         decode_one, decode_many = rate(lambda: decode(0)), rate(lambda: decode(args.workers))
         encode_rate = rate(encode)
         serial, overlapped = rate(lambda: extraction(0)), rate(lambda: extraction(args.workers))
+        on_gpu = encoder.device.type == "cuda"
+        if on_gpu:
+            gpu_decode, gpu_end_to_end = rate(decode_gpu), rate(lambda: extraction(args.workers, "gpu"))
     device = torch.cuda.get_device_name(0) if encoder.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     share = (1 / decode_one) / (1 / decode_one + 1 / encode_rate)
     print(f"machine: {platform.machine()}, {device}, torch {torch.__version__}; {shown} {encoder.spec.resolved_precision()}, "
@@ -101,6 +112,10 @@ def main() -> None:
     print(f"apecli extraction, decoding in the main process (baseline): {serial:8.1f} img/s")
     print(f"apecli extraction, {args.workers} decoding workers overlapped:     {overlapped:8.1f} img/s; "
           f"ratio {overlapped / serial:.2f}x; {overlapped / min(decode_many, encode_rate):.0%} of the slower stage's ceiling")
+    if on_gpu:
+        print(f"decode on the GPU (bytes read in {args.workers} workers, nvJPEG, resize/crop/normalise): {gpu_decode:8.1f} img/s")
+        print(f"apecli extraction with --decode gpu: {gpu_end_to_end:8.1f} img/s; ratio {gpu_end_to_end / serial:.2f}x "
+              f"to the baseline, {gpu_end_to_end / overlapped:.2f}x to the PIL path")
 
 
 if __name__ == "__main__":

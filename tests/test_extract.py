@@ -294,3 +294,33 @@ def test_an_offline_download_fails_fast_in_one_line(caltech, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot get pretrained weights 'openai' for RN50" in lines[0]
     assert "--pretrained /path/to/checkpoint" in lines[0]
+
+
+def test_device_decoding_stays_close_to_pil(tiny, caltech, tmp_path):
+    """The tensor decoding path (run here on the CPU, as on a GPU) against the faithful PIL path."""
+    from dataclasses import replace
+
+    from apecli.encoder import load_encoder
+    from apecli.extract import encode_split
+
+    dataset = read_coop("caltech101", caltech)
+    paths = [path for path, _ in dataset.splits["val"]]
+    png = paths[0].with_suffix(".png")
+    from PIL import Image
+
+    Image.open(paths[0]).save(png)  # not a JPEG: decoded by PIL in either path
+    paths[0] = png
+    encoder = load_encoder(tiny)
+    pil, ok, _ = encode_split(encoder, "pil", paths, 0, tmp_path / "a", SETTINGS, None)
+    tensor, ok_tensor, _ = encode_split(encoder, "gpu", paths, 0, tmp_path / "b", replace(SETTINGS, decode="gpu"), None)
+    assert ok.all() and ok_tensor.all()
+    cosine = np.sum(pil * tensor, axis=1) / np.linalg.norm(pil, axis=1) / np.linalg.norm(tensor, axis=1)
+    assert cosine.min() > 0.99
+    assert cosine[0] == pytest.approx(1.0, abs=1e-6)  # the PNG went through PIL both times
+
+
+def test_device_decoding_needs_cuda_on_the_command_line(tiny, caltech, tmp_path):
+    result = runner.invoke(app, ["extract", "--dataset", "caltech101", "--root", str(caltech), "--model", tiny.model,
+                                 "--pretrained", tiny.pretrained, "--device", "cpu", "--decode", "gpu",
+                                 "--store", str(tmp_path / "s")])
+    assert_one_line_error(result, "--decode gpu needs a CUDA device")

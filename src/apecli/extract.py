@@ -35,6 +35,7 @@ from apecli.distributed import Ranks, barrier, owns
 from apecli.encoder import Encoder, EncoderSpec, load_encoder
 from apecli.errors import ApecliError
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures, load_features, save_features
+from apecli.images import PilImages, RawBytes, collate, decode_on_device, readable
 
 SplitProgress = Callable[[str, int, int], None]  # split, images done, images in the split
 
@@ -50,8 +51,11 @@ class ExtractSettings:
     workers: int = 0
     chunk_images: int = 512
     skip_bad: bool = False
+    decode: str = "pil"  # or "gpu": JPEGs of validation and test decoded on the encoder's device
 
     def __post_init__(self) -> None:
+        if self.decode not in ("pil", "gpu"):
+            raise ApecliError(f"decode must be pil or gpu, got '{self.decode}'")
         if not self.shots or min(self.shots) < 1:
             raise ApecliError(f"shots must be positive, got {list(self.shots)}")
         for name in ("views", "batch_size", "chunk_images"):
@@ -81,21 +85,10 @@ def request_id(dataset: ImageDataset, encoder: dict[str, Any], settings: Extract
         "encoder": encoder, "dataset": dataset.name, "classes": list(dataset.class_names), "listing": listing,
         "split_file": dataset.split_file_sha256, "shots": sorted(settings.shots), "seed": settings.seed,
         "views": settings.views, "skip_bad": settings.skip_bad, "templates": list(templates), "prompts": prompts or {},
+        "decode": settings.decode,
     }
     digest.update(json.dumps(request, sort_keys=True).encode())
     return digest.hexdigest()[:16]
-
-
-def _readable(path: Path) -> str | None:
-    """None when the image decodes, else why not."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-        return None
-    except (OSError, ValueError, SyntaxError) as error:  # PIL's ways of saying "not an image"
-        return str(error).split("\n")[0] or type(error).__name__
 
 
 def plan(dataset: ImageDataset, settings: ExtractSettings) -> Plan:
@@ -115,7 +108,7 @@ def plan(dataset: ImageDataset, settings: ExtractSettings) -> Plan:
         for path in rng.sample(paths, len(paths)):
             if len(chosen) == most:
                 break
-            reason = _readable(path)
+            reason = readable(path)
             if reason is None:
                 chosen.append(path)
             elif settings.skip_bad:
@@ -132,37 +125,6 @@ def plan(dataset: ImageDataset, settings: ExtractSettings) -> Plan:
         if not entries:
             raise ApecliError(f"{dataset.root}: the {split} split is empty")
     return Plan(tuple(train), np.array(labels, dtype=np.int64), first, evaluation, skipped)
-
-
-class _Images:
-    """A map-style dataset of (index, tensor or None, error) for a torch DataLoader."""
-
-    def __init__(self, paths: Sequence[Path], transform: Callable, views: int, seed: int) -> None:
-        self.paths, self.transform, self.views, self.seed = paths, transform, views, seed
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        import torch
-        from PIL import Image
-
-        try:
-            with Image.open(self.paths[index]) as image:
-                image = image.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as error:
-            return index, None, str(error).split("\n")[0] or type(error).__name__
-        if self.views == 0:
-            return index, self.transform(image), None
-        tensors = []
-        for view in range(self.views):
-            torch.manual_seed((self.seed * 1_000_003 + index) * 1_009 + view)  # the view's own augmentation
-            tensors.append(self.transform(image))
-        return index, torch.stack(tensors), None
-
-
-def _collate(items):
-    return items
 
 
 def _chunks(count: int, settings: ExtractSettings) -> list[range]:
@@ -183,6 +145,7 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
     import torch
 
     transform = encoder.train_transform if views else encoder.eval_transform
+    Path(work).mkdir(parents=True, exist_ok=True)
     chunks = _chunks(len(paths), settings)
     files = _chunk_files(work, name, len(paths), settings)
     pending = [n for n, file in enumerate(files) if not file.is_file() and owns(n, ranks.rank, ranks.world)]
@@ -195,11 +158,14 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
             progress(name, min(len(paths), saved + in_memory), len(paths))
 
     report(0)
-    loader = torch.utils.data.DataLoader(
-        _Images(paths, transform, views, settings.seed), batch_sampler=batches, num_workers=settings.workers,
-        collate_fn=_collate, pin_memory=encoder.device.type == "cuda")
+    on_device = settings.decode == "gpu" and views == 0
+    source = RawBytes(paths) if on_device else PilImages(paths, transform, views, settings.seed)
+    loader = torch.utils.data.DataLoader(source, batch_sampler=batches, num_workers=settings.workers,
+                                         collate_fn=collate, pin_memory=encoder.device.type == "cuda")
     buffers: dict[int, dict[int, tuple[np.ndarray | None, str]]] = {}
     for items in loader:
+        if on_device:
+            items = decode_on_device(items, paths, encoder, encoder.device)
         good = [(index, tensor) for index, tensor, _ in items if tensor is not None]
         encoded = {}
         if good:
@@ -332,7 +298,8 @@ def extract(
         "source": "extract", "request_id": request, "dataset": dataset.name, "root": str(dataset.root.resolve()),
         "split_file": str(dataset.split_file) if dataset.split_file else None,
         "split_file_sha256": dataset.split_file_sha256, "seed": settings.seed, "shots": sorted(settings.shots),
-        "views": settings.views, "templates": list(dataset.templates), "prompted_classes": len(prompts or {}),
+        "views": settings.views, "decode": settings.decode, "templates": list(dataset.templates),
+        "prompted_classes": len(prompts or {}),
         "skipped": chosen.skipped, "notes": list(dataset.notes),
     }
     features = FeatureSet(dataset.class_names, encoder.text_classifier(dataset.class_names, dataset.templates, prompts),

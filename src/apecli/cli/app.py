@@ -106,6 +106,7 @@ def extract(
     precision: Annotated[str, typer.Option("--precision", help="auto (fp16 on CUDA), fp32, fp16, bf16.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")] = 64,
     workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = min(4, os.cpu_count() or 1),
+    decode: Annotated[str, typer.Option("--decode", help="pil (faithful) or gpu (JPEGs of val/test decoded on the GPU).")] = "pil",
     chunk_images: Annotated[int, typer.Option("--chunk-images", help="Images per saved chunk (the unit of resuming and of sharding across ranks).")] = 512,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
@@ -118,7 +119,10 @@ def extract(
 
     if dataset is None and images is None:
         raise ApecliError("give --dataset NAME (a CoOp benchmark under --root) or --images DIR|CSV")
-    settings = ExtractSettings(_integers(shots, "--shots"), seed, views, batch_size, workers, chunk_images, skip_bad)
+    settings = ExtractSettings(_integers(shots, "--shots"), seed, views, batch_size, workers, chunk_images, skip_bad, decode)
+    spec = EncoderSpec(model, pretrained, device, precision)
+    if decode == "gpu" and not spec.resolved_device().startswith("cuda"):
+        raise ApecliError("--decode gpu needs a CUDA device (this run's device is cpu); use --decode pil")
     if images is not None:
         read = datasets.read_image_list if images.suffix.lower() == ".csv" else datasets.read_image_folder
         source = read(images, seed)
@@ -132,7 +136,7 @@ def extract(
                       "the features mean nothing[/bold yellow]")
     try:
         with _splits(enabled=ranks.leader) as report:
-            features = run_extract(source, EncoderSpec(model, pretrained, device, precision), store_dir, settings,
+            features = run_extract(source, spec, store_dir, settings,
                                    sentences, report, console.print if ranks.leader else lambda message: None, ranks)
     finally:
         leave(ranks)
