@@ -18,7 +18,7 @@ from apecli.datasets import read_coop, read_image_folder, read_image_list, read_
 from apecli.encoder import EncoderSpec
 from apecli.errors import ApecliError
 from apecli.extract import ExtractSettings, extract
-from apecli.synthetic import coop_caltech, image_folder, make_image, tiny_model_config
+from apecli.synthetic import image_folder, make_image
 
 from conftest import assert_one_line_error
 

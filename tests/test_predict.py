@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from apecli import store
 from apecli.cli import app
 from apecli.datasets import read_coop
 from apecli.errors import ApecliError

@@ -14,28 +14,17 @@ with the chosen ones. The formulas, in the papers' terms, are in docs/methods.md
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from apecli.evaluate import Evaluation, _accuracy, _zero_shot, default_grid
+from apecli.evaluate import Evaluation, default_grid, percent, scored
 from apecli.features import FeatureSet
 from apecli.training import EpochProgress, train, training_samples
-from apecli.training_free import CacheModel, Progress, SearchGrid, SearchResult, count_correct
+from apecli.training_free import CacheModel, Progress, SearchGrid, count_correct
 
 GDA_ALPHAS = tuple(10.0**i for i in range(-4, 5))
 PROKER_LAMBDAS = tuple(10.0 ** (i / 2) for i in range(-10, 5))  # 1e-5 … 1e2, half a decade apart
 PROKER_BETAS = 20
-
-
-def _result(mode: str, features: FeatureSet, shots: int, val_accuracy: float, test_correct: int,
-            search: SearchResult | None = None, learned: dict[str, np.ndarray] | None = None, **values: Any) -> Evaluation:
-    test = features.split("test")
-    known = {k: values.pop(k) for k in ("alpha", "beta", "gamma") if k in values}
-    return Evaluation(mode=mode, dataset=features.dataset, zero_shot_val=_zero_shot(features, "val"),
-                      zero_shot_test=_zero_shot(features, "test"), val_accuracy=val_accuracy,
-                      test_accuracy=_accuracy(test_correct, test.labels.shape[0]), shots=shots, search=search,
-                      extra=values, learned=learned or {}, **known)
 
 
 def _plain_cache(features: FeatureSet, shots: int | None) -> tuple[int, CacheModel]:
@@ -50,7 +39,7 @@ def evaluate_tip_adapter(features: FeatureSet, shots: int | None = None, grid: S
     val, test = features.split("val"), features.split("test")
     result = model.search(val.features, val.labels, grid or default_grid(features), progress)
     correct = count_correct(model.logits(test.features, result.alpha, result.beta), test.labels)
-    return _result("tip-adapter", features, shots, result.accuracy, correct, result, alpha=result.alpha, beta=result.beta)
+    return scored("tip-adapter", features, shots, result.accuracy, correct, result, alpha=result.alpha, beta=result.beta)
 
 
 @dataclass(frozen=True)
@@ -90,9 +79,9 @@ def evaluate_tip_adapter_f(features: FeatureSet, shots: int | None = None, grid:
     model = CacheModel(features.classifier, run.parameters[0], plain.key_labels, plain.value_weights)
     result = model.search(val.features, val.labels, grid or default_grid(features))
     correct = count_correct(model.logits(test.features, result.alpha, result.beta), test.labels)
-    return _result("tip-adapter-f", features, shots, result.accuracy, correct, result, {"keys": run.parameters[0]},
-                   alpha=result.alpha,
-                   beta=result.beta, best_epoch=run.best_epoch, epochs=settings.epochs, trained_on_views=on_views)
+    return scored("tip-adapter-f", features, shots, result.accuracy, correct, result, learned={"keys": run.parameters[0]},
+                  alpha=result.alpha, beta=result.beta, best_epoch=run.best_epoch, epochs=settings.epochs,
+                  trained_on_views=on_views)
 
 
 def gda_head(samples: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +117,7 @@ def evaluate_gda(features: FeatureSet, shots: int | None = None) -> Evaluation:
     best = int(np.argmax(val_correct))  # first of the best
     test_correct = int(correct("test", alphas[best : best + 1])[0])
     val_total = features.split("val").labels.shape[0]
-    return _result("gda", features, shots, _accuracy(int(val_correct[best]), val_total), test_correct,
+    return scored("gda", features, shots, percent(int(val_correct[best]), val_total), test_correct,
                    alpha=float(alphas[best]), trained_on_views=on_views)
 
 
@@ -170,5 +159,5 @@ def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: Search
             progress(b + 1, len(betas))
     b, l = np.unravel_index(int(np.argmax(val_correct)), val_correct.shape)
     test_correct = int((predictions(test.features.astype(np.float64), betas[b], lambdas[l : l + 1])[0] == test.labels).sum())
-    return _result("proker", features, shots, _accuracy(int(val_correct[b, l]), val.labels.shape[0]), test_correct,
+    return scored("proker", features, shots, percent(int(val_correct[b, l]), val.labels.shape[0]), test_correct,
                    beta=float(betas[b]), **{"lambda": float(lambdas[l])})

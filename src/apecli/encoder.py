@@ -13,12 +13,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from apecli.errors import ApecliError
 from apecli.store import file_sha256
+
+if TYPE_CHECKING:
+    import torch
 
 NO_WEIGHTS = ("none", "random", "")  # random weights, seeded: the same in every run
 

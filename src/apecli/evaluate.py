@@ -66,14 +66,37 @@ class Evaluation:
         return result
 
 
-def _accuracy(correct: int, total: int) -> float:
+def percent(correct: int, total: int) -> float:
     return 100.0 * correct / total if total else float("nan")
 
 
 def _zero_shot(features: FeatureSet, split: str) -> float:
     part = features.split(split)
     logits = 100.0 * part.features.astype(np.float64) @ features.classifier.astype(np.float64).T
-    return _accuracy(count_correct(logits, part.labels), part.labels.shape[0])
+    return percent(count_correct(logits, part.labels), part.labels.shape[0])
+
+
+def scored(
+    mode: str,
+    features: FeatureSet,
+    shots: int,
+    val_accuracy: float,
+    test_correct: int,
+    search: SearchResult | None = None,
+    channels: np.ndarray | None = None,
+    learned: dict[str, np.ndarray] | None = None,
+    **chosen: Any,
+) -> Evaluation:
+    """The evaluation of a method that chose its settings on validation and hit ``test_correct`` on test.
+
+    ``chosen`` holds the chosen α, β, γ and anything else worth reporting (λ, the best epoch, …).
+    """
+    test = features.split("test")
+    known = {key: chosen.pop(key) for key in ("alpha", "beta", "gamma") if key in chosen}
+    return Evaluation(mode=mode, dataset=features.dataset, zero_shot_val=_zero_shot(features, "val"),
+                      zero_shot_test=_zero_shot(features, "test"), val_accuracy=val_accuracy,
+                      test_accuracy=percent(test_correct, test.labels.shape[0]), shots=shots, channels=channels,
+                      search=search, extra=chosen, learned=learned or {}, **known)
 
 
 def default_grid(features: FeatureSet) -> SearchGrid:
@@ -104,20 +127,8 @@ def evaluate_training_free(
         raise ApecliError(f"{features.name}: the validation split is empty")
     result = search(tri, val.features, val.labels, grid, progress)
     logits = tri.logits(test.features, result.alpha, result.beta, result.gamma)
-    return Evaluation(
-        mode="training-free",
-        dataset=features.dataset,
-        zero_shot_val=_zero_shot(features, "val"),
-        zero_shot_test=_zero_shot(features, "test"),
-        val_accuracy=result.accuracy,
-        test_accuracy=_accuracy(count_correct(logits, test.labels), test.labels.shape[0]),
-        shots=shots,
-        alpha=result.alpha,
-        beta=result.beta,
-        gamma=result.gamma,
-        channels=refinement.channels,
-        search=result,
-    )
+    return scored("training-free", features, shots, result.accuracy, count_correct(logits, test.labels), result,
+                  channels=refinement.channels, alpha=result.alpha, beta=result.beta, gamma=result.gamma)
 
 
 def evaluate_training_required(
@@ -130,22 +141,9 @@ def evaluate_training_required(
     val, test = features.split("val"), features.split("test")
     result = model.search(val.features, val.labels, grid, progress)
     logits = model.logits(test.features, result.alpha, result.beta)
-    shots = adapter.shots
-    return Evaluation(
-        mode="training-required",
-        dataset=features.dataset,
-        zero_shot_val=_zero_shot(features, "val"),
-        zero_shot_test=_zero_shot(features, "test"),
-        val_accuracy=result.accuracy,
-        test_accuracy=_accuracy(count_correct(logits, test.labels), test.labels.shape[0]),
-        shots=shots,
-        alpha=result.alpha,
-        beta=result.beta,
-        channels=adapter.channels,
-        search=result,
-        extra={"best_epoch": fitted.best_epoch, "epochs": fitted.settings.epochs,
-               "trained_on_views": fitted.trained_on_views},
-    )
+    return scored("training-required", features, adapter.shots, result.accuracy, count_correct(logits, test.labels),
+                  result, channels=adapter.channels, alpha=result.alpha, beta=result.beta, best_epoch=fitted.best_epoch,
+                  epochs=fitted.settings.epochs, trained_on_views=fitted.trained_on_views)
 
 
 def save_evaluation(
