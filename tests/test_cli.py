@@ -197,3 +197,21 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
     done = _apecli("refine", str(tmp_path / "nothing.h5"), cwd=tmp_path)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip() == f"apecli: error: {tmp_path / 'nothing.h5'}: no such file"
+
+
+def test_a_store_that_cannot_be_written_is_one_line(imported, tmp_path):
+    (tmp_path / "plain-file").write_text("not a folder")
+    result = run("refine", imported, "--k", "4", "--store", tmp_path / "plain-file" / "store")
+    assert_one_line_error(result, "plain-file")
+
+
+def test_making_an_artifact_again_makes_it_the_newest(imported, store_dir, monkeypatch):
+    import apecli.cli.io as io
+
+    first = Path(run("refine", imported, "--k", "4", "--store", store_dir).stdout.strip())
+    run("refine", imported, "--k", "5", "--store", store_dir)
+    again = Path(run("refine", imported, "--k", "4", "--store", store_dir).stdout.strip())
+    assert again == first
+    monkeypatch.setattr(io, "_stdin_is_piped", lambda: False)
+    result = run("eval", "--mode", "zero-shot", "--store", store_dir)
+    assert f"using the newest refinement artifact: {first}" in result.stderr

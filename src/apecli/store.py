@@ -123,6 +123,7 @@ def write_artifact(
         try:
             existing = open_artifact(path, [kind])
             if existing.content_id == cid:
+                os.utime(path)  # made again: it is the newest of its kind now
                 return existing
         except ApecliError:
             pass  # replaced below

@@ -21,7 +21,7 @@ Command = TypeVar("Command", bound=Callable[..., Any])
 
 
 def reports_errors(command: Command) -> Command:
-    """Turn a user error into one line on stderr and exit status 1 (no traceback)."""
+    """Turn a user error, or the file system's refusal, into one line on stderr and exit status 1."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -29,6 +29,9 @@ def reports_errors(command: Command) -> Command:
             return command(*args, **kwargs)
         except ApecliError as error:
             typer.echo(f"apecli: error: {error}", err=True)
+            raise typer.Exit(1) from None
+        except OSError as error:  # the file system's word: a full disk, a read-only or missing folder
+            typer.echo(f"apecli: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("apecli: interrupted", err=True)
