@@ -1,0 +1,34 @@
+"""The library without the command line, as the README shows it."""
+
+from __future__ import annotations
+
+import sys
+
+import apecli
+from apecli import evaluate_training_free, load_features, save_features, select_channels
+from apecli.synthetic import synthetic_features
+from apecli.training_free import SearchGrid
+
+
+def test_the_readme_example(tmp_path):
+    save_features(synthetic_features(num_classes=5, dim=32, shots=(4, 16)), tmp_path / "features.h5")
+    features = load_features(tmp_path / "features.h5")
+    refinement = select_channels(features, k=16)
+    result = evaluate_training_free(features, refinement, SearchGrid((7.0, 7.0, 1.0), (10, 10, 5)))
+    assert refinement.shots == 16 and refinement.k == 16
+    assert result.val_accuracy >= result.zero_shot_val and 0 <= result.test_accuracy <= 100
+    assert None not in (result.alpha, result.beta, result.gamma)
+
+
+def test_the_core_library_leaves_typer_and_rich_alone():
+    """Every core module imports in a fresh interpreter without loading the command line's packages."""
+    import subprocess
+
+    modules = ["apecli", "apecli.refine", "apecli.evaluate", "apecli.training_free", "apecli.training_required",
+               "apecli.extract", "apecli.datasets", "apecli.encoder", "apecli.baselines", "apecli.bench",
+               "apecli.predict", "apecli.importers", "apecli.distributed"]
+    code = f"import sys; import {', '.join(modules)}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'typer', 'rich', 'click'}}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert set(apecli.__all__) >= {"load_features", "select_channels", "evaluate_training_free", "ApecliError"}
