@@ -86,3 +86,24 @@ def caltech(tmp_path) -> Path:
     return tmp_path / "data"
 
 
+
+
+@pytest.fixture
+def interrupt_encoder(monkeypatch):
+    """``interrupt_encoder(n)``: the n-th encoder batch from now on raises KeyboardInterrupt, as a killed run would."""
+    from apecli.encoder import Encoder
+
+    original = Encoder.encode_images
+
+    def arm(batch_number: int) -> None:
+        calls = {"n": 0}
+
+        def encode_images(self, batch):
+            calls["n"] += 1
+            if calls["n"] == batch_number:
+                raise KeyboardInterrupt
+            return original(self, batch)
+
+        monkeypatch.setattr(Encoder, "encode_images", encode_images)
+
+    return arm

@@ -51,24 +51,16 @@ def test_two_processes_make_the_single_process_store(setup):
     assert not list((setup / "two" / "caltech101").glob(".extract-*"))
 
 
-def test_an_interrupted_run_resumes_across_processes(setup, monkeypatch):
+def test_an_interrupted_run_resumes_across_processes(setup, interrupt_encoder):
     import torch
 
     from apecli.datasets import read_coop
-    from apecli.encoder import Encoder, EncoderSpec
+    from apecli.encoder import EncoderSpec
     from apecli.extract import ExtractSettings, extract
 
     whole = _run(setup, "one", 1)
     assert whole.returncode == 0, whole.stderr
-    original, calls = Encoder.encode_images, {"n": 0}
-
-    def dies_on_the_fifth_batch(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(Encoder, "encode_images", dies_on_the_fifth_batch)
+    interrupt_encoder(5)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

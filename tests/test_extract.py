@@ -95,25 +95,15 @@ def test_another_model_is_never_mixed_with_old_features(tiny, caltech, tmp_path)
     assert not np.allclose(second.caches[1].keys, first.caches[1].keys)
 
 
-def test_an_interrupted_run_resumes_to_the_same_result(tiny, caltech, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_to_the_same_result(tiny, caltech, tmp_path, monkeypatch, interrupt_encoder):
     whole = extract(read_coop("caltech101", caltech), tiny, tmp_path / "whole", SETTINGS)
-    from apecli.encoder import Encoder
-
-    original, calls = Encoder.encode_images, {"n": 0}
-
-    def dies_on_the_fourth_batch(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(Encoder, "encode_images", dies_on_the_fourth_batch)
+    interrupt_encoder(4)
     with pytest.raises(KeyboardInterrupt):
         extract(read_coop("caltech101", caltech), tiny, tmp_path / "cut", SETTINGS)
     work = next((tmp_path / "cut" / "caltech101").glob(".extract-*"))
     saved = sorted(p.name for p in work.iterdir())
     assert saved and not list((tmp_path / "cut" / "caltech101").glob("*.h5"))  # no artifact yet
-    monkeypatch.setattr(Encoder, "encode_images", original)
+    monkeypatch.undo()
     resumed = extract(read_coop("caltech101", caltech), tiny, tmp_path / "cut", SETTINGS)
     assert resumed.artifact.content_id == whole.artifact.content_id
     assert not work.exists()
