@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from apecli.cli import app
-from apecli.datasets import read_coop, read_image_folder, read_image_list, read_prompts
+from apecli.datasets import LAYOUTS, read_coop, read_image_folder, read_image_list, read_prompts
 from apecli.encoder import EncoderSpec
 from apecli.errors import ApecliError
 from apecli.extract import ExtractSettings, extract
@@ -314,3 +314,24 @@ def test_device_decoding_needs_cuda_on_the_command_line(tiny, caltech, tmp_path)
                                  "--pretrained", tiny.pretrained, "--device", "cpu", "--decode", "gpu",
                                  "--store", str(tmp_path / "s")])
     assert_one_line_error(result, "--decode gpu needs a CUDA device")
+
+
+SPLIT_LAYOUTS = [(name, folder, layout) for name, layout in LAYOUTS.items() if layout.split_file for folder in layout.folders]
+
+
+@pytest.mark.parametrize("name, folder, layout", SPLIT_LAYOUTS, ids=[f"{n}-{f}" for n, f, _ in SPLIT_LAYOUTS])
+def test_every_split_file_layout_reads(tmp_path, name, folder, layout):
+    """The nine benchmarks with a split_zhou file, in every folder spelling, with their own templates."""
+    base = tmp_path / folder
+    split = {"train": [], "val": [], "test": []}
+    for label, classname in enumerate(["first_class", "second_class"]):
+        for part in split:
+            relative = f"{classname}/{part}.jpg"
+            make_image(base / layout.image_dir / relative, label, 0, size=16)
+            split[part].append([relative, label, classname])
+    (base / layout.split_file).write_text(json.dumps(split))
+    dataset = read_coop(name, tmp_path)
+    assert dataset.name == name and dataset.class_names == ("first_class", "second_class")
+    assert dataset.templates == layout.templates and dataset.split_file == base / layout.split_file
+    assert all(path.is_file() for entries in dataset.splits.values() for path, _ in entries)
+    assert dataset.splits["test"][1] == (base / layout.image_dir / "second_class" / "test.jpg", 1)
