@@ -180,8 +180,8 @@ def test_a_fitted_adapter_refuses_another_store(stored, tmp_path):
 
 def test_modes_and_artifacts_must_match(stored, tmp_path):
     fitted = _cli("fit", stored, "--epochs", "2", "--store", tmp_path / "s").stdout.strip()
-    assert_one_line_error(_cli("eval", stored, "--mode", "training-required"), "'features' artifact, expected 'adapter'")
-    assert_one_line_error(_cli("eval", fitted, "--mode", "training-free"), "'adapter' artifact, expected")
+    assert_one_line_error(_cli("eval", stored, "--mode", "training-required"), "of kind 'features', expected 'adapter'")
+    assert_one_line_error(_cli("eval", fitted, "--mode", "training-free"), "of kind 'adapter', expected")
 
 
 def test_fit_settings_are_checked():

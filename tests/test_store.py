@@ -116,7 +116,7 @@ def test_a_moved_store_keeps_its_links(small_features, tmp_path):
 
 def test_the_wrong_kind_is_refused(small_features, tmp_path):
     features = save_features(small_features, tmp_path / "f.h5")
-    with pytest.raises(ApecliError, match="is a 'features' artifact, expected 'refinement'"):
+    with pytest.raises(ApecliError, match="of kind 'features', expected 'refinement'"):
         load_refinement(features.artifact.path)
 
 

@@ -195,7 +195,7 @@ def evaluate_artifact(
     elif artifact.kind == "features":
         features = load_features(artifact)
     else:
-        raise ApecliError(f"{artifact.path}: is a '{artifact.kind}' artifact; eval reads features, a refinement or an adapter")
+        raise ApecliError(f"{artifact.path}: is an artifact of kind '{artifact.kind}'; eval reads features, a refinement or an adapter")
     if mode == "zero-shot":
         return evaluate_zero_shot(features)
     if mode != "training-free":

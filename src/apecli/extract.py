@@ -101,7 +101,7 @@ def plan(dataset: ImageDataset, settings: ExtractSettings) -> Plan:
     groups = dataset.by_class("train")
     empty = [dataset.class_names[label] for label, paths in enumerate(groups) if not paths]
     if empty:
-        raise ApecliError(f"class '{empty[0]}' has no training images" + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else ""))
+        raise ApecliError(f"class '{empty[0]}' has no training images" + (f" (and {len(empty) - 1} more classes)" if len(empty) > 1 else ""))
     for label, paths in enumerate(groups):
         name = dataset.class_names[label]
         chosen = []

@@ -191,7 +191,7 @@ def load_features(source: str | Path | store.Artifact, *, with_views: bool = Fal
     """Read a features artifact (views stay on disk unless ``with_views``) and validate it."""
     artifact = source if isinstance(source, store.Artifact) else store.open_artifact(source, [KIND])
     if artifact.kind != KIND:
-        raise ApecliError(f"{artifact.path}: is a '{artifact.kind}' artifact, expected '{KIND}'")
+        raise ApecliError(f"{artifact.path}: is an artifact of kind '{artifact.kind}', expected '{KIND}'")
     caches = {}
     for shots in artifact.metadata.get("shots", []):
         views = artifact.read(f"cache/{shots}/views") if with_views and f"cache/{shots}/views" in artifact else None

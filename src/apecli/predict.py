@@ -54,7 +54,7 @@ def _features_of(artifact: store.Artifact) -> FeatureSet:
 def classifier(evaluation: store.Artifact) -> tuple[Scores, FeatureSet]:
     """The probability function of an evaluation artifact, and its feature set."""
     if evaluation.kind != "evaluation":
-        raise ApecliError(f"{evaluation.path}: is a '{evaluation.kind}' artifact; predict needs an evaluation (from apecli eval)")
+        raise ApecliError(f"{evaluation.path}: is an artifact of kind '{evaluation.kind}'; predict needs an evaluation (from apecli eval)")
     meta = evaluation.metadata
     mode = meta.get("mode")
     features = _features_of(evaluation)

@@ -185,7 +185,7 @@ def open_artifact(path: str | os.PathLike[str], kinds: Iterable[str] | None = No
     kind = _text(attrs.get("kind"))
     wanted = tuple(kinds) if kinds is not None else None
     if wanted is not None and kind not in wanted:
-        raise ApecliError(f"{path}: is a '{kind}' artifact, expected {' or '.join(repr(k) for k in wanted)}")
+        raise ApecliError(f"{path}: is an artifact of kind '{kind}', expected {' or '.join(repr(k) for k in wanted)}")
     try:
         metadata = json.loads(_text(attrs.get("metadata", "{}")))
         parents = tuple(ParentRef(**ref) for ref in json.loads(_text(attrs.get("parents", "[]"))))
