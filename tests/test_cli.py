@@ -215,3 +215,16 @@ def test_making_an_artifact_again_makes_it_the_newest(imported, store_dir, monke
     monkeypatch.setattr(io, "_stdin_is_piped", lambda: False)
     result = run("eval", "--mode", "zero-shot", "--store", store_dir)
     assert f"using the newest refinement artifact: {first}" in result.stderr
+
+
+def test_ls_lists_what_a_store_holds(imported, store_dir):
+    refined = Path(run("refine", imported, "--k", "6", "--store", store_dir).stdout.strip())
+    listed = run("ls", store_dir)
+    assert listed.exit_code == 0, listed.stderr
+    lines = [line.split("\t") for line in listed.stdout.strip().splitlines()]
+    assert [(Path(line[0]), line[1], line[2]) for line in lines] == [(imported, "features", "caltech101"),
+                                                                    (refined, "refinement", "caltech101")]
+    assert lines[1][3].startswith("k=6 of the 4-shot cache")
+    only = json.loads(run("ls", "--store", store_dir, "--kind", "refinement", "--json").stdout)
+    assert [item["artifact"] for item in only] == [str(refined)]
+    assert_one_line_error(run("ls", store_dir, "--kind", "feature"), "unknown kind 'feature'")

@@ -194,21 +194,27 @@ def open_artifact(path: str | os.PathLike[str], kinds: Iterable[str] | None = No
     return Artifact(path, kind, _text(attrs.get("content_id")), version, metadata, parents, tuple(sorted(names)))
 
 
-def newest_artifact(store: Path, kinds: Iterable[str]) -> Artifact:
-    """The most recently written artifact of one of ``kinds`` anywhere under the store folder."""
-    wanted = tuple(kinds)
-    found: list[tuple[float, Artifact]] = []
-    for candidate in Path(store).rglob("*.h5"):
+def list_artifacts(store: Path, kinds: Iterable[str] | None = None) -> list[Artifact]:
+    """Every apecli artifact under the store folder (of ``kinds``, if given), oldest first."""
+    wanted = tuple(kinds) if kinds is not None else None
+    found = []
+    for candidate in Path(store).rglob("*.h5") if Path(store).is_dir() else []:
         if candidate.name.startswith("."):
             continue
         try:
-            artifact = open_artifact(candidate, wanted)
+            found.append((candidate.stat().st_mtime, open_artifact(candidate, wanted)))
         except ApecliError:
             continue
-        found.append((candidate.stat().st_mtime, artifact))
+    return [artifact for _, artifact in sorted(found, key=lambda item: (item[0], str(item[1].path)))]
+
+
+def newest_artifact(store: Path, kinds: Iterable[str]) -> Artifact:
+    """The most recently written artifact of one of ``kinds`` anywhere under the store folder."""
+    wanted = tuple(kinds)
+    found = list_artifacts(store, wanted)
     if not found:
         raise ApecliError(f"no {' or '.join(wanted)} artifact in {store}; give an input path or --store")
-    return max(found, key=lambda item: item[0])[1]
+    return found[-1]
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

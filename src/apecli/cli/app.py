@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -352,11 +353,51 @@ def _csv_field(text: str) -> str:
     return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
+ARTIFACT_KINDS = ("features", "refinement", "adapter", "evaluation")
+
+
+def _summary(artifact: store.Artifact) -> str:
+    """One line on what an artifact holds."""
+    meta = artifact.metadata
+    if artifact.kind == "features":
+        model = meta.get("model", {})
+        return (f"{meta.get('num_classes')} classes × {meta.get('dim')} ch, shots {meta.get('shots')}, "
+                f"model {model.get('name') or model.get('model') or 'unknown'}")
+    if artifact.kind == "refinement":
+        return f"k={meta.get('k')} of the {meta.get('shots')}-shot cache, w={meta.get('weights')}"
+    if artifact.kind == "adapter":
+        return f"APE-T, {meta.get('shots')} shots, best epoch {meta.get('best_epoch')}, val {meta.get('best_val_accuracy', 0):.2f}%"
+    return f"{meta.get('mode')}, val {meta.get('val_accuracy', 0):.2f}%, test {meta.get('test_accuracy', 0):.2f}%"
+
+
+@app.command("ls")
+@reports_errors
+def list_store(
+    store_dir: Annotated[Optional[Path], typer.Argument(help="Store folder (default: --store, ./caches or $APECLI_STORE).", show_default=False)] = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", help="Only artifacts of this kind: features, refinement, adapter or evaluation.")] = None,
+    store_option: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """List the artifacts of a store, oldest first: path, kind, dataset, what each holds."""
+    folder = store_dir or store_option
+    if kind is not None and kind not in ARTIFACT_KINDS:
+        raise ApecliError(f"unknown kind '{kind}'; choose one of {', '.join(ARTIFACT_KINDS)}")
+    artifacts = store.list_artifacts(folder, [kind] if kind else None)
+    if as_json:
+        typer.echo(json.dumps([{"artifact": str(a.path), "kind": a.kind, "content_id": a.content_id,
+                                "dataset": a.metadata.get("dataset"), "summary": _summary(a)} for a in artifacts]))
+        return
+    if not artifacts:
+        console.print(f"no artifacts in {folder}")
+    for artifact in artifacts:
+        typer.echo(f"{artifact.path}\t{artifact.kind}\t{artifact.metadata.get('dataset') or '-'}\t{_summary(artifact)}")
+
+
 @app.command()
 @reports_errors
 def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: Json = False) -> None:
     """Describe an artifact: kind, content id, parents, settings and arrays."""
-    artifact = resolve_input(source, store_dir, ["features", "refinement", "adapter", "evaluation"])
+    artifact = resolve_input(source, store_dir, ARTIFACT_KINDS)
     details = {
         "kind": artifact.kind,
         "content_id": artifact.content_id,
