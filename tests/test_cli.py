@@ -228,3 +228,15 @@ def test_ls_lists_what_a_store_holds(imported, store_dir):
     only = json.loads(run("ls", "--store", store_dir, "--kind", "refinement", "--json").stdout)
     assert [item["artifact"] for item in only] == [str(refined)]
     assert_one_line_error(run("ls", store_dir, "--kind", "feature"), "unknown kind 'feature'")
+
+
+def test_every_mode_keeps_the_shots_of_a_refinement(small_features, store_dir):
+    from apecli import store
+    from apecli.features import save_features
+
+    assert small_features.shots == (1, 4)
+    features = save_features(small_features, store.in_store(store_dir, "x", "features")).artifact.path
+    refined = run("refine", features, "--k", "8", "--shots", "1", "--store", store_dir).stdout.strip()
+    result = run("eval", refined, "--mode", "tip-adapter", "--search-step", "4", "4", "1", "--store", store_dir, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["shots"] == 1  # not the store's largest, 4

@@ -192,6 +192,7 @@ def evaluate_artifact(
     if artifact.kind == "refinement":
         refinement, features = load_refinement(artifact)
         _check_shots(artifact, refinement.shots, shots)
+        shots = refinement.shots  # every mode evaluates the cache the refinement was made from
     elif artifact.kind == "features":
         features = load_features(artifact)
     else:
