@@ -20,7 +20,7 @@ import numpy as np
 from apecli.evaluate import Evaluation, default_grid, percent, scored
 from apecli.features import FeatureSet
 from apecli.training import EpochProgress, train, training_samples
-from apecli.training_free import CacheModel, Progress, SearchGrid, count_correct
+from apecli.training_free import CacheModel, Progress, SearchGrid, count_correct, softmax
 
 GDA_ALPHAS = tuple(10.0**i for i in range(-4, 5))
 PROKER_LAMBDAS = tuple(10.0 ** (i / 2) for i in range(-10, 5))  # 1e-5 … 1e2, half a decade apart
@@ -97,12 +97,19 @@ def gda_head(samples: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple
     return weights, bias
 
 
+def gda_for(features: FeatureSet, shots: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """GDA's head for a feature set's ``shots``-shot cache, from its stored views (or keys), and whether views were used."""
+    _, cache = features.cache(shots)
+    samples, on_views = training_samples(features, shots)
+    weights, bias = gda_head(samples.reshape(-1, features.dim), np.tile(cache.labels, samples.shape[0]),
+                             features.num_classes)
+    return weights, bias, on_views
+
+
 def evaluate_gda(features: FeatureSet, shots: int | None = None) -> Evaluation:
     """GDA: class means and a shared covariance from all stored views; α from a small grid."""
-    shots, cache = features.cache(shots)
-    samples, on_views = training_samples(features, shots)
-    labels = np.tile(cache.labels, samples.shape[0])
-    weights, bias = gda_head(samples.reshape(-1, samples.shape[-1]), labels, features.num_classes)
+    shots, _ = features.cache(shots)
+    weights, bias, on_views = gda_for(features, shots)
     alphas = np.array(GDA_ALPHAS)
 
     def correct(split: str, chosen: np.ndarray) -> np.ndarray:
@@ -118,12 +125,33 @@ def evaluate_gda(features: FeatureSet, shots: int | None = None) -> Evaluation:
     test_correct = int(correct("test", alphas[best : best + 1])[0])
     val_total = features.split("val").labels.shape[0]
     return scored("gda", features, shots, percent(int(val_correct[best]), val_total), test_correct,
-                   alpha=float(alphas[best]), trained_on_views=on_views)
+                  alpha=float(alphas[best]), trained_on_views=on_views)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+@dataclass(frozen=True)
+class ProkerSupport:
+    """What ProKeR regresses on: the cache keys S, and the residual Y − f₀(S) of CLIP's prediction there."""
+
+    text: np.ndarray  # C × D
+    support: np.ndarray  # M × D
+    residual: np.ndarray  # M × C
+
+    @classmethod
+    def of(cls, features: FeatureSet, shots: int) -> "ProkerSupport":
+        _, cache = features.cache(shots)
+        text = features.classifier.astype(np.float64)
+        support = cache.keys.astype(np.float64)
+        return cls(text, support, np.eye(features.num_classes)[cache.labels] - softmax(100.0 * support @ text.T))
+
+    def base(self, x: np.ndarray) -> np.ndarray:
+        """f₀: CLIP's zero-shot class probabilities."""
+        return softmax(100.0 * x @ self.text.T)
+
+    def predictor(self, beta: float, lam: float):
+        """f for one (β, λ): ``f₀(x) + k(x, S)(K + λI)⁻¹(Y − f₀(S))``, solved directly."""
+        gram = np.exp(-beta * (1.0 - self.support @ self.support.T))
+        coefficients = np.linalg.solve(gram + lam * np.eye(self.support.shape[0]), self.residual)
+        return lambda x: self.base(x) + np.exp(-beta * (1.0 - x @ self.support.T)) @ coefficients
 
 
 def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: SearchGrid | None = None,
@@ -133,31 +161,29 @@ def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: Search
     f₀ is CLIP's zero-shot prediction as class probabilities, softmax(100 · x Wᵀ), so that the residual
     and the one-hot targets share a scale; the kernel is exp(−β(1 − x·s)).
     """
-    shots, cache = features.cache(shots)
+    shots, _ = features.cache(shots)
     grid = grid or default_grid(features)
-    betas = np.array([i * (grid.scale[0] - 0.1) / PROKER_BETAS + 0.1 for i in range(PROKER_BETAS)])
+    betas = SearchGrid(grid.scale, (PROKER_BETAS, 1, 1)).betas
     lambdas = np.array(PROKER_LAMBDAS)
-    text = features.classifier.astype(np.float64)
-    support = cache.keys.astype(np.float64)
-    base = lambda x: _softmax(100.0 * x @ text.T)  # noqa: E731
-    residual = np.eye(features.num_classes)[cache.labels] - base(support)
+    regression = ProkerSupport.of(features, shots)
+    support = regression.support
     val, test = features.split("val"), features.split("test")
-
-    def predictions(x: np.ndarray, beta: float, chosen: np.ndarray) -> np.ndarray:
-        eigenvalues, vectors = np.linalg.eigh(np.exp(-beta * (1.0 - support @ support.T)))
-        projected = vectors.T @ residual  # M × C
-        kernel = np.exp(-beta * (1.0 - x @ support.T)) @ vectors  # N × M
-        prior = base(x)
-        eigenvalues = np.clip(eigenvalues, 0.0, None)  # K is positive semi-definite; rounding is not
-        return np.stack([np.argmax(prior + (kernel / (eigenvalues + lam)) @ projected, axis=1) for lam in chosen])
-
     x_val = val.features.astype(np.float64)
+    prior = regression.base(x_val)
     val_correct = np.zeros((len(betas), len(lambdas)), dtype=np.int64)
     for b, beta in enumerate(betas):
-        val_correct[b] = (predictions(x_val, beta, lambdas) == val.labels[None]).sum(axis=1)
+        # One eigendecomposition of K serves every λ: (K + λI)⁻¹ = Q diag(1 / (Λ + λ)) Qᵀ.
+        eigenvalues, vectors = np.linalg.eigh(np.exp(-beta * (1.0 - support @ support.T)))
+        eigenvalues = np.clip(eigenvalues, 0.0, None)  # K is positive semi-definite; rounding is not
+        projected = vectors.T @ regression.residual  # M × C
+        kernel = np.exp(-beta * (1.0 - x_val @ support.T)) @ vectors  # N × M
+        for l, lam in enumerate(lambdas):
+            predictions = np.argmax(prior + (kernel / (eigenvalues + lam)) @ projected, axis=1)
+            val_correct[b, l] = int((predictions == val.labels).sum())
         if progress is not None:
             progress(b + 1, len(betas))
     b, l = np.unravel_index(int(np.argmax(val_correct)), val_correct.shape)
-    test_correct = int((predictions(test.features.astype(np.float64), betas[b], lambdas[l : l + 1])[0] == test.labels).sum())
+    predict = regression.predictor(betas[b], lambdas[l])
+    test_correct = count_correct(predict(test.features.astype(np.float64)), test.labels)
     return scored("proker", features, shots, percent(int(val_correct[b, l]), val.labels.shape[0]), test_correct,
-                   beta=float(betas[b]), **{"lambda": float(lambdas[l])})
+                  beta=float(betas[b]), **{"lambda": float(lambdas[l])})

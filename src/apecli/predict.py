@@ -25,7 +25,7 @@ import numpy as np
 from apecli import store
 from apecli.errors import ApecliError
 from apecli.features import FeatureSet, load_features
-from apecli.training_free import CacheModel, TriEdge
+from apecli.training_free import CacheModel, TriEdge, softmax
 
 Scores = Callable[[np.ndarray], np.ndarray]  # L2-normalised features N × D → probabilities N × C
 
@@ -35,11 +35,6 @@ class Prediction:
     path: str
     labels: tuple[str, ...]
     probabilities: tuple[float, ...]
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def _features_of(artifact: store.Artifact) -> FeatureSet:
@@ -61,38 +56,34 @@ def classifier(evaluation: store.Artifact) -> tuple[Scores, FeatureSet]:
     text = features.classifier.astype(np.float64)
     zero_shot = lambda x: 100.0 * x @ text.T  # noqa: E731
     if mode == "zero-shot":
-        return (lambda x: _softmax(zero_shot(x))), features
+        return (lambda x: softmax(zero_shot(x))), features
     shots, cache = features.cache(meta.get("shots"))
     alpha, beta, gamma = meta.get("alpha"), meta.get("beta"), meta.get("gamma")
     if mode == "training-free":
         tri = TriEdge.build(features.classifier, cache.keys, cache.labels, evaluation.read("channels"))
-        return (lambda x: _softmax(tri.logits(x, alpha, beta, gamma))), features
+        return (lambda x: softmax(tri.logits(x, alpha, beta, gamma))), features
     if mode == "training-required":
         from apecli.training_required import load_fit
 
         fitted, _ = load_fit(evaluation.parent("adapter"))
         model = fitted.adapter.cache_model(features)
-        return (lambda x: _softmax(model.logits(x, alpha, beta))), features
+        return (lambda x: softmax(model.logits(x, alpha, beta))), features
     if mode in ("tip-adapter", "tip-adapter-f"):
         keys = evaluation.read("learned/keys") if mode == "tip-adapter-f" else cache.keys
         model = CacheModel(features.classifier, keys, cache.labels, np.ones(cache.labels.shape[0]))
-        return (lambda x: _softmax(model.logits(x, alpha, beta))), features
+        return (lambda x: softmax(model.logits(x, alpha, beta))), features
     if mode == "gda":
-        from apecli.baselines import gda_head
-        from apecli.training import training_samples
+        from apecli.baselines import gda_for
 
-        samples, _ = training_samples(features, shots)
-        weights, bias = gda_head(samples.reshape(-1, features.dim), np.tile(cache.labels, samples.shape[0]),
-                                 features.num_classes)
-        return (lambda x: _softmax(zero_shot(x) + alpha * (x @ weights.T + bias))), features
+        weights, bias, _ = gda_for(features, shots)
+        return (lambda x: softmax(zero_shot(x) + alpha * (x @ weights.T + bias))), features
     if mode == "proker":
-        support = cache.keys.astype(np.float64)
-        residual = np.eye(features.num_classes)[cache.labels] - _softmax(zero_shot(support))
-        gram = np.exp(-beta * (1.0 - support @ support.T))
-        coefficients = np.linalg.solve(gram + meta["lambda"] * np.eye(support.shape[0]), residual)
+        from apecli.baselines import ProkerSupport
+
+        regression = ProkerSupport.of(features, shots).predictor(beta, meta["lambda"])
 
         def proker(x: np.ndarray) -> np.ndarray:
-            scores = np.clip(_softmax(zero_shot(x)) + np.exp(-beta * (1.0 - x @ support.T)) @ coefficients, 0.0, None)
+            scores = np.clip(regression(x), 0.0, None)
             return scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
 
         return proker, features

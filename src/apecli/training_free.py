@@ -146,9 +146,21 @@ class TriEdge:
 
     def logits(self, x: np.ndarray, alpha: float, beta: float, gamma: float) -> np.ndarray:
         """APE's logits for one setting."""
-        values = np.eye(self.num_classes)[self.key_labels] * np.exp(self.divergence * gamma)[:, None]
-        cache_logits = np.exp(-(beta - beta * self.affinity(x))) @ values
-        return self.zero_shot_logits(x) + cache_logits * alpha
+        return self.zero_shot_logits(x) + alpha * cache_logits(
+            self.affinity(x), self.key_labels, np.exp(self.divergence * gamma), self.num_classes, beta)
+
+
+def cache_logits(affinity: np.ndarray, key_labels: np.ndarray, key_weights: np.ndarray, num_classes: int,
+                 beta: float) -> np.ndarray:
+    """``exp(−β(1 − affinity)) · (L ⊙ v)``: each key's kernel value, weighted, summed into its class."""
+    values = np.eye(num_classes)[key_labels] * np.asarray(key_weights, dtype=np.float64)[:, None]
+    return np.exp(-(beta - beta * affinity)) @ values
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, shifted by each row's maximum."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def count_correct(logits: np.ndarray, labels: np.ndarray) -> int:
@@ -237,9 +249,7 @@ def count_grid(
     return correct.numpy()
 
 
-def search_loop(
-    tri: TriEdge, x: np.ndarray, labels: np.ndarray, grid: SearchGrid, progress: Progress | None = None
-) -> SearchResult:
+def search_loop(tri: TriEdge, x: np.ndarray, labels: np.ndarray, grid: SearchGrid) -> SearchResult:
     """The same search the authors' way: full logits for every setting, one by one (the reference)."""
     import torch
 
@@ -256,8 +266,6 @@ def search_loop(
                 cache_logits = torch.exp(-(beta - beta * affinity)) @ values
                 logits = zero_shot + cache_logits * alpha
                 correct[b, a, g] = int((logits.argmax(dim=1) == target).sum())
-        if progress is not None:
-            progress(b + 1, len(grid.betas))
     return SearchResult(correct, x.shape[0], grid)
 
 
@@ -276,9 +284,9 @@ class CacheModel:
 
     def logits(self, x: np.ndarray, alpha: float, beta: float) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
-        values = np.eye(self.text.shape[0])[self.key_labels] * np.asarray(self.value_weights, dtype=np.float64)[:, None]
         affinity = x @ np.asarray(self.keys, dtype=np.float64).T
-        return 100.0 * x @ np.asarray(self.text, dtype=np.float64).T + alpha * np.exp(-(beta - beta * affinity)) @ values
+        return 100.0 * x @ np.asarray(self.text, dtype=np.float64).T + alpha * cache_logits(
+            affinity, self.key_labels, self.value_weights, self.text.shape[0], beta)
 
     def search(self, x: np.ndarray, labels: np.ndarray, grid: SearchGrid, progress: Progress | None = None) -> SearchResult:
         """Correct predictions for every β and α of ``grid`` (its γ is ignored), as SearchResult[β, α, 0]."""
