@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from apecli import __version__, store
+from apecli.cli import progress
 from apecli.cli.io import console, emit, reports_errors, resolve_input
 from apecli.cli.options import DEFAULT_STORE, Dataset, Input, Json, Model, Shots, Store
 from apecli.errors import ApecliError
@@ -136,7 +136,7 @@ def extract(
         console.print(f"[bold yellow]warning: {model} with RANDOM weights (--pretrained {pretrained}): "
                       "the features mean nothing[/bold yellow]")
     try:
-        with _splits(enabled=ranks.leader) as report:
+        with progress.splits(enabled=ranks.leader) as report:
             features = run_extract(source, spec, store_dir, settings,
                                    sentences, report, console.print if ranks.leader else lambda message: None, ranks)
     finally:
@@ -226,7 +226,7 @@ def evaluate(
     artifact = resolve_input(source, store_dir, ["adapter"] if mode == "training-required" else ["refinement", "features"])
     preset = preset_for(artifact.metadata.get("dataset"))
     grid = SearchGrid(tuple(search_scale or preset.search_scale), tuple(search_step or preset.search_step))
-    with _progress(f"searching {grid.size:,} settings") as advance:
+    with progress.steps(f"searching {grid.size:,} settings") as advance:
         evaluation = evaluate_artifact(artifact, mode, shots, grid, advance)
     stem = f"eval-{mode}" + (f"-{evaluation.shots}shot" if evaluation.shots else "")
     saved = save_evaluation(evaluation, [artifact], store.in_store(store_dir, evaluation.dataset, stem))
@@ -260,7 +260,7 @@ def fit(
     settings = FitSettings(shots, k, w, epochs, lr, eps, weight_decay, batch_size, alpha, beta, seed).resolve(features)
     if features.views(settings.shots) is None:
         console.print(f"no augmented views stored for {settings.shots} shots: training on the cache keys themselves")
-    with _epochs(settings.epochs) as report:
+    with progress.epochs(settings.epochs) as report:
         result = train(features, settings, report)
     result = save_fit(result, features, store.in_store(
         store_dir, features.dataset, f"fit-{settings.shots}shot-k{settings.k}-seed{settings.seed}"))
@@ -334,7 +334,7 @@ def predict(
 
     artifact = store.open_artifact(model_artifact, ["evaluation"]) if model_artifact else \
         resolve_input(None, store_dir, ["evaluation"])
-    with _splits() as report:
+    with progress.splits() as report:
         predictions, skipped = classify(images, artifact, top, device, batch_size, workers, skip_bad, report)
     for item in skipped:
         console.print(f"skipped {item['path']}: {item['error']}")
@@ -432,14 +432,14 @@ def demo(
         console.print(f"generated 5 classes of images in {images}")
     model = tiny_model_config(store_dir)
     console.print(f"model: {model} (a tiny open_clip config with seeded random weights)")
-    with _splits() as report:
+    with progress.splits() as report:
         features = run_extract(read_coop("caltech101", images), EncoderSpec(str(model), "none"), store_dir,
                                ExtractSettings(shots=(1, 2, 4, 8, 16), workers=0), progress=report, say=console.print)
     console.print(f"features: {features.artifact.path}")
     refinement = save_refinement(select_channels(features, k=32), features,
                                  store.in_store(store_dir, features.dataset, "refine-16shot-k32"))
     console.print(f"refined: {refinement.artifact.path}")
-    with _progress("searching") as advance:
+    with progress.steps("searching") as advance:
         evaluation = evaluate_training_free(features, refinement, progress=advance)
     saved = save_evaluation(evaluation, [refinement.artifact],
                             store.in_store(store_dir, features.dataset, "eval-training-free-16shot"))
@@ -465,66 +465,6 @@ def _print_evaluation(result: dict) -> None:
         table.add_row(METHOD_NAMES[result["mode"]], f"{result['val_accuracy']:.2f}", f"{result['test_accuracy']:.2f}",
                       " ".join(chosen))
     console.print(table)
-
-
-class _progress:
-    """A rich progress bar on stderr (only on a terminal); yields the callback the library calls."""
-
-    def __init__(self, description: str) -> None:
-        self.bar = Progress(TextColumn(description), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
-                            console=console, transient=True, disable=not console.is_terminal)
-
-    def __enter__(self):
-        self.bar.__enter__()
-        task = self.bar.add_task("", total=None)
-        return lambda done, total: self.bar.update(task, completed=done, total=total)
-
-    def __exit__(self, *exc_info) -> None:
-        self.bar.__exit__(*exc_info)
-
-
-class _splits:
-    """One rich progress bar per split on stderr (only on a terminal), with images/s and time left."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.bar = Progress(TextColumn("{task.description:<5}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console,
-                            disable=not (enabled and console.is_terminal))
-        self.tasks: dict[str, int] = {}
-
-    def __enter__(self):
-        self.bar.__enter__()
-
-        def report(split: str, done: int, total: int) -> None:
-            if split not in self.tasks:
-                self.tasks[split] = self.bar.add_task(split, total=total, rate="")
-            task = self.tasks[split]
-            self.bar.update(task, completed=done)
-            speed = self.bar.tasks[task].speed
-            self.bar.update(task, rate=f"{speed:,.0f} img/s" if speed else "")
-
-        return report
-
-    def __exit__(self, *exc_info) -> None:
-        self.bar.__exit__(*exc_info)
-
-
-class _epochs:
-    """A rich display of training epochs on stderr (only on a terminal): loss and validation accuracy."""
-
-    def __init__(self, epochs: int) -> None:
-        self.bar = Progress(TextColumn("epoch {task.completed}/{task.total}"), BarColumn(),
-                            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}"), TimeRemainingColumn(),
-                            console=console, transient=True, disable=not console.is_terminal)
-        self.epochs = epochs
-
-    def __enter__(self):
-        self.bar.__enter__()
-        task = self.bar.add_task("", total=self.epochs, loss="-", val="-")
-        return lambda epoch, total, loss, val: self.bar.update(task, completed=epoch, loss=f"{loss:.4f}", val=f"{val:.2f}%")
-
-    def __exit__(self, *exc_info) -> None:
-        self.bar.__exit__(*exc_info)
 
 
 def main() -> None:
