@@ -9,6 +9,7 @@ model's normalisation.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -46,8 +47,10 @@ class EncoderSpec:
         if weights.lower() in NO_WEIGHTS:
             pretrained = {"pretrained": "none"}
         elif Path(weights).expanduser().is_file():
-            pretrained = {"pretrained": str(Path(weights).expanduser().resolve()),
-                          "checkpoint_sha256": file_sha256(Path(weights).expanduser())}
+            checkpoint = Path(weights).expanduser().resolve()
+            stat = checkpoint.stat()
+            pretrained = {"pretrained": str(checkpoint),
+                          "checkpoint_sha256": _checkpoint_sha256(str(checkpoint), stat.st_size, stat.st_mtime_ns)}
         else:
             pretrained = {"pretrained": weights}
         device_type = self.resolved_device().split(":")[0]  # cuda:1 and cuda:0 give the same features
@@ -66,6 +69,12 @@ class EncoderSpec:
         if self.precision != "auto":
             return self.precision
         return "fp16" if self.resolved_device().startswith("cuda") else "fp32"
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_sha256(path: str, size: int, modified_ns: int) -> str:
+    """A checkpoint's hash, computed once per file version (size and time are part of the key)."""
+    return file_sha256(path)
 
 
 class Encoder:

@@ -1,4 +1,9 @@
-"""The eval stage: zero-shot CLIP and training-free APE on a feature set, tuned on validation only."""
+"""The eval stage: every mode's accuracies on a feature set, hyperparameters tuned on validation only.
+
+Zero-shot CLIP and training-free APE live here; APE-T's search runs on a fitted adapter
+(:mod:`apecli.training_required`), the baselines in :mod:`apecli.baselines`. :func:`evaluate_artifact`
+dispatches a stored artifact to the right one.
+"""
 
 from __future__ import annotations
 
@@ -170,8 +175,11 @@ def evaluate_artifact(
     grid: SearchGrid | None = None,
     progress: Progress | None = None,
 ) -> Evaluation:
-    """Evaluate a refinement or features artifact. Training-free on a features artifact refines first,
-    with the dataset's default k and weights."""
+    """Evaluate a features, refinement or adapter artifact in ``mode``.
+
+    Training-free on a features artifact refines first, with the dataset's default k and weights; every
+    mode on a refinement uses the cache it was made from; training-required needs an adapter.
+    """
     from apecli.features import load_features
     from apecli.refine import load_refinement, select_channels
     from apecli.training_required import load_fit
