@@ -93,17 +93,17 @@ def interrupt_encoder(monkeypatch):
     """``interrupt_encoder(n)``: the n-th encoder batch from now on raises KeyboardInterrupt, as a killed run would."""
     from apecli.encoder import Encoder
 
-    original = Encoder.encode_images
+    original = Encoder.start_encoding
 
     def arm(batch_number: int) -> None:
         calls = {"n": 0}
 
-        def encode_images(self, batch):
+        def start_encoding(self, batch):
             calls["n"] += 1
             if calls["n"] == batch_number:
                 raise KeyboardInterrupt
             return original(self, batch)
 
-        monkeypatch.setattr(Encoder, "encode_images", encode_images)
+        monkeypatch.setattr(Encoder, "start_encoding", start_encoding)
 
     return arm

@@ -302,11 +302,35 @@ def test_device_decoding_stays_close_to_pil(tiny, caltech, tmp_path):
     paths[0] = png
     encoder = load_encoder(tiny)
     pil, ok, _ = encode_split(encoder, "pil", paths, 0, tmp_path / "a", SETTINGS, None)
-    tensor, ok_tensor, _ = encode_split(encoder, "gpu", paths, 0, tmp_path / "b", replace(SETTINGS, decode="gpu"), None)
+    on_device = replace(SETTINGS, decode="gpu", workers=2)  # bytes read in loader workers
+    tensor, ok_tensor, _ = encode_split(encoder, "gpu", paths, 0, tmp_path / "b", on_device, None)
     assert ok.all() and ok_tensor.all()
     cosine = np.sum(pil * tensor, axis=1) / np.linalg.norm(pil, axis=1) / np.linalg.norm(tensor, axis=1)
     assert cosine.min() > 0.99
     assert cosine[0] == pytest.approx(1.0, abs=1e-6)  # the PNG went through PIL both times
+
+
+def test_device_decoding_does_not_depend_on_the_batch(tiny, tmp_path):
+    """Images of several sizes decoded, resized and normalised together equal each done alone, in order."""
+    import torch
+
+    from apecli.encoder import load_encoder
+    from apecli.images import RawBytes, decode_on_device
+
+    paths = [make_image(tmp_path / f"{i}.jpg", i % 2, i) for i in range(7)]  # three widths, interleaved
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"not really a jpeg")
+    paths.insert(3, tmp_path / "broken.jpg")
+    encoder = load_encoder(tiny)
+    raw = RawBytes(paths)
+    items = [raw[i] for i in range(len(paths))]
+    together = decode_on_device(items, paths, encoder, torch.device("cpu"))
+    alone = [decode_on_device([item], paths, encoder, torch.device("cpu"))[0] for item in items]
+    assert [index for index, _, _ in together] == list(range(len(paths)))
+    assert together[3][1] is None and together[3][2] and alone[3][2] == together[3][2]
+    for (_, batched, _), (_, single, _) in zip(together, alone):
+        if single is not None:
+            assert batched.shape == (3, *encoder.image_size)
+            torch.testing.assert_close(batched, single, rtol=0, atol=1e-6)
 
 
 def test_device_decoding_needs_cuda_on_the_command_line(tiny, caltech, tmp_path):

@@ -108,11 +108,30 @@ class Encoder:
 
     def encode_images(self, batch: "torch.Tensor") -> np.ndarray:
         """Image features (not normalised) of a batch of transformed images, as float32."""
+        return self.start_encoding(batch)()
+
+    def start_encoding(self, batch: "torch.Tensor") -> Callable[[], np.ndarray]:
+        """Queue a batch on the device; the returned function waits for its features and returns them.
+
+        On CUDA the features travel back to pinned memory asynchronously, so the caller can prepare the
+        next batch (read it, decode it on the GPU's JPEG engines) while this one is encoded.
+        """
         import torch
 
         with torch.inference_mode():
-            features = self.model.encode_image(batch.to(self.device, self.dtype, non_blocking=True))
-        return features.float().cpu().numpy()
+            features = self.model.encode_image(batch.to(self.device, self.dtype, non_blocking=True)).float()
+            if self.device.type != "cuda":
+                return features.cpu().numpy
+            host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(features, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+
+        def result() -> np.ndarray:
+            done.synchronize()
+            return host.numpy()
+
+        return result
 
     def text_classifier(self, class_names: tuple[str, ...], templates: tuple[str, ...],
                         prompts: dict[str, list[str]] | None = None) -> np.ndarray:

@@ -163,23 +163,38 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
     loader = torch.utils.data.DataLoader(source, batch_sampler=batches, num_workers=settings.workers,
                                          collate_fn=collate, pin_memory=encoder.device.type == "cuda")
     buffers: dict[int, dict[int, tuple[np.ndarray | None, str]]] = {}
-    for items in loader:
-        if on_device:
-            items = decode_on_device(items, paths, encoder, encoder.device)
-        good = [(index, tensor) for index, tensor, _ in items if tensor is not None]
-        encoded = {}
-        if good:
-            stacked = torch.cat([t.reshape(-1, *t.shape[-3:]) for _, t in good])
-            out = encoder.encode_images(stacked).reshape(len(good), *((views,) if views else ()), -1)
-            encoded = {index: out[row] for row, (index, _) in enumerate(good)}
-        for index, tensor, error in items:
-            number = index // settings.chunk_images
+
+    def start(items: list) -> Callable[[], dict[int, np.ndarray]]:
+        """Queue a batch on the encoder; the returned function gives its features by image index."""
+        for index, _, error in items:
             if error is not None and not settings.skip_bad:
                 raise ApecliError(f"{paths[index]}: unreadable image ({error}); pass --skip-bad to record and skip it")
-            buffers.setdefault(number, {})[index] = (encoded.get(index), error or "")
+        good = [(index, tensor) for index, tensor, _ in items if tensor is not None]
+        if not good:
+            return lambda: {}
+        result = encoder.start_encoding(torch.cat([t.reshape(-1, *t.shape[-3:]) for _, t in good]))
+        return lambda: dict(zip((index for index, _ in good), result().reshape(len(good), *((views,) if views else ()), -1)))
+
+    def finish(items: list, features: dict[int, np.ndarray]) -> None:
+        for index, _, error in items:
+            number = index // settings.chunk_images
+            buffers.setdefault(number, {})[index] = (features.get(index), error or "")
             if len(buffers[number]) == len(chunks[number]):
                 _save_chunk(files[number], chunks[number], buffers.pop(number))
         report(sum(len(buffer) for buffer in buffers.values()))
+
+    in_flight = None  # one batch encodes on the device while the next is read and decoded
+    try:
+        for items in loader:
+            if on_device:
+                items = decode_on_device(items, paths, encoder, encoder.device)
+            started = (items, start(items))
+            previous, in_flight = in_flight, started
+            if previous is not None:
+                finish(previous[0], previous[1]())
+    finally:  # also when interrupted: what was encoded is saved
+        if in_flight is not None:
+            finish(in_flight[0], in_flight[1]())
 
 
 def encode_split(encoder: Encoder, name: str, paths: Sequence[Path], views: int, work: Path,

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 Item = tuple  # (index, tensor or None, error or None)
 
 
@@ -65,7 +67,11 @@ class PilImages:
 
 
 class RawBytes:
-    """A map-style dataset of (index, the file's bytes as a uint8 tensor or None, error)."""
+    """A map-style dataset of (index, the file's bytes as a uint8 numpy array or None, error).
+
+    Arrays, not tensors: loader workers pickle them through their pipe, where thousands of small
+    tensors a second would each need a shared-memory file descriptor.
+    """
 
     def __init__(self, paths: Sequence[Path]) -> None:
         self.paths = paths
@@ -74,11 +80,9 @@ class RawBytes:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Item:
-        from torchvision.io import read_file
-
         try:
-            return index, read_file(str(self.paths[index])), None
-        except (OSError, RuntimeError) as error:
+            return index, np.fromfile(self.paths[index], dtype=np.uint8), None
+        except OSError as error:
             return index, None, str(error).split("\n")[0] or type(error).__name__
 
 
@@ -86,43 +90,62 @@ def collate(items: list[Item]) -> list[Item]:
     return items
 
 
-def is_jpeg(data) -> bool:
-    return data.numel() > 3 and data[0] == 0xFF and data[1] == 0xD8 and data[2] == 0xFF
+def is_jpeg(data: np.ndarray) -> bool:
+    return data.size > 3 and data[:3].tobytes() == b"\xff\xd8\xff"
 
 
 def decode_on_device(items: list[Item], paths: Sequence[Path], encoder, device) -> list[Item]:
-    """Turn raw-byte items into normalised image tensors on ``device`` (JPEGs batched there, others by PIL)."""
+    """Turn raw-byte items into normalised image tensors on ``device`` (JPEGs batched there, others by PIL).
+
+    The JPEGs are decoded in one call; images of the same size are resized and cropped together, and the
+    whole batch is normalised at once, so the number of device operations does not grow with the batch.
+    """
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import functional as F
 
-    size = encoder.image_size
-    mean = torch.tensor(encoder.mean, device=device).view(3, 1, 1)
-    std = torch.tensor(encoder.std, device=device).view(3, 1, 1)
     jpegs = [(index, data) for index, data, _ in items if data is not None and is_jpeg(data)]
     decoded: dict[int, torch.Tensor] = {}
     if jpegs:
         try:
-            images = decode_jpeg([data for _, data in jpegs], mode=ImageReadMode.RGB, device=device)
+            images = decode_jpeg([torch.from_numpy(data) for _, data in jpegs], mode=ImageReadMode.RGB, device=device)
             decoded = {index: image for (index, _), image in zip(jpegs, images)}
         except RuntimeError:  # one bad file spoils the batch: decode one by one
             for index, data in jpegs:
                 try:
-                    decoded[index] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+                    decoded[index] = decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB, device=device)
                 except RuntimeError:
                     pass
+    ready = _resize_crop_normalise(decoded, encoder.image_size, encoder.mean, encoder.std, device)
     out = []
     for index, data, error in items:
         if error is not None:
             out.append((index, None, error))
-            continue
-        if index in decoded:
-            image = F.resize(decoded[index], [min(size)], interpolation=F.InterpolationMode.BICUBIC, antialias=True)
-            image = F.center_crop(image, list(size)).float().div_(255).clamp_(0, 1)
-            out.append((index, (image - mean) / std, None))
-            continue
-        try:  # not a JPEG, or not one the decoder reads: the faithful path
-            out.append((index, encoder.eval_transform(_open_rgb(paths[index])).to(device), None))
-        except (OSError, ValueError, SyntaxError) as failure:
-            out.append((index, None, str(failure).split("\n")[0] or type(failure).__name__))
+        elif index in ready:
+            out.append((index, ready[index], None))
+        else:
+            try:  # not a JPEG, or not one the decoder reads: the faithful path
+                out.append((index, encoder.eval_transform(_open_rgb(paths[index])).to(device), None))
+            except (OSError, ValueError, SyntaxError) as failure:
+                out.append((index, None, str(failure).split("\n")[0] or type(failure).__name__))
     return out
+
+
+def _resize_crop_normalise(images: dict, size: tuple[int, int], mean, std, device) -> dict:
+    """uint8 C×H×W images → normalised float 3×size tensors: shortest side to size (bicubic, antialiased), centre crop."""
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    if not images:
+        return {}
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, image in images.items():
+        by_shape.setdefault(tuple(image.shape), []).append(index)
+    order, cropped = [], []
+    for indices in by_shape.values():
+        batch = torch.stack([images[index] for index in indices])
+        batch = F.resize(batch, [min(size)], interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+        cropped.append(F.center_crop(batch, list(size)))
+        order += indices
+    pixels = torch.cat(cropped).float().div_(255)
+    pixels = (pixels - torch.tensor(mean, device=device).view(3, 1, 1)) / torch.tensor(std, device=device).view(3, 1, 1)
+    return dict(zip(order, pixels))
