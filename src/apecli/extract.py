@@ -25,7 +25,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from apecli.encoder import Encoder, EncoderSpec, load_encoder
 from apecli.errors import ApecliError
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures, load_features, save_features
 from apecli.images import PilImages, RawBytes, collate, decode_on_device, readable
+
+if TYPE_CHECKING:
+    import torch
 
 SplitProgress = Callable[[str, int, int], None]  # split, images done, images in the split
 
@@ -160,8 +163,7 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
     report(0)
     on_device = settings.decode == "gpu" and views == 0
     source = RawBytes(paths) if on_device else PilImages(paths, transform, views, settings.seed)
-    loader = torch.utils.data.DataLoader(source, batch_sampler=batches, num_workers=settings.workers,
-                                         collate_fn=collate, pin_memory=encoder.device.type == "cuda")
+    loader = torch.utils.data.DataLoader(source, batch_sampler=batches, num_workers=settings.workers, collate_fn=collate)
     buffers: dict[int, dict[int, tuple[np.ndarray | None, str]]] = {}
 
     def start(items: list) -> Callable[[], dict[int, np.ndarray]]:
@@ -172,7 +174,7 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
         good = [(index, tensor) for index, tensor, _ in items if tensor is not None]
         if not good:
             return lambda: {}
-        result = encoder.start_encoding(torch.cat([t.reshape(-1, *t.shape[-3:]) for _, t in good]))
+        result = encoder.start_encoding(_gather([t.reshape(-1, *t.shape[-3:]) for _, t in good], encoder.device))
         return lambda: dict(zip((index for index, _ in good), result().reshape(len(good), *((views,) if views else ()), -1)))
 
     def finish(items: list, features: dict[int, np.ndarray]) -> None:
@@ -195,6 +197,16 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
     finally:  # also when interrupted: what was encoded is saved
         if in_flight is not None:
             finish(in_flight[0], in_flight[1]())
+
+
+def _gather(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One batch of image tensors: for a GPU, CPU tensors are gathered in pinned memory (copied there without waiting)."""
+    import torch
+
+    if device.type != "cuda" or tensors[0].device.type != "cpu":
+        return torch.cat(tensors)
+    pinned = torch.empty((sum(len(t) for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype, pin_memory=True)
+    return torch.cat(tensors, out=pinned)
 
 
 def encode_split(encoder: Encoder, name: str, paths: Sequence[Path], views: int, work: Path,
