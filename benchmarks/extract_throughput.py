@@ -86,7 +86,10 @@ def main() -> None:
                 decode_on_device(items, paths, encoder, encoder.device)
 
         batch = torch.randn(args.batch_size, 3, *encoder.image_size, device=encoder.device)
-        encoder.encode_images(batch[:2])  # warm-up
+        encoder.encode_images(batch)  # warm-up: the kernels for this batch size
+        if encoder.device.type == "cuda":  # warm-up: the GPU's JPEG decoder
+            raw = RawBytes(paths[:8])
+            decode_on_device([raw[i] for i in range(len(raw))], paths, encoder, encoder.device)
 
         def encode() -> None:  # ready tensors already on the device, batches queued back to back
             pending = [encoder.start_encoding(batch) for _ in range(0, args.images, args.batch_size)]
