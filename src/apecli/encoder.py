@@ -125,7 +125,7 @@ class Encoder:
             host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(features, non_blocking=True)
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(self.device))  # the encoder's GPU, which need not be the current one
 
         def result() -> np.ndarray:
             done.synchronize()
