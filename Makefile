@@ -18,5 +18,6 @@ demo:
 bench:
 	$(BIN)/python benchmarks/refine_speed.py
 	$(BIN)/python benchmarks/grid_speed.py
+	$(BIN)/python benchmarks/imagenet_scale.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/extract_throughput.py --model tiny --images 512
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/fit_speed.py

@@ -10,7 +10,7 @@ import pytest
 from apecli.errors import ApecliError
 from apecli.evaluate import evaluate_training_free
 from apecli.refine import select_channels
-from apecli.training_free import SearchGrid, SearchResult, TriEdge, count_correct, search, search_loop
+from apecli.training_free import CacheModel, SearchGrid, SearchResult, TriEdge, count_correct, search, search_loop
 
 from conftest import random_unit, real_dataset
 
@@ -49,6 +49,23 @@ def test_logits_follow_the_formula_term_by_term():
     ours = tri.logits(f, alpha=1.7, beta=3.2, gamma=0.4)
     for row in range(2):
         np.testing.assert_allclose(ours[row], literal_logits(f[row], W, F, labels, channels, 1.7, 3.2, 0.4), rtol=1e-12)
+
+
+def test_logits_are_the_same_in_blocks_of_images(monkeypatch):
+    """Images go through the key products a block at a time; blocks of seven give what one block gives."""
+    from apecli import training_free
+
+    rng = np.random.default_rng(5)
+    W, keys, x = random_unit(rng, 5, 12), random_unit(rng, 15, 12), random_unit(rng, 40, 12)
+    labels, weights = rng.permutation(np.repeat(np.arange(5), 3)), rng.uniform(0.5, 2.0, 15)
+    tri = TriEdge.build(W, keys, labels, np.arange(0, 12, 2))
+    model = CacheModel(W, keys, labels, weights)
+    dense = 100 * x @ W.T + 2.5 * np.exp(-4.0 * (1 - x @ keys.T)) @ (np.eye(5)[labels] * weights[:, None])
+    whole_tri, whole_model = tri.logits(x, 2.5, 4.0, 0.7), model.logits(x, 2.5, 4.0)
+    np.testing.assert_allclose(whole_model, dense, rtol=1e-12)
+    monkeypatch.setattr(training_free, "BLOCK_BYTES", 8 * 15 * 7)
+    np.testing.assert_allclose(tri.logits(x, 2.5, 4.0, 0.7), whole_tri, rtol=1e-13)
+    np.testing.assert_allclose(model.logits(x, 2.5, 4.0), whole_model, rtol=1e-13)
 
 
 def test_grid_values_follow_the_authors_formula():

@@ -30,6 +30,7 @@ from apecli.errors import ApecliError
 
 Progress = Callable[[int, int], None]
 DIVERGENCE_EPSILON = 1e-6
+BLOCK_BYTES = 128 << 20  # working memory per block of images: image × key arrays never exceed it
 
 
 @dataclass(frozen=True)
@@ -146,15 +147,29 @@ class TriEdge:
 
     def logits(self, x: np.ndarray, alpha: float, beta: float, gamma: float) -> np.ndarray:
         """APE's logits for one setting."""
-        return self.zero_shot_logits(x) + alpha * cache_logits(
-            self.affinity(x), self.key_labels, np.exp(self.divergence * gamma), self.num_classes, beta)
+        weights = np.exp(self.divergence * gamma)
+        return by_blocks(x, self.key_labels.shape[0], lambda rows: self.zero_shot_logits(rows) + alpha * cache_logits(
+            self.affinity(rows), self.key_labels, weights, self.num_classes, beta))
 
 
 def cache_logits(affinity: np.ndarray, key_labels: np.ndarray, key_weights: np.ndarray, num_classes: int,
                  beta: float) -> np.ndarray:
     """``exp(−β(1 − affinity)) · (L ⊙ v)``: each key's kernel value, weighted, summed into its class."""
-    values = np.eye(num_classes)[key_labels] * np.asarray(key_weights, dtype=np.float64)[:, None]
-    return np.exp(-(beta - beta * affinity)) @ values
+    import torch
+
+    kernel = torch.from_numpy(np.asarray(affinity, dtype=np.float64)).mul(beta).sub_(beta).exp_()
+    kernel.mul_(torch.from_numpy(np.asarray(key_weights, dtype=np.float64)))
+    summed = torch.zeros((kernel.shape[0], num_classes), dtype=torch.float64)
+    return summed.index_add_(1, torch.from_numpy(np.asarray(key_labels, dtype=np.int64)), kernel).numpy()
+
+
+def by_blocks(x: np.ndarray, width: int, compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``compute`` applied to blocks of rows of ``x`` and stacked, each block's row × ``width`` float64
+    arrays within BLOCK_BYTES (so that an image × key product never holds all images at once)."""
+    rows = max(1, BLOCK_BYTES // (8 * max(width, 1)))
+    if x.shape[0] <= rows:
+        return compute(x)
+    return np.concatenate([compute(x[start:start + rows]) for start in range(0, x.shape[0], rows)])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -178,7 +193,9 @@ def search(
 ) -> SearchResult:
     """Correct predictions of every (β, α, γ) of the grid on ``x``, computed as the module docstring says."""
     value_weights = np.exp(tri.divergence.reshape(tri.num_classes, tri.shots, 1) * grid.gammas)  # C × K × G
-    affinity = tri.affinity(x).reshape(x.shape[0], tri.num_classes, tri.shots)
+    def affinity(rows: slice) -> np.ndarray:
+        return tri.affinity(x[rows]).reshape(-1, tri.num_classes, tri.shots)
+
     correct = count_grid(tri.zero_shot_logits(x), affinity, value_weights, labels, grid.betas, grid.alphas,
                          progress, chunk_bytes)
     return SearchResult(correct, x.shape[0], grid)
@@ -186,7 +203,7 @@ def search(
 
 def count_grid(
     zero_shot: np.ndarray,
-    affinity: np.ndarray,
+    affinity: Callable[[slice], np.ndarray],
     value_weights: np.ndarray,
     labels: np.ndarray,
     betas: np.ndarray,
@@ -197,12 +214,14 @@ def count_grid(
     """Correct predictions of ``zero_shot + α · exp(−β(1 − affinity)) · values`` for every β, α and
     value-weight column g, as an array [β, α, g].
 
-    ``zero_shot`` is N × C; ``affinity`` N × C × K (the keys in class blocks); ``value_weights``
-    C × K × G, the weight of each key in each of G variants of the cache values (γ, for APE).
+    ``zero_shot`` is N × C; ``affinity(rows)`` gives the affinities of a slice of the N images,
+    rows × C × K (the keys in class blocks), computed a block at a time so that no N × C·K array is held;
+    ``value_weights`` is C × K × G, the weight of each key in each of G variants of the cache values
+    (γ, for APE).
     """
     import torch
 
-    n, num_classes, shots = affinity.shape
+    n, num_classes = zero_shot.shape
     steps_g = value_weights.shape[2]
     alphas = torch.from_numpy(np.asarray(alphas, dtype=np.float64))
     target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
@@ -210,7 +229,6 @@ def count_grid(
     margin = zero_shot.gather(1, target[:, None]) - zero_shot  # a_c = R_fW[t] − R_fW[c]
     margin.scatter_(1, target[:, None], 1.0)  # the true class never competes with itself
     earlier = torch.arange(num_classes)[None, :] < target[:, None]  # wins an exact tie (argmax order)
-    affinity = torch.from_numpy(np.asarray(affinity, dtype=np.float64))
     value_weights = torch.from_numpy(np.ascontiguousarray(value_weights, dtype=np.float64))
     correct = torch.zeros((len(betas), len(alphas), steps_g), dtype=torch.int64)
     rows = max(1, chunk_bytes // (8 * steps_g * num_classes * 4))
@@ -219,7 +237,8 @@ def count_grid(
     below, above = torch.tensor(-torch.inf, dtype=torch.float64), torch.tensor(torch.inf, dtype=torch.float64)
     for start in chunks:
         block = slice(start, start + rows)
-        affinity_block = affinity[block].permute(1, 0, 2).contiguous()  # C × n × K
+        affinity_block = torch.from_numpy(np.asarray(affinity(block), dtype=np.float64))
+        affinity_block = affinity_block.permute(1, 0, 2).contiguous()  # C × n × K
         negative_margin, target_block = -margin[block], target[block]
         tie_loses = (negative_margin > 0) | ((negative_margin == 0) & earlier[block])
         own_index = target_block.view(1, -1, 1).expand(steps_g, -1, 1)
@@ -283,10 +302,14 @@ class CacheModel:
     value_weights: np.ndarray  # (M,)
 
     def logits(self, x: np.ndarray, alpha: float, beta: float) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        affinity = x @ np.asarray(self.keys, dtype=np.float64).T
-        return 100.0 * x @ np.asarray(self.text, dtype=np.float64).T + alpha * cache_logits(
-            affinity, self.key_labels, self.value_weights, self.text.shape[0], beta)
+        text, keys = np.asarray(self.text, dtype=np.float64), np.asarray(self.keys, dtype=np.float64)
+
+        def compute(rows: np.ndarray) -> np.ndarray:
+            rows = np.asarray(rows, dtype=np.float64)
+            return 100.0 * rows @ text.T + alpha * cache_logits(rows @ keys.T, self.key_labels, self.value_weights,
+                                                                 text.shape[0], beta)
+
+        return by_blocks(x, keys.shape[0], compute)
 
     def search(self, x: np.ndarray, labels: np.ndarray, grid: SearchGrid, progress: Progress | None = None) -> SearchResult:
         """Correct predictions for every β and α of ``grid`` (its γ is ignored), as SearchResult[β, α, 0]."""
@@ -295,8 +318,9 @@ class CacheModel:
         order = np.argsort(self.key_labels, kind="stable")
         shots = order.shape[0] // num_classes
         x = np.asarray(x, dtype=np.float64)
-        affinity = (x @ np.asarray(self.keys, dtype=np.float64)[order].T).reshape(x.shape[0], num_classes, shots)
+        keys = np.asarray(self.keys, dtype=np.float64)[order]
         weights = np.asarray(self.value_weights, dtype=np.float64)[order].reshape(num_classes, shots, 1)
         zero_shot = 100.0 * x @ np.asarray(self.text, dtype=np.float64).T
-        correct = count_grid(zero_shot, affinity, weights, labels, grid.betas, grid.alphas, progress)
+        correct = count_grid(zero_shot, lambda rows: (x[rows] @ keys.T).reshape(-1, num_classes, shots), weights, labels,
+                             grid.betas, grid.alphas, progress)
         return SearchResult(correct, x.shape[0], grid)
