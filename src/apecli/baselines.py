@@ -20,7 +20,7 @@ import numpy as np
 from apecli.evaluate import Evaluation, default_grid, percent, scored
 from apecli.features import FeatureSet
 from apecli.training import EpochProgress, train, training_samples
-from apecli.training_free import CacheModel, Progress, SearchGrid, count_correct, softmax
+from apecli.training_free import CacheModel, Progress, SearchGrid, class_sums, count_correct, softmax
 
 GDA_ALPHAS = tuple(10.0**i for i in range(-4, 5))
 PROKER_LAMBDAS = tuple(10.0 ** (i / 2) for i in range(-10, 5))  # 1e-5 … 1e2, half a decade apart
@@ -66,12 +66,13 @@ def evaluate_tip_adapter_f(features: FeatureSet, shots: int | None = None, grid:
     val, test = features.split("val"), features.split("test")
     samples, on_views = training_samples(features, shots)
     text = torch.from_numpy(features.classifier.astype(np.float32))
-    one_hot = torch.nn.functional.one_hot(torch.from_numpy(plain.key_labels), features.num_classes).float()
+    key_labels = torch.from_numpy(plain.key_labels.astype(np.int64))
     keys = torch.tensor(plain.keys, dtype=torch.float32, requires_grad=True)
     alpha, beta = settings.alpha, settings.beta
 
     def logits(x):
-        return 100.0 * x @ text.T + alpha * torch.exp(-(beta - beta * (x @ keys.T))) @ one_hot
+        return 100.0 * x @ text.T + alpha * class_sums(torch.exp(-(beta - beta * (x @ keys.T))), key_labels,
+                                                        features.num_classes)
 
     run = train([keys], logits, samples, plain.key_labels, val.features, val.labels, epochs=settings.epochs,
                 lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay, batch_size=settings.batch_size,

@@ -19,6 +19,7 @@ from apecli.errors import ApecliError
 from apecli.features import FeatureSet
 
 EpochProgress = Callable[[int, int, float, float], None]  # epoch, epochs, mean loss, val accuracy
+VAL_BLOCK = 2048  # validation images scored at once
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,10 @@ def train(
             optimiser.step()
             schedule.step()
             total += float(loss.detach()) * batch.shape[0]
-        with torch.no_grad():
-            accuracy = 100.0 * float((logits(val_x).argmax(dim=1) == val_y).sum()) / val_y.shape[0]
+        with torch.no_grad():  # in blocks of images: the image × key products of a large split stay small
+            hits = sum(int((logits(val_x[start:start + VAL_BLOCK]).argmax(dim=1) == val_y[start:start + VAL_BLOCK]).sum())
+                       for start in range(0, val_y.shape[0], VAL_BLOCK))
+            accuracy = 100.0 * hits / val_y.shape[0]
         losses.append(total / count)
         accuracies.append(accuracy)
         if accuracy > best[1]:

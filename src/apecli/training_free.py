@@ -22,11 +22,14 @@ predictions as evaluating every setting one by one (:func:`search_loop`, kept as
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from apecli.errors import ApecliError
+
+if TYPE_CHECKING:
+    import torch
 
 Progress = Callable[[int, int], None]
 DIVERGENCE_EPSILON = 1e-6
@@ -159,8 +162,13 @@ def cache_logits(affinity: np.ndarray, key_labels: np.ndarray, key_weights: np.n
 
     kernel = torch.from_numpy(np.asarray(affinity, dtype=np.float64)).mul(beta).sub_(beta).exp_()
     kernel.mul_(torch.from_numpy(np.asarray(key_weights, dtype=np.float64)))
-    summed = torch.zeros((kernel.shape[0], num_classes), dtype=torch.float64)
-    return summed.index_add_(1, torch.from_numpy(np.asarray(key_labels, dtype=np.int64)), kernel).numpy()
+    return class_sums(kernel, torch.from_numpy(np.asarray(key_labels, dtype=np.int64)), num_classes).numpy()
+
+
+def class_sums(per_key: "torch.Tensor", key_labels: "torch.Tensor", num_classes: int) -> "torch.Tensor":
+    """``per_key · L`` for the one-hot label matrix L (keys × classes), without forming L: each key's
+    column added into its class's. Differentiable, for the methods that train."""
+    return per_key.new_zeros((per_key.shape[0], num_classes)).index_add(1, key_labels, per_key)
 
 
 def by_blocks(x: np.ndarray, width: int, compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:

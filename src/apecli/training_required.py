@@ -26,7 +26,7 @@ from apecli.features import FeatureSet, load_features
 from apecli.presets import preset_for
 from apecli.refine import channel_criterion, top_channels
 from apecli.training import EpochProgress, train, training_samples
-from apecli.training_free import CacheModel
+from apecli.training_free import CacheModel, class_sums
 
 KIND = "adapter"
 
@@ -134,7 +134,6 @@ def fit(features: FeatureSet, settings: FitSettings = FitSettings(), progress: E
     text = torch.from_numpy(features.classifier.astype(np.float32))
     keys = torch.from_numpy(cache.keys.astype(np.float32))
     labels = torch.from_numpy(cache.labels.astype(np.int64))
-    one_hot = torch.nn.functional.one_hot(labels, features.num_classes).float()
     selected = torch.from_numpy(channels)
     residual = torch.zeros((features.num_classes, settings.k), requires_grad=True)
     value_weights = torch.ones(labels.shape[0], requires_grad=True)
@@ -142,9 +141,8 @@ def fit(features: FeatureSet, settings: FitSettings = FitSettings(), progress: E
 
     def model_logits(x):
         delta = torch.zeros_like(text).index_copy(1, selected, residual)
-        values = one_hot * value_weights[:, None]
-        cache_logits = torch.exp(-(beta - beta * (x @ (keys + delta[labels]).T))) @ values
-        return 100.0 * x @ (text + delta).T + alpha * cache_logits
+        kernel = torch.exp(-(beta - beta * (x @ (keys + delta[labels]).T)))
+        return 100.0 * x @ (text + delta).T + alpha * class_sums(kernel * value_weights, labels, features.num_classes)
 
     run = train([residual, value_weights], model_logits, samples, cache.labels, val.features, val.labels,
                 epochs=settings.epochs, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay,
