@@ -47,7 +47,7 @@ def main() -> None:
 
     from apecli.encoder import EncoderSpec, load_encoder
     from apecli.extract import ExtractSettings, encode_split
-    from apecli.images import PilImages, RawBytes, collate, decode_on_device
+    from apecli.images import Batch, PilImages, RawBytes, decode_on_device
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model (random weights: same cost), or 'tiny'")
@@ -75,21 +75,21 @@ def main() -> None:
 
         def decode(workers: int) -> None:
             loader = torch.utils.data.DataLoader(PilImages(paths, encoder.eval_transform, 0, 1), batch_size=args.batch_size,
-                                                 num_workers=workers, collate_fn=collate)
+                                                 num_workers=workers, collate_fn=Batch.collate)
             for _ in loader:
                 pass
 
         def decode_gpu() -> None:
             loader = torch.utils.data.DataLoader(RawBytes(paths), batch_size=args.batch_size, num_workers=args.workers,
-                                                 collate_fn=collate, pin_memory=encoder.device.type == "cuda")
-            for items in loader:
-                decode_on_device(items, paths, encoder, encoder.device)
+                                                 collate_fn=Batch.collate, pin_memory=encoder.device.type == "cuda")
+            for batch in loader:
+                decode_on_device(batch, paths, encoder, encoder.device)
 
         batch = torch.randn(args.batch_size, 3, *encoder.image_size, device=encoder.device)
         encoder.encode_images(batch)  # warm-up: the kernels for this batch size
         if encoder.device.type == "cuda":  # warm-up: the GPU's JPEG decoder
             raw = RawBytes(paths[:8])
-            decode_on_device([raw[i] for i in range(len(raw))], paths, encoder, encoder.device)
+            decode_on_device(Batch.collate([raw[i] for i in range(len(raw))]), paths, encoder, encoder.device)
 
         def encode() -> None:  # ready tensors already on the device, batches queued back to back
             pending = [encoder.start_encoding(batch) for _ in range(0, args.images, args.batch_size)]

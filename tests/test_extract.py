@@ -315,7 +315,7 @@ def test_device_decoding_does_not_depend_on_the_batch(tiny, tmp_path):
     import torch
 
     from apecli.encoder import load_encoder
-    from apecli.images import RawBytes, decode_on_device
+    from apecli.images import Batch, RawBytes, decode_on_device
 
     paths = [make_image(tmp_path / f"{i}.jpg", i % 2, i) for i in range(7)]  # three widths, interleaved
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"not really a jpeg")
@@ -323,14 +323,36 @@ def test_device_decoding_does_not_depend_on_the_batch(tiny, tmp_path):
     encoder = load_encoder(tiny)
     raw = RawBytes(paths)
     items = [raw[i] for i in range(len(paths))]
-    together = decode_on_device(items, paths, encoder, torch.device("cpu"))
-    alone = [decode_on_device([item], paths, encoder, torch.device("cpu"))[0] for item in items]
-    assert [index for index, _, _ in together] == list(range(len(paths)))
-    assert together[3][1] is None and together[3][2] and alone[3][2] == together[3][2]
-    for (_, batched, _), (_, single, _) in zip(together, alone):
-        if single is not None:
-            assert batched.shape == (3, *encoder.image_size)
-            torch.testing.assert_close(batched, single, rtol=0, atol=1e-6)
+    together = decode_on_device(Batch.collate(items), paths, encoder, torch.device("cpu"))
+    alone = [decode_on_device(Batch.collate([item]), paths, encoder, torch.device("cpu")) for item in items]
+    assert together.indices == list(range(len(paths)))
+    assert together.errors == [one.errors[0] for one in alone] and together.errors[3]
+    assert together.readable == [i for i in range(len(paths)) if i != 3]
+    assert together.images.shape == (len(paths) - 1, 3, *encoder.image_size)
+    torch.testing.assert_close(together.images, torch.cat([one.images for one in alone]), rtol=0, atol=1e-6)
+
+
+def test_a_batch_crosses_from_a_loader_worker_as_one_tensor(tmp_path):
+    """However many images a batch holds, a loader worker sends them stacked: one shared-memory segment."""
+    import torch
+
+    from apecli.images import Batch, PilImages
+
+    paths = [make_image(tmp_path / f"{i}.jpg", 0, i) for i in range(6)]
+    (tmp_path / "bad.jpg").write_bytes(b"nothing")
+    paths.insert(2, tmp_path / "bad.jpg")
+
+    def transform(image):
+        return torch.full((3, 4, 4), float(image.size[0]))
+
+    loader = torch.utils.data.DataLoader(PilImages(paths, transform, 0, 1), batch_size=7, num_workers=1,
+                                         collate_fn=Batch.collate)
+    (batch,) = list(loader)
+    assert batch.indices == list(range(7)) and batch.readable == [0, 1, 3, 4, 5, 6]
+    assert batch.errors[2] and all(error is None for n, error in enumerate(batch.errors) if n != 2)
+    assert isinstance(batch.images, torch.Tensor) and batch.images.shape == (6, 3, 4, 4)
+    widths = [48 + 8 * (i % 3) for i in range(6)]  # make_image's widths, in order
+    assert batch.images[:, 0, 0, 0].tolist() == widths
 
 
 def test_device_decoding_needs_cuda_on_the_command_line(tiny, caltech, tmp_path):

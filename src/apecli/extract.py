@@ -25,7 +25,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -35,10 +35,7 @@ from apecli.distributed import Ranks, barrier, owns
 from apecli.encoder import Encoder, EncoderSpec, load_encoder
 from apecli.errors import ApecliError
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures, load_features, save_features
-from apecli.images import PilImages, RawBytes, collate, decode_on_device, readable
-
-if TYPE_CHECKING:
-    import torch
+from apecli.images import Batch, PilImages, RawBytes, decode_on_device, readable
 
 SplitProgress = Callable[[str, int, int], None]  # split, images done, images in the split
 
@@ -163,22 +160,23 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
     report(0)
     on_device = settings.decode == "gpu" and views == 0
     source = RawBytes(paths) if on_device else PilImages(paths, transform, views, settings.seed)
-    loader = torch.utils.data.DataLoader(source, batch_sampler=batches, num_workers=settings.workers, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(source, batch_sampler=batches, num_workers=settings.workers,
+                                         collate_fn=Batch.collate, pin_memory=encoder.device.type == "cuda")
     buffers: dict[int, dict[int, tuple[np.ndarray | None, str]]] = {}
 
-    def start(items: list) -> Callable[[], dict[int, np.ndarray]]:
+    def start(batch: Batch) -> Callable[[], dict[int, np.ndarray]]:
         """Queue a batch on the encoder; the returned function gives its features by image index."""
-        for index, _, error in items:
+        for index, error in zip(batch.indices, batch.errors):
             if error is not None and not settings.skip_bad:
                 raise ApecliError(f"{paths[index]}: unreadable image ({error}); pass --skip-bad to record and skip it")
-        good = [(index, tensor) for index, tensor, _ in items if tensor is not None]
-        if not good:
+        readable = batch.readable
+        if not readable:
             return lambda: {}
-        result = encoder.start_encoding(_gather([t.reshape(-1, *t.shape[-3:]) for _, t in good], encoder.device))
-        return lambda: dict(zip((index for index, _ in good), result().reshape(len(good), *((views,) if views else ()), -1)))
+        result = encoder.start_encoding(batch.images.reshape(-1, *batch.images.shape[-3:]))
+        return lambda: dict(zip(readable, result().reshape(len(readable), *((views,) if views else ()), -1)))
 
-    def finish(items: list, features: dict[int, np.ndarray]) -> None:
-        for index, _, error in items:
+    def finish(batch: Batch, features: dict[int, np.ndarray]) -> None:
+        for index, error in zip(batch.indices, batch.errors):
             number = index // settings.chunk_images
             buffers.setdefault(number, {})[index] = (features.get(index), error or "")
             if len(buffers[number]) == len(chunks[number]):
@@ -187,26 +185,16 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
 
     in_flight = None  # one batch encodes on the device while the next is read and decoded
     try:
-        for items in loader:
+        for batch in loader:
             if on_device:
-                items = decode_on_device(items, paths, encoder, encoder.device)
-            started = (items, start(items))
+                batch = decode_on_device(batch, paths, encoder, encoder.device)
+            started = (batch, start(batch))
             previous, in_flight = in_flight, started
             if previous is not None:
                 finish(previous[0], previous[1]())
     finally:  # also when interrupted: what was encoded is saved
         if in_flight is not None:
             finish(in_flight[0], in_flight[1]())
-
-
-def _gather(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """One batch of image tensors: for a GPU, CPU tensors are gathered in pinned memory (copied there without waiting)."""
-    import torch
-
-    if device.type != "cuda" or tensors[0].device.type != "cpu":
-        return torch.cat(tensors)
-    pinned = torch.empty((sum(len(t) for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype, pin_memory=True)
-    return torch.cat(tensors, out=pinned)
 
 
 def encode_split(encoder: Encoder, name: str, paths: Sequence[Path], views: int, work: Path,

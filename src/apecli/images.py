@@ -10,8 +10,9 @@ always use PIL.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -86,16 +87,41 @@ class RawBytes:
             return index, None, str(error).split("\n")[0] or type(error).__name__
 
 
-def collate(items: list[Item]) -> list[Item]:
-    return items
+@dataclass(frozen=True)
+class Batch:
+    """A batch from the loader: each image's index and why it could not be read (None when it could),
+    and the readable images in order. Image tensors travel stacked in one tensor, so a loader worker
+    passes one shared-memory segment per batch, not one file descriptor per image; raw bytes travel
+    as a list of arrays."""
+
+    indices: list[int]
+    errors: list[str | None]
+    images: Any  # tensor (readable images × …), or list of uint8 arrays
+
+    @classmethod
+    def collate(cls, items: list[Item]) -> "Batch":
+        """The loader's collate function, run in its workers."""
+        import torch
+
+        data = [value for _, value, error in items if error is None]
+        images = torch.stack(data) if data and isinstance(data[0], torch.Tensor) else data
+        return cls([index for index, _, _ in items], [error for _, _, error in items], images)
+
+    @property
+    def readable(self) -> list[int]:
+        return [index for index, error in zip(self.indices, self.errors) if error is None]
+
+    def pin_memory(self) -> "Batch":
+        """Called by the loader's pinning thread (on CUDA): the stacked images in page-locked memory."""
+        return replace(self, images=self.images.pin_memory()) if hasattr(self.images, "pin_memory") else self
 
 
 def is_jpeg(data: np.ndarray) -> bool:
     return data.size > 3 and data[:3].tobytes() == b"\xff\xd8\xff"
 
 
-def decode_on_device(items: list[Item], paths: Sequence[Path], encoder, device) -> list[Item]:
-    """Turn raw-byte items into normalised image tensors on ``device`` (JPEGs batched there, others by PIL).
+def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, device) -> Batch:
+    """A batch of raw bytes as normalised image tensors on ``device`` (JPEGs batched there, others by PIL).
 
     The JPEGs are decoded in one call; images of the same size are resized and cropped together, and the
     whole batch is normalised at once, so the number of device operations does not grow with the batch.
@@ -103,7 +129,7 @@ def decode_on_device(items: list[Item], paths: Sequence[Path], encoder, device) 
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    jpegs = [(index, data) for index, data, _ in items if data is not None and is_jpeg(data)]
+    jpegs = [(index, data) for index, data in zip(batch.readable, batch.images) if is_jpeg(data)]
     decoded: dict[int, torch.Tensor] = {}
     if jpegs:
         try:
@@ -116,18 +142,19 @@ def decode_on_device(items: list[Item], paths: Sequence[Path], encoder, device) 
                 except RuntimeError:
                     pass
     ready = _resize_crop_normalise(decoded, encoder.image_size, encoder.mean, encoder.std, device)
-    out = []
-    for index, data, error in items:
-        if error is not None:
-            out.append((index, None, error))
-        elif index in ready:
-            out.append((index, ready[index], None))
-        else:
-            try:  # not a JPEG, or not one the decoder reads: the faithful path
-                out.append((index, encoder.eval_transform(_open_rgb(paths[index])).to(device), None))
-            except (OSError, ValueError, SyntaxError) as failure:
-                out.append((index, None, str(failure).split("\n")[0] or type(failure).__name__))
-    return out
+    errors, tensors = list(batch.errors), []
+    for position, index in enumerate(batch.indices):
+        if errors[position] is not None:
+            continue
+        if index in ready:
+            tensors.append(ready[index])
+            continue
+        try:  # not a JPEG, or not one the decoder reads: the faithful path
+            tensors.append(encoder.eval_transform(_open_rgb(paths[index])).to(device))
+        except (OSError, ValueError, SyntaxError) as failure:
+            errors[position] = str(failure).split("\n")[0] or type(failure).__name__
+    images = torch.stack(tensors) if tensors else torch.empty((0, 3, *encoder.image_size), device=device)
+    return Batch(batch.indices, errors, images)
 
 
 def _resize_crop_normalise(images: dict, size: tuple[int, int], mean, std, device) -> dict:
