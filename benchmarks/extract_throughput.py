@@ -28,14 +28,17 @@ import numpy as np
 
 
 def make_jpegs(folder: Path, count: int) -> list[Path]:
+    """``count`` 500 × 375 JPEGs: a colour per image, a gradient, and noise cut from one shared field."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
+    field = rng.normal(scale=40, size=(375 + 64, 500 + 64, 3)).astype(np.float32)
+    gradient = np.linspace(0, 80, 500, dtype=np.float32)[None, :, None]
     paths = []
     for index in range(count):
+        top, left = rng.integers(0, 64, size=2)
         base = rng.integers(0, 255, size=(1, 1, 3))
-        noise = rng.normal(scale=40, size=(375, 500, 3))
-        pixels = np.clip(base + noise + np.linspace(0, 80, 500)[None, :, None], 0, 255).astype(np.uint8)
+        pixels = np.clip(base + field[top : top + 375, left : left + 500] + gradient, 0, 255).astype(np.uint8)
         path = folder / f"{index:05d}.jpg"
         Image.fromarray(pixels).save(path, quality=90)
         paths.append(path)
