@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-Item = tuple  # (index, tensor or None, error or None)
+Item = tuple  # (index, the image as a tensor or its raw bytes, or None; why it could not be read, or None)
 
 
 def readable(path: Path) -> str | None:

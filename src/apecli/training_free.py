@@ -165,7 +165,7 @@ def cache_logits(affinity: np.ndarray, key_labels: np.ndarray, key_weights: np.n
     return class_sums(kernel, torch.from_numpy(np.asarray(key_labels, dtype=np.int64)), num_classes).numpy()
 
 
-def class_sums(per_key: "torch.Tensor", key_labels: "torch.Tensor", num_classes: int) -> "torch.Tensor":
+def class_sums(per_key: torch.Tensor, key_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``per_key · L`` for the one-hot label matrix L (keys × classes), without forming L: each key's
     column added into its class's. Differentiable, for the methods that train."""
     return per_key.new_zeros((per_key.shape[0], num_classes)).index_add(1, key_labels, per_key)
@@ -201,6 +201,7 @@ def search(
 ) -> SearchResult:
     """Correct predictions of every (β, α, γ) of the grid on ``x``, computed as the module docstring says."""
     value_weights = np.exp(tri.divergence.reshape(tri.num_classes, tri.shots, 1) * grid.gammas)  # C × K × G
+
     def affinity(rows: slice) -> np.ndarray:
         return tri.affinity(x[rows]).reshape(-1, tri.num_classes, tri.shots)
 
