@@ -54,7 +54,10 @@ def barrier(ranks: Ranks) -> None:
     if ranks.world > 1:
         import torch.distributed as dist
 
-        dist.barrier()
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[ranks.local_rank])  # this process's GPU, named rather than guessed
+        else:
+            dist.barrier()
 
 
 def leave(ranks: Ranks) -> None:
