@@ -23,6 +23,17 @@ def test_every_chunk_has_exactly_one_owner(world):
     assert [c for c in range(10) if owns(c, 1, 3)] == [1, 4, 7]
 
 
+def test_each_process_encodes_on_its_own_gpu_and_a_cpu_run_uses_gloo(monkeypatch):
+    from apecli.distributed import backend_for
+    from apecli.encoder import EncoderSpec
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert EncoderSpec("RN50", device="cuda").resolved_device() == "cuda:3"
+    assert EncoderSpec("RN50", device="cuda:1").resolved_device() == "cuda:1"  # as the user said
+    assert EncoderSpec("RN50", device="cpu").resolved_device() == "cpu"
+    assert backend_for("cuda:3") == "nccl" and backend_for("cpu") == "gloo"
+
+
 @pytest.fixture
 def setup(tmp_path):
     coop_caltech(tmp_path / "data", classes=3, per_split=(6, 5, 5))
@@ -35,7 +46,7 @@ def _run(folder: Path, store: str, processes: int, *extra: str) -> subprocess.Co
                if processes > 1 else [sys.executable])
     args = ["-m", "apecli", "extract", "--dataset", "caltech101", "--root", "data", "--model", "apecli-tiny.json",
             "--pretrained", "none", "--shots", "1,2,4", "--views", "2", "--workers", "0", "--chunk-images", "3",
-            "--batch-size", "4", "--store", store, *extra]
+            "--batch-size", "4", "--device", "cpu", "--store", store, *extra]  # gloo, even beside a GPU
     # One thread per process in both runs: the same arithmetic, hence the same bits.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command + args, cwd=folder, capture_output=True, text=True, env=env, timeout=300)

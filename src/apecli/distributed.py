@@ -1,10 +1,10 @@
 """Extraction over several processes or machines, started by torchrun.
 
 ``torchrun --nproc_per_node N -m apecli extract …`` starts N copies; each learns its rank from the
-environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK), joins the process group (NCCL on GPUs, gloo
-on CPUs), encodes the chunks that :func:`owns` gives it, and waits for the others; rank 0 then
-assembles the one artifact. Chunks are saved in the store's work folder, which all ranks must share
-(one machine, or a shared file system across machines).
+environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK), joins the process group (NCCL when it
+encodes on a GPU, gloo on a CPU, even on a machine with GPUs), encodes the chunks that :func:`owns`
+gives it, and waits for the others; rank 0 then assembles the one artifact. Chunks are saved in the
+store's work folder, which all ranks must share (one machine, or a shared file system across machines).
 """
 
 from __future__ import annotations
@@ -32,8 +32,16 @@ def owns(chunk: int, rank: int, world: int) -> bool:
     return chunk % world == rank
 
 
-def join() -> Ranks:
-    """This process's ranks, joining torchrun's process group when there are several processes."""
+def backend_for(device: str) -> str:
+    """The process group's backend for processes that encode on ``device``: NCCL for GPUs, gloo otherwise."""
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def join(device: str) -> Ranks:
+    """This process's ranks, joining torchrun's process group when there are several processes.
+
+    ``device`` is where this process encodes (see :meth:`apecli.encoder.EncoderSpec.resolved_device`).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
@@ -42,9 +50,9 @@ def join() -> Ranks:
 
     ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend_for(device)
         if backend == "nccl":
-            torch.cuda.set_device(ranks.local_rank)
+            torch.cuda.set_device(torch.device(device))
         dist.init_process_group(backend, timeout=timedelta(hours=2))
     return ranks
 

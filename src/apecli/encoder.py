@@ -57,13 +57,15 @@ class EncoderSpec:
         return {**model, **pretrained, "device": device_type, "precision": self.resolved_precision()}
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
+        """The device to run on; under torchrun, a plain ``cuda`` (or ``auto`` with CUDA) is this process's GPU."""
+        device = self.device
+        if device == "auto":
+            import torch
 
-        if not torch.cuda.is_available():
-            return "cpu"
-        return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"  # one GPU per rank
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and "LOCAL_RANK" in os.environ:
+            return f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per rank
+        return device
 
     def resolved_precision(self) -> str:
         if self.precision != "auto":

@@ -131,7 +131,7 @@ def extract(
     else:
         source = datasets.read_coop(dataset, root)
     sentences = datasets.read_prompts(prompts, source.class_names, allow_missing_prompts) if prompts else None
-    ranks = join()
+    ranks = join(spec.resolved_device())
     if pretrained.lower() in ("none", "random") and ranks.leader:
         console.print(f"[bold yellow]warning: {model} with RANDOM weights (--pretrained {pretrained}): "
                       "the features mean nothing[/bold yellow]")
