@@ -60,10 +60,11 @@ def join(device: str) -> Ranks:
 def barrier(ranks: Ranks) -> None:
     """Wait until every process has reached this point."""
     if ranks.world > 1:
+        import torch
         import torch.distributed as dist
 
         if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[ranks.local_rank])  # this process's GPU, named rather than guessed
+            dist.barrier(device_ids=[torch.cuda.current_device()])  # the GPU join() chose, named, not guessed
         else:
             dist.barrier()
 

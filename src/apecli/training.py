@@ -87,8 +87,8 @@ def train(
             schedule.step()
             total += float(loss.detach()) * batch.shape[0]
         with torch.no_grad():  # in blocks of images: the image × key products of a large split stay small
-            hits = sum(int((logits(val_x[start:start + VAL_BLOCK]).argmax(dim=1) == val_y[start:start + VAL_BLOCK]).sum())
-                       for start in range(0, val_y.shape[0], VAL_BLOCK))
+            blocks = [slice(start, start + VAL_BLOCK) for start in range(0, val_y.shape[0], VAL_BLOCK)]
+            hits = sum(int((logits(val_x[block]).argmax(dim=1) == val_y[block]).sum()) for block in blocks)
             accuracy = 100.0 * hits / val_y.shape[0]
         losses.append(total / count)
         accuracies.append(accuracy)
