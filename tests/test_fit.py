@@ -190,3 +190,16 @@ def test_fit_settings_are_checked():
         FitSettings(epochs=0).resolve(features)
     with pytest.raises(ApecliError, match="lr and eps must be positive"):
         FitSettings(lr=-1.0).resolve(features)
+
+
+def test_validation_in_blocks_gives_the_same_history(monkeypatch):
+    from apecli import training
+
+    features = weak_text(3)
+    settings = FitSettings(shots=16, epochs=4, k=16)
+    whole = fit(features, settings)
+    monkeypatch.setattr(training, "VAL_BLOCK", 7)  # validation split scored seven images at a time
+    blocked = fit(features, settings)
+    np.testing.assert_array_equal(blocked.val_accuracy, whole.val_accuracy)
+    assert blocked.best_epoch == whole.best_epoch
+    np.testing.assert_array_equal(blocked.adapter.residual, whole.adapter.residual)
