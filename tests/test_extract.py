@@ -381,3 +381,27 @@ def test_every_split_file_layout_reads(tmp_path, name, folder, layout):
     assert dataset.templates == layout.templates and dataset.split_file == base / layout.split_file
     assert all(path.is_file() for entries in dataset.splits.values() for path, _ in entries)
     assert dataset.splits["test"][1] == (base / layout.image_dir / "second_class" / "test.jpg", 1)
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_the_plan_takes_the_first_readable_images_of_each_seeded_order(caltech, workers):
+    """Few-shot images: per class, a seeded permutation, and its first readable images; checked in threads."""
+    import random
+    from dataclasses import replace
+
+    from apecli.extract import plan
+    from apecli.images import readable
+
+    dataset = read_coop("caltech101", caltech)
+    for index in (0, 2, 6):  # two of class thing_0, one of thing_1
+        _corrupt(dataset.splits["train"][index][0])
+    settings = replace(SETTINGS, shots=(1, 3), skip_bad=True, workers=workers)
+    chosen = plan(dataset, settings)
+    rng, expected, skipped = random.Random(settings.seed), [], []
+    for paths in dataset.by_class("train"):
+        order = rng.sample(paths, len(paths))
+        good = [path for path in order if readable(path) is None][:3]
+        expected += good
+        skipped += [str(path) for path in order[: order.index(good[-1])] if readable(path) is not None]
+    assert list(chosen.train) == expected
+    assert [entry["path"] for entry in chosen.skipped] == skipped and len(skipped) >= 1

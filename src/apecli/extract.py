@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -102,13 +103,15 @@ def plan(dataset: ImageDataset, settings: ExtractSettings) -> Plan:
     empty = [dataset.class_names[label] for label, paths in enumerate(groups) if not paths]
     if empty:
         raise ApecliError(f"class '{empty[0]}' has no training images" + (f" (and {len(empty) - 1} more classes)" if len(empty) > 1 else ""))
-    for label, paths in enumerate(groups):
+    orders = [rng.sample(paths, len(paths)) for paths in groups]
+    reasons = _check_readable(orders, most, max(1, settings.workers))
+    for label, order in enumerate(orders):
         name = dataset.class_names[label]
         chosen = []
-        for path in rng.sample(paths, len(paths)):
+        for path in order:
             if len(chosen) == most:
                 break
-            reason = readable(path)
+            reason = reasons[path]
             if reason is None:
                 chosen.append(path)
             elif settings.skip_bad:
@@ -125,6 +128,24 @@ def plan(dataset: ImageDataset, settings: ExtractSettings) -> Plan:
         if not entries:
             raise ApecliError(f"{dataset.root}: the {split} split is empty")
     return Plan(tuple(train), np.array(labels, dtype=np.int64), first, evaluation, skipped)
+
+
+def _check_readable(orders: list[list[Path]], most: int, threads: int) -> dict[Path, str | None]:
+    """Whether each image decodes (None) or why not, for the shortest start of each class's order that
+    holds ``most`` readable images (all of it when none does): the images :func:`plan` looks at,
+    decoded in ``threads`` threads (PIL releases the GIL while it decodes)."""
+    reasons: dict[Path, str | None] = {}
+    checked, good = [0] * len(orders), [0] * len(orders)
+    with ThreadPoolExecutor(threads) as pool:
+        while True:
+            wanted = [order[checked[label]:checked[label] + most - good[label]] for label, order in enumerate(orders)]
+            batch = [path for paths in wanted for path in paths]
+            if not batch:
+                return reasons
+            reasons.update(zip(batch, pool.map(readable, batch)))
+            for label, paths in enumerate(wanted):
+                checked[label] += len(paths)
+                good[label] += sum(reasons[path] is None for path in paths)
 
 
 def _chunks(count: int, settings: ExtractSettings) -> list[range]:
