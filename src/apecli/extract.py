@@ -190,11 +190,11 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
         for index, error in zip(batch.indices, batch.errors):
             if error is not None and not settings.skip_bad:
                 raise ApecliError(f"{paths[index]}: unreadable image ({error}); pass --skip-bad to record and skip it")
-        readable = batch.readable
-        if not readable:
+        indices = batch.readable
+        if not indices:
             return lambda: {}
         result = encoder.start_encoding(batch.images.reshape(-1, *batch.images.shape[-3:]))
-        return lambda: dict(zip(readable, result().reshape(len(readable), *((views,) if views else ()), -1)))
+        return lambda: dict(zip(indices, result().reshape(len(indices), *((views,) if views else ()), -1)))
 
     def finish(batch: Batch, features: dict[int, np.ndarray]) -> None:
         for index, error in zip(batch.indices, batch.errors):
