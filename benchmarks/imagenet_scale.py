@@ -77,8 +77,8 @@ def main() -> None:
     blocked, blocked_s, blocked_gb = measured(lambda: search(tri, x, labels, head))
 
     def all_at_once():
-        affinity = tri.affinity(x).reshape(x.shape[0], 1000, 16)
-        weights = np.exp(tri.divergence.reshape(1000, 16, 1) * head.gammas)
+        affinity = tri.affinity(x).reshape(x.shape[0], tri.num_classes, tri.shots)
+        weights = np.exp(tri.divergence.reshape(tri.num_classes, tri.shots, 1) * head.gammas)
         return count_grid(tri.zero_shot_logits(x), lambda rows: affinity[rows], weights, labels, head.betas, head.alphas)
 
     whole, whole_s, whole_gb = measured(all_at_once)
@@ -91,7 +91,7 @@ def main() -> None:
     logits, logits_s, logits_gb = measured(lambda: tri.logits(x, alpha, beta, gamma))
 
     def as_written():
-        values = np.eye(1000)[tri.key_labels] * np.exp(tri.divergence * gamma)[:, None]
+        values = np.eye(tri.num_classes)[tri.key_labels] * np.exp(tri.divergence * gamma)[:, None]
         return tri.zero_shot_logits(x) + alpha * np.exp(-beta * (1 - tri.affinity(x))) @ values
 
     dense, dense_s, dense_gb = measured(as_written)
