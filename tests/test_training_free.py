@@ -109,6 +109,42 @@ def test_fast_search_is_the_same_in_small_chunks():
     one_chunk = search(tri, val.features, val.labels, grid)
     many = _searches_agree(tri, val.features, val.labels, grid, chunk_bytes=1)  # one image per chunk
     np.testing.assert_array_equal(one_chunk.correct, many.correct)
+    uneven = search(tri, val.features, val.labels, grid, chunk_bytes=3000)  # 4 images a chunk, 1 in the last
+    np.testing.assert_array_equal(one_chunk.correct, uneven.correct)
+
+
+def test_a_long_run_of_beta_values_counts_what_the_loop_counts():
+    """Between exact exps the kernel is carried from β to β by products: 30 β values span several restarts."""
+    from apecli.synthetic import synthetic_features
+
+    features = synthetic_features(num_classes=6, dim=16, shots=(3,), val_per_class=10, seed=5, text_noise=1.2)
+    _, cache = features.cache(3)
+    tri = TriEdge.build(features.classifier, cache.keys, cache.labels, np.arange(0, 16, 2))
+    val = features.split("val")
+    result = _searches_agree(tri, val.features, val.labels, SearchGrid((12.0, 30.0, 2.0), (30, 8, 3)))
+    assert len(np.unique(result.correct)) > 5  # the grid is far from flat, so the counts test something
+
+
+def test_classes_tied_at_zero_shot_are_decided_by_the_cache():
+    """Two classes with the same text but different keys tie exactly at zero shot: the cache decides."""
+    rng = np.random.default_rng(11)
+    centres = random_unit(rng, 4, 6)
+    text = centres.copy()
+    text[1] = text[0]  # classes 0 and 1 differ, their names do not
+    keys = centres[np.repeat(np.arange(4), 3)] + 0.2 * random_unit(rng, 12, 6)
+    labels = np.repeat(np.arange(4), 6)
+    x = centres[labels] + 0.2 * random_unit(rng, 24, 6)
+    tri = TriEdge.build(text, keys, np.repeat(np.arange(4), 3), np.arange(6))
+    result = _searches_agree(tri, x, labels, SearchGrid((7.0, 7.0, 1.0), (10, 6, 3)))
+    second = labels == 1
+    assert count_correct(tri.zero_shot_logits(x[second]), labels[second]) == 0  # the tie goes to class 0
+    chosen = tri.logits(x[second], result.alpha, result.beta, result.gamma)
+    assert count_correct(chosen, labels[second]) > 0  # the cache wins images of class 1 back
+
+
+def test_negative_search_scales_are_refused():
+    with pytest.raises(ApecliError, match="must not be negative"):
+        SearchGrid((7.0, -1.0, 1.0), (200, 20, 20))
 
 
 def test_the_first_of_equal_settings_wins():

@@ -15,8 +15,10 @@ class blocks of the cache gives the cache logits H for every γ at once. α need
 image of label t is classified correctly at α exactly when, for every other class c,
 ``(R_fW[t] − R_fW[c]) + α (H[t] − H[c]) > 0``, which bounds α from below or above; so one pass over the
 classes gives, per image, the interval of α that classifies it correctly, and counting images per
-α grid value gives the accuracies of all α at once. All of it runs in float64, where it picks the same
-predictions as evaluating every setting one by one (:func:`search_loop`, kept as the reference).
+α grid value gives the accuracies of all α at once. The grid's β values are evenly spaced, so the kernel
+of one β is the previous one times exp(−Δβ (1 − R_fF′)): an exp is taken at every EXACT_EVERY-th β only,
+which keeps each kernel within a few float64 roundings of its exp. All of it runs in float64, where it
+picks the same predictions as evaluating every setting one by one (:func:`search_loop`, the reference).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int], None]
 DIVERGENCE_EPSILON = 1e-6
 BLOCK_BYTES = 128 << 20  # working memory per block of images: image × key arrays never exceed it
+CHUNK_BYTES = 128 << 20  # the search's working memory per chunk of images
+EXACT_EVERY = 8  # the search's kernel is an exp at every 8th β, a product by exp(−Δβ(1 − a)) between
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class SearchGrid:
             raise ApecliError("a search grid needs three scales and three step counts (β, α, γ)")
         if min(self.steps) < 1:
             raise ApecliError(f"search steps must be at least 1, got {tuple(self.steps)}")
+        if not min(self.scale) >= 0:  # then every β and α is positive: a negative α would flip the cache's vote
+            raise ApecliError(f"search scales must not be negative, got {tuple(self.scale)}")
 
     @property
     def betas(self) -> np.ndarray:
@@ -101,6 +107,17 @@ class SearchResult:
         return int((self.correct == self.correct.max()).sum())
 
 
+def products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ bᵀ`` in float64, through torch's BLAS. numpy's BLAS keeps its own threads spinning for a
+    while after each product, on the cores that the torch operations between products need: a search
+    that took its affinities from numpy block by block ran 1.5× slower."""
+    import torch
+
+    a = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+    b = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64))
+    return (a @ b.T).numpy()
+
+
 def renormalised(x: np.ndarray, channels: np.ndarray) -> np.ndarray:
     """Rows of ``x`` restricted to ``channels`` and L2-normalised again, in float64."""
     part = np.asarray(x, dtype=np.float64)[:, channels]
@@ -143,10 +160,10 @@ class TriEdge:
         return int(self.key_labels.shape[0] // self.num_classes)
 
     def zero_shot_logits(self, x: np.ndarray) -> np.ndarray:
-        return 100.0 * np.asarray(x, dtype=np.float64) @ self.classifier.T
+        return 100.0 * products(x, self.classifier)
 
     def affinity(self, x: np.ndarray) -> np.ndarray:
-        return renormalised(x, self.channels) @ self.refined_keys.T
+        return products(renormalised(x, self.channels), self.refined_keys)
 
     def logits(self, x: np.ndarray, alpha: float, beta: float, gamma: float) -> np.ndarray:
         """APE's logits for one setting."""
@@ -197,7 +214,7 @@ def search(
     labels: np.ndarray,
     grid: SearchGrid,
     progress: Progress | None = None,
-    chunk_bytes: int = 48 << 20,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> SearchResult:
     """Correct predictions of every (β, α, γ) of the grid on ``x``, computed as the module docstring says."""
     value_weights = np.exp(tri.divergence.reshape(tri.num_classes, tri.shots, 1) * grid.gammas)  # C × K × G
@@ -218,7 +235,7 @@ def count_grid(
     betas: np.ndarray,
     alphas: np.ndarray,
     progress: Progress | None = None,
-    chunk_bytes: int = 48 << 20,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> np.ndarray:
     """Correct predictions of ``zero_shot + α · exp(−β(1 − affinity)) · values`` for every β, α and
     value-weight column g, as an array [β, α, g].
@@ -226,50 +243,74 @@ def count_grid(
     ``zero_shot`` is N × C; ``affinity(rows)`` gives the affinities of a slice of the N images,
     rows × C × K (the keys in class blocks), computed a block at a time so that no N × C·K array is held;
     ``value_weights`` is C × K × G, the weight of each key in each of G variants of the cache values
-    (γ, for APE).
+    (γ, for APE). The α values must be positive.
+
+    Per image of label t and class c, with margin m_c = R_fW[t] − R_fW[c] and slope s_c = H[t] − H[c]
+    (H the cache logits), the image is classified correctly at α when m_c + α s_c > 0 for every c.
+    In u = 1/α that reads u > −s_c / m_c for the classes with m_c > 0 and u < −s_c / m_c for those
+    with m_c < 0: which class bounds u from which side depends on the margin only, not on β or γ, so
+    each bound is one multiply-add and one reduction over the classes. Classes that tie the true class
+    exactly at zero shot (m_c = 0: two classes with the same text) need s_c > 0, or s_c = 0 and t listed first.
     """
     import torch
 
     n, num_classes = zero_shot.shape
-    steps_g = value_weights.shape[2]
-    alphas = torch.from_numpy(np.asarray(alphas, dtype=np.float64))
+    shots, steps_g = value_weights.shape[1:]
+    alphas = np.asarray(alphas, dtype=np.float64)
+    if alphas.size and not alphas.min() > 0:
+        raise ApecliError(f"the α values of a search must be positive, got {alphas.min()}")
+    inverse_alphas = torch.from_numpy(1.0 / alphas)
     target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     zero_shot = torch.from_numpy(np.asarray(zero_shot, dtype=np.float64))
-    margin = zero_shot.gather(1, target[:, None]) - zero_shot  # a_c = R_fW[t] − R_fW[c]
-    margin.scatter_(1, target[:, None], 1.0)  # the true class never competes with itself
-    earlier = torch.arange(num_classes)[None, :] < target[:, None]  # wins an exact tie (argmax order)
-    value_weights = torch.from_numpy(np.ascontiguousarray(value_weights, dtype=np.float64))
+    margin = zero_shot.gather(1, target[:, None]) - zero_shot  # m_c = R_fW[t] − R_fW[c]
+    margin.scatter_(1, target[:, None], 1.0)  # the true class never competes with itself (its slope is 0)
+    value_weights = torch.from_numpy(np.ascontiguousarray(np.moveaxis(value_weights, 2, 1), dtype=np.float64))  # C×G×K
+    betas = np.asarray(betas, dtype=np.float64)
+    step = float(betas[-1] - betas[0]) / (len(betas) - 1) if len(betas) > 1 else 0.0
+    evenly_spaced = len(betas) > 2 and bool(np.allclose(np.diff(betas), step, rtol=1e-9, atol=0))
     correct = torch.zeros((len(betas), len(alphas), steps_g), dtype=torch.int64)
-    rows = max(1, chunk_bytes // (8 * steps_g * num_classes * 4))
+    rows = max(1, chunk_bytes // (8 * num_classes * 3 * (shots + steps_g)))
     chunks = range(0, n, rows)
     total_steps, done = len(chunks) * len(betas), 0
-    below, above = torch.tensor(-torch.inf, dtype=torch.float64), torch.tensor(torch.inf, dtype=torch.float64)
+    # Buffers allocated once, for the largest chunk: fresh tensors of this size per chunk cost more in
+    # page faults than a few β values of arithmetic.
+    per_key = [torch.empty(num_classes * shots * min(rows, n), dtype=torch.float64) for _ in range(3)]
+    per_class = [torch.empty(num_classes * steps_g * min(rows, n), dtype=torch.float64) for _ in range(3)]
     for start in chunks:
         block = slice(start, start + rows)
-        affinity_block = torch.from_numpy(np.asarray(affinity(block), dtype=np.float64))
-        affinity_block = affinity_block.permute(1, 0, 2).contiguous()  # C × n × K
-        negative_margin, target_block = -margin[block], target[block]
-        tie_loses = (negative_margin > 0) | ((negative_margin == 0) & earlier[block])
-        own_index = target_block.view(1, -1, 1).expand(steps_g, -1, 1)
-        # Buffers reused across β: fresh tensors of this size cost more in page faults than in arithmetic.
-        kernel = torch.empty_like(affinity_block)
-        by_class = torch.empty((num_classes, affinity_block.shape[1], steps_g), dtype=torch.float64)
-        slope = torch.empty((steps_g, affinity_block.shape[1], num_classes), dtype=torch.float64)
-        threshold, masked = torch.empty_like(slope), torch.empty_like(slope)
-        sign = torch.empty(slope.shape, dtype=torch.bool)
+        computed = torch.from_numpy(np.asarray(affinity(block), dtype=np.float64))
+        size = computed.shape[0]
+        # Classes first, images last: C × K × n, so the cache logits are C products of G × K by K × n.
+        affinity_block, kernel, step_ratio = (flat[: num_classes * shots * size].view(num_classes, shots, size)
+                                              for flat in per_key)
+        by_class, slope, bounds = (flat[: num_classes * steps_g * size].view(num_classes, steps_g, size)
+                                   for flat in per_class)
+        affinity_block.copy_(computed.permute(1, 2, 0))
+        margin_block = margin[block].T.contiguous().view(num_classes, 1, size)
+        scale = torch.where(margin_block != 0, -1.0 / margin_block, 0.0)  # −1 / m_c
+        from_below = torch.where(margin_block > 0, 0.0, -torch.inf)  # added: keeps only the bounds from below
+        from_above = torch.where(margin_block < 0, 0.0, torch.inf)
+        target_block = target[block]
+        tied_class, _, tied_image = (margin_block == 0).nonzero(as_tuple=True)
+        tied_first = tied_class < target_block[tied_image]  # the tied class is listed first, so it wins the tie
+        own_index = target_block.view(1, 1, size).expand(1, steps_g, size)
+        if evenly_spaced:
+            torch.sub(affinity_block, 1.0, out=step_ratio).mul_(step).exp_()
         for b, beta in enumerate(betas):
-            torch.mul(affinity_block, beta, out=kernel)
-            kernel.sub_(beta).exp_()  # exp(−(β − β·R_fF′))
-            torch.bmm(kernel, value_weights, out=by_class)  # cache logits H, C × n × G
-            slope.copy_(by_class.permute(2, 1, 0))
-            torch.sub(slope.gather(2, own_index), slope, out=slope)  # H[t] − H[c]
-            torch.div(negative_margin, slope, out=threshold)
-            torch.where(torch.gt(slope, 0, out=sign), threshold, below, out=masked)
-            lower = masked.amax(dim=2)
-            torch.where(torch.lt(slope, 0, out=sign), threshold, above, out=masked)
-            upper = masked.amin(dim=2)
-            never = (torch.eq(slope, 0, out=sign) & tie_loses).any(dim=2)
-            hits = (lower[..., None] < alphas) & (alphas < upper[..., None]) & ~never[..., None]
+            if evenly_spaced and b % EXACT_EVERY:
+                kernel.mul_(step_ratio)  # exp(−β(1 − a)) from the previous β's: a product, not an exp
+            else:
+                torch.mul(affinity_block, beta, out=kernel).sub_(beta).exp_()  # exp(−(β − β·R_fF′))
+            torch.bmm(value_weights, kernel, out=by_class)  # cache logits H, C × G × n
+            torch.sub(by_class.gather(0, own_index), by_class, out=slope)  # s_c = H[t] − H[c]
+            lower = torch.addcmul(from_below, slope, scale, out=bounds).amax(dim=0)  # G × n, in u = 1/α
+            upper = torch.addcmul(from_above, slope, scale, out=bounds).amin(dim=0)
+            hits = (lower[..., None] < inverse_alphas) & (inverse_alphas < upper[..., None])
+            if tied_class.numel():
+                tied_slope = slope[tied_class, :, tied_image]  # ties × G
+                loses = (tied_slope < 0) | ((tied_slope == 0) & tied_first[:, None])
+                never = torch.zeros((steps_g, size), dtype=torch.int64).index_add_(1, tied_image, loses.T.long())
+                hits &= (never == 0)[..., None]
             correct[b] += hits.sum(dim=1).T
             done += 1
             if progress is not None:
@@ -314,9 +355,8 @@ class CacheModel:
         text, keys = np.asarray(self.text, dtype=np.float64), np.asarray(self.keys, dtype=np.float64)
 
         def compute(rows: np.ndarray) -> np.ndarray:
-            rows = np.asarray(rows, dtype=np.float64)
-            return 100.0 * rows @ text.T + alpha * cache_logits(rows @ keys.T, self.key_labels, self.value_weights,
-                                                                 text.shape[0], beta)
+            return 100.0 * products(rows, text) + alpha * cache_logits(products(rows, keys), self.key_labels,
+                                                                       self.value_weights, text.shape[0], beta)
 
         return by_blocks(x, keys.shape[0], compute)
 
@@ -329,7 +369,7 @@ class CacheModel:
         x = np.asarray(x, dtype=np.float64)
         keys = np.asarray(self.keys, dtype=np.float64)[order]
         weights = np.asarray(self.value_weights, dtype=np.float64)[order].reshape(num_classes, shots, 1)
-        zero_shot = 100.0 * x @ np.asarray(self.text, dtype=np.float64).T
-        correct = count_grid(zero_shot, lambda rows: (x[rows] @ keys.T).reshape(-1, num_classes, shots), weights, labels,
+        zero_shot = 100.0 * products(x, self.text)
+        correct = count_grid(zero_shot, lambda rows: products(x[rows], keys).reshape(-1, num_classes, shots), weights, labels,
                              grid.betas, grid.alphas, progress)
         return SearchResult(correct, x.shape[0], grid)
