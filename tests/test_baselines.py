@@ -69,7 +69,10 @@ def test_gda_picks_the_first_best_alpha(features):
     assert result.val_accuracy == 100 * max(counts) / val.labels.shape[0]
 
 
-def test_proker_equals_its_closed_form_solved_directly(features):
+@pytest.mark.parametrize("block_bytes", [None, 8 * 24 * 5])  # all images at once; 5 images a block
+def test_proker_equals_its_closed_form_solved_directly(features, block_bytes, monkeypatch):
+    if block_bytes is not None:
+        monkeypatch.setattr("apecli.training_free.BLOCK_BYTES", block_bytes)
     result = baselines.evaluate_proker(features)
     _, cache = features.cache(4)
     support = cache.keys.astype(np.float64)

@@ -20,7 +20,8 @@ import numpy as np
 from apecli.evaluate import Evaluation, default_grid, percent, scored
 from apecli.features import FeatureSet
 from apecli.training import EpochProgress, train, training_samples
-from apecli.training_free import CacheModel, Progress, SearchGrid, class_sums, count_correct, softmax
+from apecli.training_free import (CacheModel, Progress, SearchGrid, by_blocks, class_sums, count_correct, row_blocks,
+                                  softmax)
 
 GDA_ALPHAS = tuple(10.0**i for i in range(-4, 5))
 PROKER_LAMBDAS = tuple(10.0 ** (i / 2) for i in range(-10, 5))  # 1e-5 … 1e2, half a decade apart
@@ -152,7 +153,8 @@ class ProkerSupport:
         """f for one (β, λ): ``f₀(x) + k(x, S)(K + λI)⁻¹(Y − f₀(S))``, solved directly."""
         gram = np.exp(-beta * (1.0 - self.support @ self.support.T))
         coefficients = np.linalg.solve(gram + lam * np.eye(self.support.shape[0]), self.residual)
-        return lambda x: self.base(x) + np.exp(-beta * (1.0 - x @ self.support.T)) @ coefficients
+        return lambda x: by_blocks(x, self.support.shape[0], lambda rows: self.base(rows) + np.exp(
+            -beta * (1.0 - rows @ self.support.T)) @ coefficients)
 
 
 def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: SearchGrid | None = None,
@@ -177,10 +179,11 @@ def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: Search
         eigenvalues, vectors = np.linalg.eigh(np.exp(-beta * (1.0 - support @ support.T)))
         eigenvalues = np.clip(eigenvalues, 0.0, None)  # K is positive semi-definite; rounding is not
         projected = vectors.T @ regression.residual  # M × C
-        kernel = np.exp(-beta * (1.0 - x_val @ support.T)) @ vectors  # N × M
-        for l, lam in enumerate(lambdas):
-            predictions = np.argmax(prior + (kernel / (eigenvalues + lam)) @ projected, axis=1)
-            val_correct[b, l] = int((predictions == val.labels).sum())
+        for block in row_blocks(x_val.shape[0], support.shape[0]):  # images × keys arrays stay small
+            kernel = np.exp(-beta * (1.0 - x_val[block] @ support.T)) @ vectors  # rows × M
+            for l, lam in enumerate(lambdas):
+                predictions = np.argmax(prior[block] + (kernel / (eigenvalues + lam)) @ projected, axis=1)
+                val_correct[b, l] += int((predictions == val.labels[block]).sum())
         if progress is not None:
             progress(b + 1, len(betas))
     b, l = np.unravel_index(int(np.argmax(val_correct)), val_correct.shape)

@@ -188,13 +188,19 @@ def class_sums(per_key: torch.Tensor, key_labels: torch.Tensor, num_classes: int
     return per_key.new_zeros((per_key.shape[0], num_classes)).index_add(1, key_labels, per_key)
 
 
-def by_blocks(x: np.ndarray, width: int, compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """``compute`` applied to blocks of rows of ``x`` and stacked, each block's row × ``width`` float64
-    arrays within BLOCK_BYTES (so that an image × key product never holds all images at once)."""
+def row_blocks(count: int, width: int) -> list[slice]:
+    """Consecutive slices of ``count`` rows, each block's rows × ``width`` float64 array within BLOCK_BYTES
+    (so that an image × key product never holds all images at once)."""
     rows = max(1, BLOCK_BYTES // (8 * max(width, 1)))
-    if x.shape[0] <= rows:
+    return [slice(start, start + rows) for start in range(0, max(count, 1), rows)]
+
+
+def by_blocks(x: np.ndarray, width: int, compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``compute`` applied to the :func:`row_blocks` of ``x`` and stacked."""
+    blocks = row_blocks(x.shape[0], width)
+    if len(blocks) == 1:
         return compute(x)
-    return np.concatenate([compute(x[start:start + rows]) for start in range(0, x.shape[0], rows)])
+    return np.concatenate([compute(x[block]) for block in blocks])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
