@@ -92,6 +92,25 @@ def test_adapted_logits_follow_the_formula():
     np.testing.assert_allclose(adapter.logits(features, x, alpha=1.7, beta=0.8), expected, rtol=1e-12)
 
 
+def test_training_logits_are_the_adapted_logits():
+    """Training adds the residual's share to each product instead of forming W̃ and F̃: the same logits."""
+    import torch
+
+    from apecli.training_required import adapted_logits
+
+    rng = np.random.default_rng(1)
+    features = weak_text(0, num_classes=4, dim=8, shots=(3,))
+    channels = np.array([6, 0, 3])
+    adapter = Adapter(channels, rng.normal(size=(4, 3)), rng.uniform(0.5, 1.5, size=12), 3)
+    _, cache = features.cache(3)
+    x = features.split("val").features.astype(np.float64)
+    as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64))
+    logits = adapted_logits(as_tensor(x), as_tensor(features.classifier), as_tensor(cache.keys),
+                            torch.from_numpy(cache.labels.astype(np.int64)), torch.from_numpy(channels),
+                            as_tensor(adapter.residual), as_tensor(adapter.value_weights), alpha=1.7, beta=0.8)
+    np.testing.assert_allclose(logits.numpy(), adapter.logits(features, x, alpha=1.7, beta=0.8), rtol=1e-12)
+
+
 def test_alpha_beta_search_equals_a_loop_over_settings():
     features = weak_text(2, num_classes=8, shots=(4,))
     fitted = fit(features, FitSettings(epochs=5, lr=1e-2))

@@ -140,15 +140,28 @@ def fit(features: FeatureSet, settings: FitSettings = FitSettings(), progress: E
     alpha, beta = settings.init_alpha, settings.init_beta
 
     def model_logits(x):
-        delta = torch.zeros_like(text).index_copy(1, selected, residual)
-        kernel = torch.exp(-(beta - beta * (x @ (keys + delta[labels]).T)))
-        return 100.0 * x @ (text + delta).T + alpha * class_sums(kernel * value_weights, labels, features.num_classes)
+        return adapted_logits(x, text, keys, labels, selected, residual, value_weights, alpha, beta)
 
     run = train([residual, value_weights], model_logits, samples, cache.labels, val.features, val.labels,
                 epochs=settings.epochs, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay,
                 batch_size=settings.batch_size, seed=settings.seed, progress=progress)
     adapter = Adapter(channels, run.parameters[0], run.parameters[1], shots)
     return FitResult(adapter, settings, run.best_epoch, run.best_val_accuracy, run.loss, run.val_accuracy, trained_on_views)
+
+
+def adapted_logits(x, text, keys, key_labels, channels, residual, value_weights, alpha: float, beta: float):
+    """APE-T's logits as torch tensors, differentiable in ``residual`` and ``value_weights``.
+
+    The residual's share of a product with class c is x′ · R[c] over the refined channels, so
+    ``f F̃_jᵀ = f F_jᵀ + f′ R[y_j]ᵀ`` and ``f W̃_cᵀ = f W_cᵀ + f′ R[c]ᵀ``: the image × key product with
+    the fixed keys needs no gradient, and the residual enters through one images × classes product."""
+    import torch
+
+    share = x.index_select(1, channels) @ residual.T  # f′ R[c]ᵀ, images × classes
+    with torch.no_grad():
+        fixed = x @ keys.T
+    kernel = torch.exp(-(beta - beta * (fixed + share.index_select(1, key_labels))))
+    return 100.0 * (x @ text.T + share) + alpha * class_sums(kernel * value_weights, key_labels, text.shape[0])
 
 
 def save_fit(result: FitResult, features: FeatureSet, destination: Path | Callable[[str], Path]) -> FitResult:
