@@ -14,6 +14,7 @@ with the chosen ones. The formulas, in the papers' terms, are in docs/methods.md
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -149,12 +150,19 @@ class ProkerSupport:
         """f₀: CLIP's zero-shot class probabilities."""
         return softmax(100.0 * x @ self.text.T)
 
-    def predictor(self, beta: float, lam: float):
-        """f for one (β, λ): ``f₀(x) + k(x, S)(K + λI)⁻¹(Y − f₀(S))``, solved directly."""
-        gram = np.exp(-beta * (1.0 - self.support @ self.support.T))
+    def kernel(self, x: np.ndarray, beta: float) -> np.ndarray:
+        """k(x, S) = exp(−β(1 − x·s)) for every row of ``x`` and every key s."""
+        return np.exp(-beta * (1.0 - x @ self.support.T))
+
+    def predictor(self, beta: float, lam: float) -> Callable[[np.ndarray], np.ndarray]:
+        """f for one (β, λ): ``f₀(x) + k(x, S)(K + λI)⁻¹(Y − f₀(S))``, solved directly, images in blocks."""
+        gram = self.kernel(self.support, beta)
         coefficients = np.linalg.solve(gram + lam * np.eye(self.support.shape[0]), self.residual)
-        return lambda x: by_blocks(x, self.support.shape[0], lambda rows: self.base(rows) + np.exp(
-            -beta * (1.0 - rows @ self.support.T)) @ coefficients)
+
+        def predict(rows: np.ndarray) -> np.ndarray:
+            return self.base(rows) + self.kernel(rows, beta) @ coefficients
+
+        return lambda x: by_blocks(x, self.support.shape[0], predict)
 
 
 def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: SearchGrid | None = None,
@@ -176,11 +184,11 @@ def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: Search
     val_correct = np.zeros((len(betas), len(lambdas)), dtype=np.int64)
     for b, beta in enumerate(betas):
         # One eigendecomposition of K serves every λ: (K + λI)⁻¹ = Q diag(1 / (Λ + λ)) Qᵀ.
-        eigenvalues, vectors = np.linalg.eigh(np.exp(-beta * (1.0 - support @ support.T)))
+        eigenvalues, vectors = np.linalg.eigh(regression.kernel(support, beta))
         eigenvalues = np.clip(eigenvalues, 0.0, None)  # K is positive semi-definite; rounding is not
         projected = vectors.T @ regression.residual  # M × C
         for block in row_blocks(x_val.shape[0], support.shape[0]):  # images × keys arrays stay small
-            kernel = np.exp(-beta * (1.0 - x_val[block] @ support.T)) @ vectors  # rows × M
+            kernel = regression.kernel(x_val[block], beta) @ vectors  # rows × M, in K's eigenbasis
             for l, lam in enumerate(lambdas):
                 predictions = np.argmax(prior[block] + (kernel / (eigenvalues + lam)) @ projected, axis=1)
                 val_correct[b, l] += int((predictions == val.labels[block]).sum())

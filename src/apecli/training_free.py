@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int], None]
 DIVERGENCE_EPSILON = 1e-6
 BLOCK_BYTES = 128 << 20  # working memory per block of images: image × key arrays never exceed it
-CHUNK_BYTES = 128 << 20  # the search's working memory per chunk of images
 EXACT_EVERY = 8  # the search's kernel is an exp at every 8th β, a product by exp(−Δβ(1 − a)) between
 
 
@@ -220,7 +219,7 @@ def search(
     labels: np.ndarray,
     grid: SearchGrid,
     progress: Progress | None = None,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int = BLOCK_BYTES,
 ) -> SearchResult:
     """Correct predictions of every (β, α, γ) of the grid on ``x``, computed as the module docstring says."""
     value_weights = np.exp(tri.divergence.reshape(tri.num_classes, tri.shots, 1) * grid.gammas)  # C × K × G
@@ -241,7 +240,7 @@ def count_grid(
     betas: np.ndarray,
     alphas: np.ndarray,
     progress: Progress | None = None,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int = BLOCK_BYTES,
 ) -> np.ndarray:
     """Correct predictions of ``zero_shot + α · exp(−β(1 − affinity)) · values`` for every β, α and
     value-weight column g, as an array [β, α, g].
