@@ -59,11 +59,13 @@ def test_refusals(two_stores, tmp_path):
     artifacts = bench.find_features([two_stores])
     with pytest.raises(ApecliError, match="unknown mode 'magic'"):
         bench.run_bench(artifacts, [1], ["magic"], tmp_path / "out")
-    with pytest.raises(ApecliError, match="has no 16-shot cache"):
+    with pytest.raises(ApecliError, match=r"has no 16-shot cache \(it holds 1, 4 shots\)"):
         bench.run_bench(artifacts, [16], ["zero-shot"], tmp_path / "out")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ApecliError, match="no features artifact"):
         bench.find_features([tmp_path / "empty"])
+    with pytest.raises(ApecliError, match="absent: no such file or folder"):
+        bench.find_features([tmp_path / "absent"])
     assert not (tmp_path / "out").exists()
 
 

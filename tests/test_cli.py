@@ -199,6 +199,17 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
     assert done.stderr.strip() == f"apecli: error: {tmp_path / 'nothing.h5'}: no such file"
 
 
+@pytest.mark.parametrize("args, message", [
+    (("refine", "--k", "many"), "apecli: error: Invalid value for '--k'"),
+    (("eval", "--shots", "0"), "apecli: error: Invalid value for '--shots'"),
+    (("frob",), "apecli: error: No such command 'frob'"),
+])
+def test_a_mistyped_command_line_is_one_line_too(tmp_path, args, message):
+    done = _apecli(*args, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(message), done.stderr
+
+
 def test_a_store_that_cannot_be_written_is_one_line(imported, tmp_path):
     (tmp_path / "plain-file").write_text("not a folder")
     result = run("refine", imported, "--k", "4", "--store", tmp_path / "plain-file" / "store")
@@ -228,6 +239,7 @@ def test_ls_lists_what_a_store_holds(imported, store_dir):
     only = json.loads(run("ls", "--store", store_dir, "--kind", "refinement", "--json").stdout)
     assert [item["artifact"] for item in only] == [str(refined)]
     assert_one_line_error(run("ls", store_dir, "--kind", "feature"), "unknown kind 'feature'")
+    assert_one_line_error(run("ls", store_dir / "elsewhere"), "elsewhere: no such folder")
 
 
 def test_every_mode_keeps_the_shots_of_a_refinement(small_features, store_dir):

@@ -122,6 +122,12 @@ def test_truncated_npz_is_refused(small_features, tmp_path):
         import_npz(tmp_path / "cut.npz")
 
 
+def test_a_file_that_is_no_npz_is_refused(tmp_path):
+    (tmp_path / "notes.npz").write_text("not an archive")
+    with pytest.raises(ApecliError, match="notes.npz: not a readable .npz file \\(not a zip archive\\)"):
+        import_npz(tmp_path / "notes.npz")
+
+
 def test_real_caltech_imports_with_its_published_figures():
     folder = real_dataset("caltech101")
     features = import_tip_adapter(folder, folder / "proxy_text_weights.pt", "caltech101")

@@ -142,9 +142,10 @@ def test_classes_tied_at_zero_shot_are_decided_by_the_cache():
     assert count_correct(chosen, labels[second]) > 0  # the cache wins images of class 1 back
 
 
-def test_negative_search_scales_are_refused():
-    with pytest.raises(ApecliError, match="must not be negative"):
-        SearchGrid((7.0, -1.0, 1.0), (200, 20, 20))
+@pytest.mark.parametrize("scale", [(7.0, -1.0, 1.0), (float("nan"), 7.0, 1.0), (7.0, 7.0, float("inf"))])
+def test_negative_or_undefined_search_scales_are_refused(scale):
+    with pytest.raises(ApecliError, match="must be finite and not negative"):
+        SearchGrid(scale, (200, 20, 20))
 
 
 def test_the_first_of_equal_settings_wins():

@@ -30,6 +30,8 @@ def find_features(paths: Iterable[Path]) -> list[store.Artifact]:
     found: dict[str, store.Artifact] = {}
     for path in paths:
         path = Path(path)
+        if not path.exists():
+            raise ApecliError(f"{path}: no such file or folder")
         candidates = sorted(path.rglob("*.h5")) if path.is_dir() else [path]
         if path.is_dir():
             for candidate in candidates:
@@ -107,7 +109,7 @@ def run_bench(
     for artifact in artifacts:
         missing = sorted(set(shots) - set(artifact.metadata.get("shots", [])))
         if missing:
-            raise ApecliError(f"{artifact.path}: has no {missing[0]}-shot cache (it holds {artifact.metadata.get('shots')} shots)")
+            raise ApecliError(f"{artifact.path}: has no {missing[0]}-shot cache (it holds {', '.join(map(str, artifact.metadata.get('shots', [])))} shots)")
     rows = read_results(out)
     done = {(row["content_id"], row["shots"], row["mode"]): row for row in rows}
     for artifact in artifacts:

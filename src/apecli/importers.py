@@ -163,6 +163,8 @@ def import_npz(
     path = Path(file)
     if not path.is_file():
         raise ApecliError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ApecliError(f"{path}: not a readable .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}

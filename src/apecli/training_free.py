@@ -51,8 +51,9 @@ class SearchGrid:
             raise ApecliError("a search grid needs three scales and three step counts (β, α, γ)")
         if min(self.steps) < 1:
             raise ApecliError(f"search steps must be at least 1, got {tuple(self.steps)}")
-        if not min(self.scale) >= 0:  # then every β and α is positive: a negative α would flip the cache's vote
-            raise ApecliError(f"search scales must not be negative, got {tuple(self.scale)}")
+        if not all(0 <= scale < float("inf") for scale in self.scale):  # then every β and α is positive: a
+            # negative α would flip the cache's vote
+            raise ApecliError(f"search scales must be finite and not negative, got {tuple(self.scale)}")
 
     @property
     def betas(self) -> np.ndarray:

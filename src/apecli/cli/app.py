@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -380,6 +381,8 @@ def list_store(
 ) -> None:
     """List the artifacts of a store, oldest first: path, kind, dataset, what each holds."""
     folder = store_dir or store_option
+    if not folder.is_dir():
+        raise ApecliError(f"{folder}: no such folder")
     if kind is not None and kind not in ARTIFACT_KINDS:
         raise ApecliError(f"unknown kind '{kind}'; choose one of {', '.join(ARTIFACT_KINDS)}")
     artifacts = store.list_artifacts(folder, [kind] if kind else None)
@@ -468,4 +471,21 @@ def _print_evaluation(result: dict) -> None:
 
 
 def main() -> None:
-    app()
+    """The console script: a mistyped command line is one line on stderr and exit status 2, as any user error."""
+    # typer carries its own copy of click in recent versions; its exception classes are found through one it exports
+    usage_error = next(kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "UsageError")
+    click_exception = next(kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "ClickException")
+    try:
+        status = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("apecli: interrupted", err=True)
+        sys.exit(130)
+    except usage_error as error:
+        if type(error).__name__ != "NoArgsIsHelpError":  # a bare ``apecli`` has had its help printed
+            where = f"; see '{error.ctx.command_path} --help'" if error.ctx is not None else ""
+            typer.echo(f"apecli: error: {error.format_message().rstrip('.')}{where}", err=True)
+        sys.exit(2)
+    except click_exception as error:
+        typer.echo(f"apecli: error: {error.format_message()}", err=True)
+        sys.exit(error.exit_code)
+    sys.exit(status if isinstance(status, int) else 0)
