@@ -222,3 +222,29 @@ def test_validation_in_blocks_gives_the_same_history(monkeypatch):
     np.testing.assert_array_equal(blocked.val_accuracy, whole.val_accuracy)
     assert blocked.best_epoch == whole.best_epoch
     np.testing.assert_array_equal(blocked.adapter.residual, whole.adapter.residual)
+
+
+@pytest.mark.parametrize("weight_decay", [0.1, 0.0])
+def test_the_optimiser_is_torch_adamw_with_its_cosine_schedule_bit_for_bit(weight_decay):
+    import torch
+
+    from apecli.training import CosineAdamW
+
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.ones(11)]
+    ours = [p.clone().requires_grad_() for p in start]
+    theirs = [p.clone().requires_grad_() for p in start]
+    steps = 23
+    optimiser = CosineAdamW(ours, lr=1e-2, eps=1e-3, weight_decay=weight_decay, total_steps=steps)
+    reference = torch.optim.AdamW(theirs, lr=1e-2, eps=1e-3, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(reference, steps)
+    for _ in range(steps):
+        grads = [torch.randn_like(p) for p in start]
+        for params, step in ((ours, optimiser.step), (theirs, reference.step)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            step()
+        schedule.step()
+        assert optimiser.lr == reference.param_groups[0]["lr"]
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert optimiser.lr == 0.0 and not torch.equal(ours[0], start[0])

@@ -33,6 +33,54 @@ class TrainingRun:
     val_accuracy: np.ndarray  # percent, per epoch
 
 
+class CosineAdamW:
+    """AdamW (Loshchilov and Hutter, ICLR 2019) whose learning rate is annealed along a cosine to 0 over
+    ``total_steps`` steps: the arithmetic of ``torch.optim.AdamW`` followed by ``CosineAnnealingLR``
+    on CPU tensors, operation for operation, so the parameters come out bit for bit the same.
+
+    Written out because creating torch's optimiser imports ``torch._dynamo``, about a second of every
+    fresh ``apecli fit``; the arithmetic itself is a few tensor operations per parameter.
+    """
+
+    def __init__(self, parameters: list, lr: float, eps: float, weight_decay: float, total_steps: int,
+                 betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        import torch
+
+        self.parameters = list(parameters)
+        self.lr, self.eps, self.weight_decay, self.betas = float(lr), float(eps), float(weight_decay), betas
+        self.total_steps = total_steps
+        self.steps = 0
+        self.averages = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
+        self.squares = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
+
+    def zero_grad(self) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+
+    def step(self) -> None:
+        """One AdamW update with the current learning rate, then the next rate of the cosine schedule."""
+        import torch
+
+        beta1, beta2 = self.betas
+        self.steps += 1
+        step = float(self.steps)
+        with torch.no_grad():
+            for parameter, average, square in zip(self.parameters, self.averages, self.squares):
+                if parameter.grad is None:
+                    continue
+                grad = parameter.grad
+                if self.weight_decay != 0:
+                    parameter.mul_(1 - self.lr * self.weight_decay)  # decoupled weight decay
+                average.lerp_(grad, 1 - beta1)
+                square.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = self.lr / (1 - beta1**step)
+                denominator = (square.sqrt() / (1 - beta2**step) ** 0.5).add_(self.eps)
+                parameter.addcdiv_(average, denominator, value=-step_size)
+        # lr_t = lr_0 (1 + cos(π t / T)) / 2, carried from step to step as torch's scheduler carries it
+        t, total = self.steps, self.total_steps
+        self.lr = (1 + math.cos(math.pi * t / total)) / (1 + math.cos(math.pi * (t - 1) / total)) * self.lr
+
+
 def training_samples(features: FeatureSet, shots: int) -> tuple[np.ndarray, bool]:
     """The V × N × D training views of a cache (its keys as one view when none are stored)."""
     _, cache = features.cache(shots)
@@ -70,8 +118,7 @@ def train(
     val_x = torch.from_numpy(np.asarray(val_features, dtype=np.float32))
     val_y = torch.from_numpy(np.asarray(val_labels, dtype=np.int64))
     count = labels_t.shape[0]
-    optimiser = torch.optim.AdamW(parameters, lr=lr, eps=eps, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs * math.ceil(count / batch_size))
+    optimiser = CosineAdamW(parameters, lr, eps, weight_decay, epochs * math.ceil(count / batch_size))
     best = (-1, -1.0, [p.detach().clone() for p in parameters])
     losses, accuracies = [], []
     for epoch in range(epochs):
@@ -84,7 +131,6 @@ def train(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            schedule.step()
             total += float(loss.detach()) * batch.shape[0]
         with torch.no_grad():  # in blocks of images: the image × key products of a large split stay small
             blocks = [slice(start, start + VAL_BLOCK) for start in range(0, val_y.shape[0], VAL_BLOCK)]
