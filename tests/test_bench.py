@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
@@ -26,6 +27,8 @@ def two_stores(tmp_path):
         features = synthetic_features(num_classes=5, dim=24, shots=(1, 4), val_per_class=6, test_per_class=6,
                                       seed=seed, dataset=name, views=2)
         save_features(features, store.in_store(tmp_path / "caches", name, "features"))
+    test_only = replace(features, caches={}, splits={"test": features.splits["test"]}, dataset="shifted")
+    save_features(test_only, store.in_store(tmp_path / "caches", "shifted", "features"))  # found, and left out
     return tmp_path / "caches"
 
 

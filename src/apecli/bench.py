@@ -26,7 +26,8 @@ CellProgress = Callable[[dict[str, Any], bool], None]  # the row, and whether it
 
 
 def find_features(paths: Iterable[Path]) -> list[store.Artifact]:
-    """The features artifacts among ``paths`` (files, or folders searched recursively)."""
+    """The features artifacts among ``paths`` (files, or folders searched recursively, where feature sets
+    without a few-shot cache, test sets only, are left out)."""
     found: dict[str, store.Artifact] = {}
     for path in paths:
         path = Path(path)
@@ -40,6 +41,8 @@ def find_features(paths: Iterable[Path]) -> list[store.Artifact]:
                         artifact = store.open_artifact(candidate, ["features"])
                     except ApecliError:
                         continue
+                    if not artifact.metadata.get("shots"):
+                        continue  # a test set only (ImageNet-V2, …): nothing to adapt on
                     found.setdefault(artifact.content_id, artifact)
         else:
             artifact = store.open_artifact(path, ["features"])

@@ -1,8 +1,9 @@
-"""Image datasets: the CoOp few-shot benchmarks' layouts, a folder per class, and CSV lists.
+"""Image datasets: the CoOp few-shot benchmarks' layouts, ImageNet's shifted test sets, a folder per
+class, and CSV lists.
 
 Every reader returns an :class:`ImageDataset`: class names in label order, and (path, label) lists for
-the train, val and test splits, with the prompt templates of the dataset. Reading a dataset lists
-files; it decodes no image.
+the train, val and test splits, with the prompt templates of the dataset. The shifted test sets
+(ImageNet-V2, -Sketch, -A, -R) have a test split only. Reading a dataset lists files; it decodes no image.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class ImageDataset:
     templates: tuple[str, ...] = GENERIC_TEMPLATES
     split_file: Path | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    test_only: bool = False  # a shifted test set: no few-shot cache and no validation split to extract
 
     @property
     def split_file_sha256(self) -> str | None:
@@ -94,7 +96,26 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-def _dataset_folder(root: Path, name: str, layout: Layout) -> Path:
+@dataclass(frozen=True)
+class ShiftLayout:
+    """Where one of ImageNet's shifted test sets keeps its images, as the CoOp protocol lays it out: a
+    folder per class under ``image_dir`` (named by its label for ImageNet-V2, by its WordNet id for the
+    others), and ImageNet's ``classnames.txt`` beside it."""
+
+    folders: tuple[str, ...]
+    image_dir: str
+    by_label: bool = False
+
+
+SHIFT_LAYOUTS: dict[str, ShiftLayout] = {
+    "imagenetv2": ShiftLayout(("imagenetv2", "imagenet-v2"), "imagenetv2-matched-frequency-format-val", by_label=True),
+    "imagenet_sketch": ShiftLayout(("imagenet-sketch", "imagenet_sketch"), "images"),
+    "imagenet_a": ShiftLayout(("imagenet-adversarial", "imagenet-a", "imagenet_a"), "imagenet-a"),
+    "imagenet_r": ShiftLayout(("imagenet-rendition", "imagenet-r", "imagenet_r"), "imagenet-r"),
+}
+
+
+def _dataset_folder(root: Path, name: str, layout: Layout | ShiftLayout) -> Path:
     """The dataset's folder under ``root`` (either spelling), or ``root`` itself if it is one."""
     root = Path(root).expanduser().resolve()  # absolute paths: the same images from any working folder
     if not root.is_dir():
@@ -102,7 +123,7 @@ def _dataset_folder(root: Path, name: str, layout: Layout) -> Path:
     for folder in layout.folders:
         if (root / folder).is_dir():
             return root / folder
-    if root.name in layout.folders or (root / (layout.split_file or "")).is_file():
+    if root.name in layout.folders or (isinstance(layout, Layout) and (root / (layout.split_file or "")).is_file()):
         return root
     raise ApecliError(f"{root}: no {name} dataset here (expected a folder named {' or '.join(layout.folders)})")
 
@@ -110,8 +131,11 @@ def _dataset_folder(root: Path, name: str, layout: Layout) -> Path:
 def read_coop(name: str, root: str | Path) -> ImageDataset:
     """One of the eleven CoOp benchmarks under ``root``, with its split (METHOD §7 layouts)."""
     canonical = canonical_name(name) or ""
+    if canonical in SHIFT_LAYOUTS:
+        return read_shifted_imagenet(canonical, root)
     if canonical not in LAYOUTS:
-        raise ApecliError(f"unknown dataset '{name}'; known: {', '.join(sorted(LAYOUTS))} (or use --images DIR)")
+        known = ", ".join(sorted([*LAYOUTS, *SHIFT_LAYOUTS]))
+        raise ApecliError(f"unknown dataset '{name}'; known: {known} (or use --images DIR)")
     layout = LAYOUTS[canonical]
     folder = _dataset_folder(Path(root), canonical, layout)
     if canonical == "fgvc":
@@ -175,6 +199,33 @@ def _read_imagenet(folder: Path, layout: Layout) -> ImageDataset:
     splits["test"] = splits["val"]  # the protocol's ImageNet has no separate test split
     return ImageDataset("imagenet", folder, tuple(names), splits, layout.templates, folder / "classnames.txt",
                         ("ImageNet's val images serve as both val and test",))
+
+
+def read_shifted_imagenet(name: str, root: str | Path) -> ImageDataset:
+    """ImageNet-V2, -Sketch, -A or -R under ``root``: a test split of ImageNet's classes (all 1,000, or the
+    200 whose folders -A and -R hold), named and ordered as in ImageNet's ``classnames.txt``."""
+    layout = SHIFT_LAYOUTS[name]
+    folder = _dataset_folder(Path(root), name, layout)
+    lines = _read_lines(folder / "classnames.txt")
+    try:
+        wnids, names = zip(*(line.split(" ", 1) for line in lines))
+    except ValueError:
+        raise ApecliError(f"{folder}/classnames.txt: expected lines of 'wnid class name'") from None
+    images = folder / layout.image_dir
+    if not images.is_dir():
+        raise ApecliError(f"{folder}: missing {layout.image_dir}/")
+    present = {p.name for p in images.iterdir() if p.is_dir()}
+    keys = [str(label) for label in range(len(wnids))] if layout.by_label else list(wnids)
+    unknown = sorted(present - set(keys))
+    if unknown:
+        raise ApecliError(f"{images}: folder '{unknown[0]}' is no class of classnames.txt")
+    kept = [i for i, key in enumerate(keys) if key in present]
+    if not kept:
+        raise ApecliError(f"{images}: no class folders")
+    test = tuple((path, label) for label, i in enumerate(kept) for path in _images_in(images / keys[i]))
+    return ImageDataset(name, folder, tuple(names[i] for i in kept), {"train": (), "val": (), "test": test},
+                        IMAGENET_TEMPLATES, folder / "classnames.txt",
+                        (f"a test set only, {len(kept)} of ImageNet's classes",), test_only=True)
 
 
 def _images_in(directory: Path) -> list[Path]:

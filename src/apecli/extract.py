@@ -94,6 +94,10 @@ def request_id(dataset: ImageDataset, encoder: dict[str, Any], settings: Extract
 
 def plan(dataset: ImageDataset, settings: ExtractSettings) -> Plan:
     """Choose the few-shot images (seeded, readable) and list the evaluation images."""
+    if dataset.test_only:  # a shifted test set: the classifier's text and the test images, nothing to draw
+        if not dataset.splits["test"]:
+            raise ApecliError(f"{dataset.root}: the test split is empty")
+        return Plan((), np.zeros(0, dtype=np.int64), {}, {"test": dataset.splits["test"]})
     most = max(settings.shots)
     rng = random.Random(settings.seed)
     train: list[Path] = []
@@ -252,19 +256,20 @@ def _load_chunks(files: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def _encode_all(encoder: Encoder, chosen: Plan, work: Path, settings: ExtractSettings,
                 progress: SplitProgress | None, ranks: Ranks) -> None:
     """Encode every split's chunks this process owns."""
-    encode_chunks(encoder, "train", chosen.train, settings.views, work, settings, progress, ranks)
+    if chosen.train:
+        encode_chunks(encoder, "train", chosen.train, settings.views, work, settings, progress, ranks)
     for split, entries in chosen.evaluation.items():
-        if split == "test" and entries is chosen.evaluation["val"]:
+        if split == "test" and entries is chosen.evaluation.get("val"):
             continue  # ImageNet: one split serves both
         encode_chunks(encoder, split, [path for path, _ in entries], 0, work, settings, progress, ranks)
 
 
-def _assemble(chosen: Plan, work: Path, settings: ExtractSettings) -> tuple[np.ndarray, dict[str, LabelledFeatures]]:
+def _assemble(chosen: Plan, work: Path, settings: ExtractSettings) -> tuple[np.ndarray | None, dict[str, LabelledFeatures]]:
     """Every split's features from the saved chunks."""
-    train, _, _ = _load_chunks(_chunk_files(work, "train", len(chosen.train), settings))
+    train = _load_chunks(_chunk_files(work, "train", len(chosen.train), settings))[0] if chosen.train else None
     evaluated: dict[str, LabelledFeatures] = {}
     for split, entries in chosen.evaluation.items():
-        if split == "test" and entries is chosen.evaluation["val"]:
+        if split == "test" and entries is chosen.evaluation.get("val"):
             evaluated[split] = evaluated["val"]
             continue
         paths = [path for path, _ in entries]
@@ -326,14 +331,16 @@ def extract(
     if not ranks.leader:
         return None
     train, evaluated = _assemble(chosen, work, settings)
-    keys, views = _normalise(train.mean(axis=1)), _normalise(train).transpose(1, 0, 2)  # V × N × D
-    train_paths = np.array([str(p) for p in chosen.train], dtype=str)
-    caches = {k: FewShotCache(keys[index], chosen.train_labels[index], np.ascontiguousarray(views[:, index]),
-                              train_paths[index]) for k, index in ((k, np.array(i)) for k, i in chosen.first.items())}
+    caches = {}
+    if train is not None:
+        keys, views = _normalise(train.mean(axis=1)), _normalise(train).transpose(1, 0, 2)  # V × N × D
+        train_paths = np.array([str(p) for p in chosen.train], dtype=str)
+        caches = {k: FewShotCache(keys[index], chosen.train_labels[index], np.ascontiguousarray(views[:, index]),
+                                  train_paths[index]) for k, index in ((k, np.array(i)) for k, i in chosen.first.items())}
     provenance = {
         "source": "extract", "request_id": request, "dataset": dataset.name, "root": str(dataset.root.resolve()),
         "split_file": str(dataset.split_file) if dataset.split_file else None,
-        "split_file_sha256": dataset.split_file_sha256, "seed": settings.seed, "shots": sorted(settings.shots),
+        "split_file_sha256": dataset.split_file_sha256, "seed": settings.seed, "shots": sorted(caches),
         "views": settings.views, "decode": settings.decode, "templates": list(dataset.templates),
         "prompted_classes": len(prompts or {}),
         "skipped": chosen.skipped, "notes": list(dataset.notes),

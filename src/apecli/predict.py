@@ -27,7 +27,7 @@ from apecli.errors import ApecliError
 from apecli.features import FeatureSet, load_features
 from apecli.training_free import CacheModel, TriEdge, softmax
 
-Scores = Callable[[np.ndarray], np.ndarray]  # L2-normalised features N × D → probabilities N × C
+Scores = Callable[[np.ndarray], np.ndarray]  # L2-normalised features N × C → scores N × C
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,16 @@ class Prediction:
     path: str
     labels: tuple[str, ...]
     probabilities: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """An evaluated model: ``scores`` decide (their argmax is the prediction, as its evaluation counted
+    it) and ``probabilities`` report, for L2-normalised features of the model's encoder."""
+
+    features: FeatureSet  # what it was fitted on: class names, text, cache
+    scores: Scores
+    probabilities: Scores
 
 
 def _features_of(artifact: store.Artifact) -> FeatureSet:
@@ -46,48 +56,51 @@ def _features_of(artifact: store.Artifact) -> FeatureSet:
     return load_features(artifact, with_views=False)
 
 
-def classifier(evaluation: store.Artifact) -> tuple[Scores, FeatureSet]:
-    """The probability function of an evaluation artifact, and its feature set."""
+def _normalised_scores(scores: np.ndarray) -> np.ndarray:
+    """ProKeR's scores as probabilities: clipped at zero, normalised to sum to one."""
+    scores = np.clip(scores, 0.0, None)
+    return scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
+
+
+def load_classifier(evaluation: store.Artifact) -> Classifier:
+    """The classifier an evaluation artifact chose, rebuilt from it and its parents."""
     if evaluation.kind != "evaluation":
-        raise ApecliError(f"{evaluation.path}: is an artifact of kind '{evaluation.kind}'; predict needs an evaluation (from apecli eval)")
+        raise ApecliError(f"{evaluation.path}: is an artifact of kind '{evaluation.kind}'; expected an evaluation (from apecli eval)")
     meta = evaluation.metadata
     mode = meta.get("mode")
     features = _features_of(evaluation)
     text = features.classifier.astype(np.float64)
-    zero_shot = lambda x: 100.0 * x @ text.T  # noqa: E731
+
+    def made(scores: Scores, probabilities: Callable[[np.ndarray], np.ndarray] = softmax) -> Classifier:
+        return Classifier(features, scores, lambda x: probabilities(scores(x)))
+
     if mode == "zero-shot":
-        return (lambda x: softmax(zero_shot(x))), features
+        return made(lambda x: 100.0 * x @ text.T)
     shots, cache = features.cache(meta.get("shots"))
     alpha, beta, gamma = meta.get("alpha"), meta.get("beta"), meta.get("gamma")
     if mode == "training-free":
         tri = TriEdge.build(features.classifier, cache.keys, cache.labels, evaluation.read("channels"))
-        return (lambda x: softmax(tri.logits(x, alpha, beta, gamma))), features
+        return made(lambda x: tri.logits(x, alpha, beta, gamma))
     if mode == "training-required":
         from apecli.training_required import load_fit
 
         fitted, _ = load_fit(evaluation.parent("adapter"))
         model = fitted.adapter.cache_model(features)
-        return (lambda x: softmax(model.logits(x, alpha, beta))), features
+        return made(lambda x: model.logits(x, alpha, beta))
     if mode in ("tip-adapter", "tip-adapter-f"):
         keys = evaluation.read("learned/keys") if mode == "tip-adapter-f" else cache.keys
         model = CacheModel(features.classifier, keys, cache.labels, np.ones(cache.labels.shape[0]))
-        return (lambda x: softmax(model.logits(x, alpha, beta))), features
+        return made(lambda x: model.logits(x, alpha, beta))
     if mode == "gda":
         from apecli.baselines import gda_for
 
         weights, bias, _ = gda_for(features, shots)
-        return (lambda x: softmax(zero_shot(x) + alpha * (x @ weights.T + bias))), features
+        return made(lambda x: 100.0 * x @ text.T + alpha * (x @ weights.T + bias))
     if mode == "proker":
         from apecli.baselines import ProkerSupport
 
-        regression = ProkerSupport.of(features, shots).predictor(beta, meta["lambda"])
-
-        def proker(x: np.ndarray) -> np.ndarray:
-            scores = np.clip(regression(x), 0.0, None)
-            return scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
-
-        return proker, features
-    raise ApecliError(f"{evaluation.path}: mode '{mode}' cannot be applied to new images")
+        return made(ProkerSupport.of(features, shots).predictor(beta, meta["lambda"]), _normalised_scores)
+    raise ApecliError(f"{evaluation.path}: mode '{mode}' cannot be applied to new features")
 
 
 def encoder_spec(features: FeatureSet, device: str, folder: Path):
@@ -133,13 +146,15 @@ def predict(
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise ApecliError(f"{missing[0]}: no such file")
-    scores, features = classifier(evaluation)
+    model = load_classifier(evaluation)
+    features = model.features
     with tempfile.TemporaryDirectory() as folder:
         encoder = load_encoder(encoder_spec(features, device, Path(folder)))
         settings = ExtractSettings(batch_size=batch_size, workers=workers, skip_bad=skip_bad)
         encoded, ok, errors = encode_split(encoder, "images", list(paths), 0, Path(folder), settings, progress)
     x = encoded[ok].astype(np.float64)
-    probabilities = scores(x / np.linalg.norm(x, axis=1, keepdims=True)) if ok.any() else np.zeros((0, features.num_classes))
+    probabilities = (model.probabilities(x / np.linalg.norm(x, axis=1, keepdims=True)) if ok.any()
+                     else np.zeros((0, features.num_classes)))
     best = np.argsort(-probabilities, axis=1, kind="stable")[:, : min(top, features.num_classes)]
     kept = [str(p) for p, good in zip(paths, ok) if good]
     predictions = [Prediction(path, tuple(features.class_names[c] for c in row), tuple(float(probabilities[i, c]) for c in row))

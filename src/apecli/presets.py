@@ -73,6 +73,11 @@ ALIASES = {
     "oxfordpets": "oxford_pets",
     "stanfordcars": "stanford_cars",
     "sun": "sun397",
+    "imagenet-v2": "imagenetv2",
+    "imagenet_v2": "imagenetv2",
+    "imagenet-sketch": "imagenet_sketch",
+    "imagenet-a": "imagenet_a",
+    "imagenet-r": "imagenet_r",
 }
 
 

@@ -237,6 +237,36 @@ def evaluate(
 
 @app.command()
 @reports_errors
+def transfer(
+    source: Input = None,
+    to: Annotated[
+        Optional[list[str]], typer.Option("--to", help="A features artifact whose test split to score; repeat for several.")
+    ] = None,
+    store_dir: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Test an evaluated model, unchanged, on other feature sets' test splits (distribution shift)."""
+    from apecli.transfer import save_transfer, transfer as run_transfer
+
+    evaluation = resolve_input(source, store_dir, ["evaluation"])
+    targets = [store.open_artifact(target, ["features"]) for target in to or []]
+    results = run_transfer(evaluation, targets, console.print)
+    meta = evaluation.metadata
+    saved = save_transfer(evaluation, targets, results,
+                          store.in_store(store_dir, meta.get("dataset"), f"transfer-{meta.get('mode')}"))
+    table = Table(title=f"{meta.get('dataset')} · {meta.get('mode')} · tested elsewhere", title_justify="left")
+    for column in ("test set", "classes", "images", "test %"):
+        table.add_column(column, justify="left" if column == "test set" else "right")
+    table.add_row(f"{meta.get('dataset')} (its own)", "", "", f"{meta.get('test_accuracy', 0):.2f}")
+    for result in results:
+        table.add_row(result.dataset or Path(result.artifact).name, str(result.classes), f"{result.total:,}",
+                      f"{result.accuracy:.2f}")
+    console.print(table)
+    emit(saved, dict(saved.metadata), as_json)
+
+
+@app.command()
+@reports_errors
 def fit(
     source: Input = None,
     shots: Shots = None,
@@ -354,7 +384,7 @@ def _csv_field(text: str) -> str:
     return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
-ARTIFACT_KINDS = ("features", "refinement", "adapter", "evaluation")
+ARTIFACT_KINDS = ("features", "refinement", "adapter", "evaluation", "transfer")
 
 
 def _summary(artifact: store.Artifact) -> str:
@@ -368,6 +398,9 @@ def _summary(artifact: store.Artifact) -> str:
         return f"k={meta.get('k')} of the {meta.get('shots')}-shot cache, w={meta.get('weights')}"
     if artifact.kind == "adapter":
         return f"APE-T, {meta.get('shots')} shots, best epoch {meta.get('best_epoch')}, val {meta.get('best_val_accuracy', 0):.2f}%"
+    if artifact.kind == "transfer":
+        return f"{meta.get('mode')} on " + ", ".join(f"{t.get('dataset')} {t.get('test_accuracy', 0):.2f}%"
+                                                     for t in meta.get("targets", []))
     return f"{meta.get('mode')}, val {meta.get('val_accuracy', 0):.2f}%, test {meta.get('test_accuracy', 0):.2f}%"
 
 
@@ -375,7 +408,7 @@ def _summary(artifact: store.Artifact) -> str:
 @reports_errors
 def list_store(
     store_dir: Annotated[Optional[Path], typer.Argument(help="Store folder (default: --store, ./caches or $APECLI_STORE).", show_default=False)] = None,
-    kind: Annotated[Optional[str], typer.Option("--kind", help="Only artifacts of this kind: features, refinement, adapter or evaluation.")] = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", help="Only artifacts of this kind: features, refinement, adapter, evaluation or transfer.")] = None,
     store_option: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:

@@ -1,0 +1,115 @@
+"""Distribution shift: an evaluated model applied, unchanged, to the test split of another feature set.
+
+The CoOp protocol's domain-generalisation test: a model adapted on ImageNet's few shots, tested on
+ImageNet-V2, -Sketch, -A and -R; the same question applies to any test set whose classes are among
+the model's. The model is
+the one its evaluation chose: text classifier, cache, channels and hyperparameters, all from the
+source (nothing is searched on the target). A target that holds a subset of the source's classes
+(ImageNet-A and -R hold 200 of ImageNet's 1,000) is scored over those classes only: the prediction is
+the best of their scores. Classes are matched by name. Source and target must come from the same
+encoder, which is checked where both record it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from apecli import store
+from apecli.errors import ApecliError
+from apecli.features import FeatureSet, load_features
+from apecli.predict import Classifier, load_classifier
+from apecli.training_free import row_blocks
+
+KIND = "transfer"
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """How an evaluated model did on one target's test split."""
+
+    dataset: str | None
+    artifact: str
+    classes: int  # the target's, a subset of the model's
+    correct: int
+    total: int
+    predictions: np.ndarray  # the predicted label of each test image, in the target's class indices
+
+    @property
+    def accuracy(self) -> float:
+        return 100.0 * self.correct / self.total
+
+    def summary(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "artifact": self.artifact, "classes": self.classes,
+                "correct": self.correct, "total": self.total, "test_accuracy": self.accuracy}
+
+
+def _encoder(model: dict[str, Any]) -> tuple[Any, Any] | None:
+    """What identifies an encoder's features in a features artifact's model record (None if unrecorded)."""
+    if not model:
+        return None
+    architecture = model.get("model_config_sha256") or model.get("model") or model.get("name")
+    weights = model.get("checkpoint_sha256") or model.get("pretrained")
+    return architecture, weights
+
+
+def check_compatible(source: FeatureSet, target: FeatureSet) -> tuple[np.ndarray, list[str]]:
+    """The source's class index of each target class, and warnings; one clear error where they cannot meet."""
+    if source.artifact and target.artifact and source.artifact.content_id == target.artifact.content_id:
+        return np.arange(source.num_classes), []  # the model's own feature set
+    if target.dim != source.dim:
+        raise ApecliError(f"{target.name}: features of {target.dim} channels, the model's have {source.dim}")
+    warnings = []
+    mine, theirs = _encoder(dict(source.model)), _encoder(dict(target.model))
+    if mine is None or theirs is None:
+        unrecorded = source.name if mine is None else target.name
+        warnings.append(f"{unrecorded} records no encoder: cannot check that both feature sets share one")
+    elif mine != theirs:
+        raise ApecliError(f"{target.name}: extracted with {theirs[0]} ({theirs[1]}), the model's features with "
+                          f"{mine[0]} ({mine[1]})")
+    elif source.model.get("precision") != target.model.get("precision"):
+        warnings.append(f"{target.name}: encoded in {target.model.get('precision')}, the model's features in "
+                        f"{source.model.get('precision')}")
+    index = {name: i for i, name in enumerate(source.class_names)}
+    missing = [name for name in target.class_names if name not in index]
+    if missing:
+        raise ApecliError(f"{target.name}: {len(missing)} of its {target.num_classes} classes are not the model's "
+                          f"(first: '{missing[0]}')")
+    return np.array([index[name] for name in target.class_names], dtype=np.int64), warnings
+
+
+def score_on(classifier: Classifier, target: FeatureSet, say: Callable[[str], None] = lambda message: None) -> Transfer:
+    """The classifier's predictions and accuracy on ``target``'s test split."""
+    columns, warnings = check_compatible(classifier.features, target)
+    for warning in warnings:
+        say(f"warning: {warning}")
+    test = target.split("test")
+    if test.labels.shape[0] == 0:
+        raise ApecliError(f"{target.name}: the test split is empty")
+    x = test.features.astype(np.float64)
+    predictions = np.concatenate([np.argmax(classifier.scores(x[rows])[:, columns], axis=1)  # first of equal scores
+                                  for rows in row_blocks(x.shape[0], classifier.features.num_classes)])
+    return Transfer(target.dataset, str(target.artifact.path) if target.artifact else target.name, target.num_classes,
+                    int((predictions == test.labels).sum()), int(test.labels.shape[0]), predictions)
+
+
+def transfer(evaluation: store.Artifact, targets: Sequence[store.Artifact],
+             say: Callable[[str], None] = lambda message: None) -> list[Transfer]:
+    """Score the model an evaluation chose on every target's test split."""
+    if not targets:
+        raise ApecliError("give at least one target features artifact (--to)")
+    classifier = load_classifier(evaluation)
+    return [score_on(classifier, load_features(target), say) for target in targets]
+
+
+def save_transfer(evaluation: store.Artifact, targets: Sequence[store.Artifact], results: Sequence[Transfer],
+                  destination: Path | Callable[[str], Path]) -> store.Artifact:
+    """Write the results, with each target's predictions; the evaluation and the targets are its parents."""
+    meta = evaluation.metadata
+    metadata = {"mode": meta.get("mode"), "dataset": meta.get("dataset"), "shots": meta.get("shots"),
+                "source_test_accuracy": meta.get("test_accuracy"), "targets": [r.summary() for r in results]}
+    arrays = {f"predictions/{i}": r.predictions for i, r in enumerate(results)}
+    return store.write_artifact(destination, KIND, arrays, metadata, [evaluation, *targets])
