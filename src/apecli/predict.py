@@ -27,7 +27,7 @@ from apecli.errors import ApecliError
 from apecli.features import FeatureSet, load_features
 from apecli.training_free import CacheModel, TriEdge, softmax
 
-Scores = Callable[[np.ndarray], np.ndarray]  # L2-normalised features N × C → scores N × C
+Scores = Callable[[np.ndarray], np.ndarray]  # L2-normalised features N × D → scores N × C
 
 
 @dataclass(frozen=True)

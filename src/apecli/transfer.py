@@ -92,7 +92,8 @@ def score_on(classifier: Classifier, target: FeatureSet, say: Callable[[str], No
     x = test.features.astype(np.float64)
     predictions = np.concatenate([np.argmax(classifier.scores(x[rows])[:, columns], axis=1)  # first of equal scores
                                   for rows in row_blocks(x.shape[0], classifier.features.num_classes)])
-    return Transfer(target.dataset, str(target.artifact.path) if target.artifact else target.name, target.num_classes,
+    where = str(Path(target.artifact.path).resolve()) if target.artifact else target.name
+    return Transfer(target.dataset, where, target.num_classes,
                     int((predictions == test.labels).sum()), int(test.labels.shape[0]), predictions)
 
 
