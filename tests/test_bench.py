@@ -58,6 +58,23 @@ def test_the_average_row_and_the_plot(two_stores, tmp_path):
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
 
 
+def test_feature_sets_of_one_dataset_are_averaged_not_overwritten(tmp_path):
+    for seed in (1, 2, 3):  # the few-shot draws of three seeds: one dataset, one model
+        features = synthetic_features(num_classes=5, dim=24, shots=(4,), val_per_class=6, test_per_class=6, seed=seed,
+                                      dataset="alpha", views=2)
+        save_features(features, store.in_store(tmp_path / "caches", "alpha", "features"))
+    features = synthetic_features(num_classes=5, dim=24, shots=(4,), seed=9, dataset="beta", views=2)
+    save_features(features, store.in_store(tmp_path / "caches", "beta", "features"))
+    rows = bench.run_bench(bench.find_features([tmp_path / "caches"]), [4], ["zero-shot"], tmp_path / "out")
+    alpha = [row["test_accuracy"] for row in rows if row["dataset"] == "alpha"]
+    assert len(set(alpha)) > 1  # the seeds differ, so a mean differs from any one of them
+    table = bench.summary_table(rows, 4, ["zero-shot"])
+    assert table[0] == ["alpha (synthetic), mean of 3", pytest.approx(sum(alpha) / 3)]
+    assert table[1][0] == "beta (synthetic)"
+    assert table[2][1] == pytest.approx((sum(alpha) / 3 + table[1][1]) / 2)
+    assert bench.means(rows, ["zero-shot"])["alpha (synthetic)", 4, "zero-shot"][1] == 3
+
+
 def test_refusals(two_stores, tmp_path):
     artifacts = bench.find_features([two_stores])
     with pytest.raises(ApecliError, match="unknown mode 'magic'"):
@@ -80,5 +97,9 @@ def test_bench_on_the_command_line(two_stores, tmp_path):
     assert len(payload["rows"]) == 12 and payload["artifact"].endswith("results.json")
     assert "Average" in result.stderr and "APE-T" in result.stderr
     assert (tmp_path / "out" / "accuracy-vs-shots.png").is_file()
+    only_beta = runner.invoke(app, ["bench", str(two_stores / "beta"), "--shots", "4", "--modes", "zero-shot",
+                                    "--out", str(tmp_path / "out")])
+    assert only_beta.exit_code == 0, only_beta.stderr
+    assert "beta (synthetic)" in only_beta.stderr and "alpha" not in only_beta.stderr  # this run's cells, not all
     assert_one_line_error(runner.invoke(app, ["bench", "--store", str(two_stores), "--modes", "magic",
                                               "--out", str(tmp_path / "o2")]), "unknown mode 'magic'")

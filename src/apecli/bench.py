@@ -143,18 +143,37 @@ def _evaluate(artifact: store.Artifact, mode: str, shots: int) -> Evaluation:
     return evaluate_training_required(features, fit(features, FitSettings(shots=shots)))
 
 
-def summary_table(rows: Sequence[dict[str, Any]], shots: int, modes: Sequence[str]) -> list[list[Any]]:
-    """Rows of [dataset, test accuracy per mode …] for one shot count, then the average row."""
-    by_dataset: dict[str, dict[str, float]] = {}
+def _panel(row: dict[str, Any]) -> str:
+    return f"{row['dataset']} ({row['model']})"
+
+
+def means(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[tuple[str, int, str], tuple[float, int]]:
+    """The mean test accuracy of each (dataset and model, shots, mode) over its feature sets, and their
+    number: several feature sets of one dataset and model are the few-shot draws of several seeds, which
+    the protocol averages."""
+    groups: dict[tuple[str, int, str], list[float]] = {}
     for row in rows:
-        if row["shots"] == shots and row["mode"] in modes:
-            by_dataset.setdefault(f"{row['dataset']} ({row['model']})", {})[row["mode"]] = row["test_accuracy"]
-    table = [[name, *(cells.get(mode) for mode in modes)] for name, cells in sorted(by_dataset.items())]
-    averages = []
-    for index in range(len(modes)):
-        values = [line[index + 1] for line in table]
-        averages.append(sum(values) / len(values) if values and None not in values else None)
-    return table + [["Average", *averages]]
+        if row["mode"] in modes:
+            groups.setdefault((_panel(row), row["shots"], row["mode"]), []).append(row["test_accuracy"])
+    return {key: (sum(values) / len(values), len(values)) for key, values in groups.items()}
+
+
+def _average(values: Sequence[float | None]) -> float | None:
+    """The mean over datasets, or None unless every dataset has a value."""
+    return sum(values) / len(values) if values and None not in values else None  # type: ignore[arg-type]
+
+
+def summary_table(rows: Sequence[dict[str, Any]], shots: int, modes: Sequence[str]) -> list[list[Any]]:
+    """Rows of [dataset, test accuracy per mode …] for one shot count (a dataset's feature sets
+    averaged, and counted in its name), then the average over datasets."""
+    cells = means(rows, modes)
+    table = []
+    for panel in sorted({panel for panel, count, _ in cells if count == shots}):
+        sets = max(cells[panel, shots, mode][1] for mode in modes if (panel, shots, mode) in cells)
+        name = panel if sets == 1 else f"{panel}, mean of {sets}"
+        table.append([name, *(cells[panel, shots, mode][0] if (panel, shots, mode) in cells else None
+                              for mode in modes)])
+    return table + [["Average", *(_average([line[index + 1] for line in table]) for index in range(len(modes)))]]
 
 
 def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], path: Path) -> Path:
@@ -164,24 +183,25 @@ def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], path: Path) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = sorted({f"{r['dataset']} ({r['model']})" for r in rows})
+    cells = means(rows, modes)
+    datasets = sorted({panel for panel, _, _ in cells})
     panels = ["Average"] + datasets
+    shot_counts = sorted({count for _, count, _ in cells})
     columns = min(4, len(panels))
     lines = (len(panels) + columns - 1) // columns
     figure, axes = plt.subplots(lines, columns, figsize=(4 * columns, 3.2 * lines), squeeze=False)
     for axis, panel in zip(axes.flat, panels):
         for mode in modes:
-            points: dict[int, list[float]] = {}
-            for row in rows:
-                if row["mode"] == mode and (panel == "Average" or f"{row['dataset']} ({row['model']})" == panel):
-                    points.setdefault(row["shots"], []).append(row["test_accuracy"])
-            complete = {k: v for k, v in points.items() if panel != "Average" or len(v) == len(datasets)}
-            if complete:
-                xs = sorted(complete)
-                axis.plot(xs, [sum(complete[x]) / len(complete[x]) for x in xs], marker="o", label=mode)
+            if panel == "Average":
+                points = {count: _average([cells[p, count, mode][0] if (p, count, mode) in cells else None
+                                           for p in datasets]) for count in shot_counts}
+            else:
+                points = {count: cells[panel, count, mode][0] for count in shot_counts if (panel, count, mode) in cells}
+            xs = [count for count in shot_counts if points.get(count) is not None]
+            if xs:
+                axis.plot(xs, [points[x] for x in xs], marker="o", label=mode)
         axis.set_title(panel, fontsize=10)
         axis.set_xscale("log", base=2)
-        shot_counts = sorted({row["shots"] for row in rows})
         axis.set_xticks(shot_counts, [str(count) for count in shot_counts])
         axis.set_xlabel("shots per class")
         axis.set_ylabel("test accuracy (%)")

@@ -322,13 +322,15 @@ def bench(
         console.print(f"{took}  {row['dataset']} {row['shots']}-shot {row['mode']}: test {row['test_accuracy']:.2f}%")
 
     rows = runner.run_bench(artifacts, counts, chosen, out, report)
-    picture = runner.plot(rows, chosen, out / "accuracy-vs-shots.png")
+    asked = {artifact.content_id for artifact in artifacts}  # the table and plot: this run's cells only
+    current = [row for row in rows if row["content_id"] in asked and row["shots"] in counts]
+    picture = runner.plot(current, chosen, out / "accuracy-vs-shots.png")
     for count in counts:
         table = Table(title=f"test accuracy (%), {count} shots")
         table.add_column("dataset")
         for mode in chosen:
             table.add_column(METHOD_NAMES.get(mode, mode), justify="right")
-        for line in runner.summary_table(rows, count, chosen):
+        for line in runner.summary_table(current, count, chosen):
             table.add_row(*[line[0]] + ["" if v is None else f"{v:.2f}" for v in line[1:]],
                           style="bold" if line[0] == "Average" else None)
         console.print(table)
