@@ -38,6 +38,18 @@ def test_import_prints_the_artifact_path_and_says_what_it_did(imported, store_di
     assert imported.name.startswith("features-")
 
 
+def test_an_import_whose_text_does_not_match_its_images_warns(small_features, tmp_path, store_dir):
+    from dataclasses import replace
+
+    rotation, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(small_features.dim,) * 2))
+    stale = replace(small_features, classifier=(small_features.classifier @ rotation).astype(np.float32))
+    result = run("import", "npz", write_npz(tmp_path / "stale.npz", stale, shots=4), "--store", store_dir)
+    assert result.exit_code == 0 and Path(result.stdout.strip()).is_file()
+    assert "warning: by the text classifier, the validation images are classified at chance" in result.stderr
+    assert "warning" not in run("import", "npz", write_npz(tmp_path / "fine.npz", small_features, shots=4),
+                                "--store", store_dir).stderr
+
+
 def test_refine_then_eval_through_stdin(imported, store_dir):
     refined = run("refine", "--k", "10", "--w", "0.3", "0.7", "--store", store_dir, input=f"{imported}\n")
     assert refined.exit_code == 0, refined.stderr

@@ -142,3 +142,35 @@ def test_real_dtd_with_mixed_widths_is_refused():
     folder = real_dataset("dtd")
     with pytest.raises(ApecliError, match="keys_2shots.pt: 1024-channel keys, but val_f.pt has 512"):
         import_tip_adapter(folder, folder / "proxy_text_weights.pt", "dtd")
+
+
+def _rotated(x: np.ndarray, seed: int) -> np.ndarray:
+    """The same features through another "encoder": a random rotation of the space."""
+    rotation, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(x.shape[1], x.shape[1])))
+    return (x @ rotation).astype(x.dtype)
+
+
+def test_parts_from_different_encoders_are_warned_of():
+    from dataclasses import replace
+
+    from apecli.features import LabelledFeatures, mismatch_warnings
+    from apecli.synthetic import synthetic_features
+
+    features = synthetic_features(num_classes=10, dim=64, shots=(1, 4), val_per_class=20, seed=4)
+    assert mismatch_warnings(features) == []
+    val = features.split("val")
+    stale = replace(features, splits={**features.splits, "val": LabelledFeatures(_rotated(val.features, 1), val.labels)})
+    warnings = mismatch_warnings(stale)
+    assert len(warnings) == 2 and warnings[0].startswith("by the text classifier, the validation images are classified "
+                                                         "at chance (")
+    assert warnings[1].startswith("by the 4-shot keys' class means, the validation images are classified at chance")
+    other_text = replace(features, classifier=_rotated(features.classifier, 2))
+    assert [w.split(",")[0] for w in mismatch_warnings(other_text)] == ["by the text classifier"]
+
+
+@pytest.mark.parametrize("name", ["caltech101", "fgvc", "oxford_flowers", "oxford_pets", "ucf101"])
+def test_the_real_features_raise_no_mismatch_warning(name):
+    from apecli.features import mismatch_warnings
+
+    folder = real_dataset(name)
+    assert mismatch_warnings(import_tip_adapter(folder, folder / "proxy_text_weights.pt", name)) == []

@@ -136,6 +136,36 @@ class FeatureSet:
         return self
 
 
+def mismatch_warnings(features: FeatureSet) -> list[str]:
+    """Signs that the parts of a feature set come from different encoders (a stale cache): the text
+    classifier, or the largest cache's class means, classifying the validation images no better than
+    chance. Features of one width from two models pass every shape check, and then every method runs
+    and reports near-chance accuracy without saying why."""
+    if "val" not in features.splits or features.num_classes < 2:
+        return []
+    val = features.split("val")
+    count = val.labels.shape[0]
+    if count == 0:
+        return []
+    chance = 1.0 / features.num_classes
+    # more than three standard deviations of a chance guesser's accuracy above chance, or it is chance
+    floor = chance + 3.0 * float(np.sqrt(chance * (1.0 - chance) / count))
+    x = val.features.astype(np.float64)
+    checks = [("the text classifier", features.classifier.astype(np.float64))]
+    if features.caches:
+        shots, cache = features.cache()
+        means = np.zeros((features.num_classes, features.dim))
+        np.add.at(means, cache.labels, cache.keys.astype(np.float64))
+        checks.append((f"the {shots}-shot keys' class means", means))
+    warnings = []
+    for what, centres in checks:
+        accuracy = float((np.argmax(x @ centres.T, axis=1) == val.labels).mean())
+        if accuracy <= floor:
+            warnings.append(f"by {what}, the validation images are classified at chance ({100 * accuracy:.1f}%, "
+                            f"chance {100 * chance:.1f}%): the two may come from different encoders (a stale cache?)")
+    return warnings
+
+
 def _check_labels(what: str, labels: np.ndarray, rows: int, num_classes: int) -> None:
     if labels.ndim != 1 or labels.shape[0] != rows:
         raise ApecliError(f"{what}: {labels.shape[0] if labels.ndim else 0} labels for {rows} rows")

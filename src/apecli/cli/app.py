@@ -45,9 +45,11 @@ def _root(
 
 
 def _save_imported(features, store_dir: Path, as_json: bool) -> None:
-    from apecli.features import save_features
+    from apecli.features import mismatch_warnings, save_features
 
     saved = save_features(features, store.in_store(store_dir, features.dataset, "features"))
+    for warning in mismatch_warnings(saved):
+        console.print(f"[bold yellow]warning: {warning}[/bold yellow]")
     console.print(
         f"imported {saved.num_classes} classes × {saved.dim} channels, shots {list(saved.shots)}, "
         + ", ".join(f"{name} {part.labels.shape[0]}" for name, part in saved.splits.items())
