@@ -176,6 +176,8 @@ def test_imagenet_to_its_shifted_test_sets_end_to_end(tiny, tmp_path):
     rendition = extract(read_coop("imagenet_r", tmp_path / "data"), tiny, tmp_path / "s", settings)
     assert rendition.shots == () and set(rendition.splits) == {"test"}
     assert rendition.artifact.metadata["provenance"]["shots"] == []
+    again = extract(read_coop("imagenet_r", tmp_path / "data"), tiny, tmp_path / "s", replace(settings, shots=(8,), seed=3))
+    assert again.artifact.path == rendition.artifact.path  # no few-shot draw: shots and seed change nothing
     np.testing.assert_allclose(rendition.classifier, imagenet.classifier[[0, 2]], rtol=1e-5, atol=1e-6)
     evaluation = save_evaluation(evaluate_artifact(imagenet.artifact, "training-free", 2, GRID),
                                  [imagenet.artifact], tmp_path / "eval.h5")

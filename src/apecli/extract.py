@@ -84,10 +84,11 @@ def request_id(dataset: ImageDataset, encoder: dict[str, Any], settings: Extract
     listing = {split: [[str(path), label] for path, label in entries] for split, entries in dataset.splits.items()}
     request = {
         "encoder": encoder, "dataset": dataset.name, "classes": list(dataset.class_names), "listing": listing,
-        "split_file": dataset.split_file_sha256, "shots": sorted(settings.shots), "seed": settings.seed,
-        "views": settings.views, "skip_bad": settings.skip_bad, "templates": list(templates), "prompts": prompts or {},
-        "decode": settings.decode,
+        "split_file": dataset.split_file_sha256, "skip_bad": settings.skip_bad, "templates": list(templates),
+        "prompts": prompts or {}, "decode": settings.decode,
     }
+    if not dataset.test_only:  # the few-shot draw: nothing of it in a test set's features
+        request.update(shots=sorted(settings.shots), seed=settings.seed, views=settings.views)
     digest.update(json.dumps(request, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
