@@ -264,3 +264,13 @@ def test_every_mode_keeps_the_shots_of_a_refinement(small_features, store_dir):
     result = run("eval", refined, "--mode", "tip-adapter", "--search-step", "4", "4", "1", "--store", store_dir, "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["shots"] == 1  # not the store's largest, 4
+
+
+def test_the_consistent_part_of_a_stale_cache_imports_with_shots(tmp_path):
+    folder = real_dataset("dtd")
+    args = ["import", "tip-adapter", folder, "--text-weights", folder / "proxy_text_weights.pt", "--dataset", "dtd",
+            "--store", tmp_path / "s"]
+    assert_one_line_error(run(*args), "mixes features of different models", "--shots 1")
+    imported = run(*args, "--shots", "1", "--json")
+    assert imported.exit_code == 0, imported.stderr
+    assert json.loads(imported.stdout)["shots"] == [1]

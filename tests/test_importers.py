@@ -10,6 +10,7 @@ import torch
 
 from apecli.errors import ApecliError
 from apecli.importers import export_npz, import_npz, import_tip_adapter
+from apecli.synthetic import synthetic_features
 
 from conftest import real_dataset, write_npz
 
@@ -140,8 +141,30 @@ def test_real_caltech_imports_with_its_published_figures():
 
 def test_real_dtd_with_mixed_widths_is_refused():
     folder = real_dataset("dtd")
-    with pytest.raises(ApecliError, match="keys_2shots.pt: 1024-channel keys, but val_f.pt has 512"):
+    with pytest.raises(ApecliError, match="keys_2shots.pt: 1024-channel keys, but val_f.pt has 512 channels: the "
+                                          "folder mixes features of different models; re-extract it, or import the "
+                                          "shot counts that match with --shots 1$"):
         import_tip_adapter(folder, folder / "proxy_text_weights.pt", "dtd")
+    consistent = import_tip_adapter(folder, folder / "proxy_text_weights.pt", "dtd", shots=[1])
+    assert consistent.shots == (1,) and consistent.dim == 512 and consistent.num_classes == 47
+
+
+def test_chosen_shot_counts_are_imported_alone(tmp_path):
+    features = synthetic_features(num_classes=4, dim=16, shots=(1, 2, 4), val_per_class=3, test_per_class=3, seed=1)
+    for shots, cache in features.caches.items():
+        torch.save(torch.from_numpy(cache.keys.T.copy()), tmp_path / f"keys_{shots}shots.pt")
+        torch.save(torch.from_numpy(np.eye(4, dtype=np.float32)[cache.labels]), tmp_path / f"values_{shots}shots.pt")
+    for split in ("val", "test"):
+        part = features.split(split)
+        torch.save(torch.from_numpy(part.features), tmp_path / f"{split}_f.pt")
+        torch.save(torch.from_numpy(part.labels), tmp_path / f"{split}_l.pt")
+    torch.save(torch.from_numpy(features.classifier.T.copy()), tmp_path / "text.pt")
+    assert import_tip_adapter(tmp_path, tmp_path / "text.pt").shots == (1, 2, 4)
+    chosen = import_tip_adapter(tmp_path, tmp_path / "text.pt", shots=[4, 1])
+    assert chosen.shots == (1, 4)
+    np.testing.assert_array_equal(chosen.caches[4].keys, features.caches[4].keys)
+    with pytest.raises(ApecliError, match="no keys_8shots.pt \\(it holds 1, 2, 4 shots\\)"):
+        import_tip_adapter(tmp_path, tmp_path / "text.pt", shots=[8])
 
 
 def _rotated(x: np.ndarray, seed: int) -> np.ndarray:
@@ -154,7 +177,6 @@ def test_parts_from_different_encoders_are_warned_of():
     from dataclasses import replace
 
     from apecli.features import LabelledFeatures, mismatch_warnings
-    from apecli.synthetic import synthetic_features
 
     features = synthetic_features(num_classes=10, dim=64, shots=(1, 4), val_per_class=20, seed=4)
     assert mismatch_warnings(features) == []

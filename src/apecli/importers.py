@@ -14,7 +14,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -88,8 +88,9 @@ def import_tip_adapter(
     dataset: str | None = None,
     class_names: str | os.PathLike[str] | None = None,
     model: str | None = None,
+    shots: Sequence[int] | None = None,
 ) -> FeatureSet:
-    """Read an APE / Tip-Adapter cache folder, every shot count in it."""
+    """Read an APE / Tip-Adapter cache folder: every shot count in it, or those of ``shots``."""
     folder = Path(directory)
     if not folder.is_dir():
         raise ApecliError(f"{folder}: no such folder")
@@ -100,6 +101,11 @@ def import_tip_adapter(
     )
     if not shot_counts:
         raise ApecliError(f"{folder}: no keys_{{K}}shots.pt files: not an APE / Tip-Adapter cache folder")
+    if shots is not None:
+        absent = sorted(set(shots) - set(shot_counts))
+        if absent:
+            raise ApecliError(f"{folder}: no keys_{absent[0]}shots.pt (it holds {', '.join(map(str, shot_counts))} shots)")
+        shot_counts = sorted(set(shots))
     if text_weights is None:
         if not (folder / CUPL_TEXT_WEIGHTS).is_file():
             raise ApecliError(f"{folder}: no text classifier: pass --text-weights FILE (D × C) or add {CUPL_TEXT_WEIGHTS}")
@@ -119,16 +125,21 @@ def import_tip_adapter(
     if text.ndim != 2 or text.shape[0] != dim:
         raise ApecliError(f"{text_path}: shape {tuple(text.shape)}, expected (D={dim} channels, C classes)")
     num_classes = text.shape[1]
+    keys_of = {count: _as_features(_load_tensor(folder / f"keys_{count}shots.pt"), f"{folder}/keys_{count}shots.pt")
+               for count in shot_counts}
+    matching = [count for count, keys in keys_of.items() if keys.ndim == 2 and keys.shape[0] == dim]
+    if len(matching) < len(shot_counts):
+        count = next(count for count in shot_counts if count not in matching)
+        keys = keys_of[count]
+        hint = f", or import the shot counts that match with --shots {','.join(map(str, matching))}" if matching else ""
+        raise ApecliError(
+            f"{folder / f'keys_{count}shots.pt'}: {keys.shape[0] if keys.ndim == 2 else keys.shape}-channel keys, but "
+            f"val_f.pt has {dim} channels: the folder mixes features of different models; re-extract it{hint}"
+        )
     caches = {}
-    for shots in shot_counts:
+    for shots, keys in keys_of.items():
         keys_path, values_path = folder / f"keys_{shots}shots.pt", folder / f"values_{shots}shots.pt"
         sources[keys_path.name], sources[values_path.name] = keys_path, values_path
-        keys = _as_features(_load_tensor(keys_path), str(keys_path))
-        if keys.ndim != 2 or keys.shape[0] != dim:
-            raise ApecliError(
-                f"{keys_path}: {keys.shape[0] if keys.ndim == 2 else keys.shape}-channel keys, but val_f.pt has "
-                f"{dim} channels: the folder mixes features of different models; re-extract it"
-            )
         values = _load_tensor(values_path)
         labels = _labels_from_one_hot(values, str(values_path))
         if values.shape != (keys.shape[1], num_classes):

@@ -68,13 +68,17 @@ def import_tip_adapter(
     class_names: Annotated[Optional[Path], typer.Option("--class-names", help="Text file, one class name per line.")] = None,
     dataset: Dataset = None,
     model: Model = None,
+    shots: Annotated[
+        Optional[str], typer.Option("--shots", help="Shot counts to import, comma-separated (default: every keys_{K}shots.pt).")
+    ] = None,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
-    """Import an APE / Tip-Adapter cache folder (every shot count in it)."""
+    """Import an APE / Tip-Adapter cache folder (every shot count in it, or those of --shots)."""
     from apecli.importers import import_tip_adapter as read
 
-    _save_imported(read(directory, text_weights, dataset, class_names, model), store_dir, as_json)
+    counts = _integers(shots, "--shots") if shots is not None else None
+    _save_imported(read(directory, text_weights, dataset, class_names, model, counts), store_dir, as_json)
 
 
 @import_app.command("npz")
