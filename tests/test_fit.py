@@ -224,6 +224,36 @@ def test_validation_in_blocks_gives_the_same_history(monkeypatch):
     np.testing.assert_array_equal(blocked.adapter.residual, whole.adapter.residual)
 
 
+def test_validation_products_kept_across_epochs_change_nothing(monkeypatch):
+    from apecli import training, training_required
+
+    features = weak_text(3)
+    settings = FitSettings(shots=16, epochs=4, k=16)
+    monkeypatch.setattr(training, "VAL_BLOCK", 100)  # 600 validation images: six blocks
+    computed = []
+    original = training_required.KeyProducts.__call__
+
+    def counted(self, rows):
+        if (rows.start, rows.stop) not in self.kept:
+            computed.append(rows.start)
+        return original(self, rows)
+
+    monkeypatch.setattr(training_required.KeyProducts, "__call__", counted)
+    recomputed = fit(features, settings, val_cache_bytes=0)
+    assert len(computed) == 4 * 6  # every block, every epoch
+    computed.clear()
+    kept = fit(features, settings)
+    assert len(computed) == 6  # every block once
+    computed.clear()
+    some = fit(features, settings, val_cache_bytes=2 * 100 * 320 * 4)  # room for two blocks of 100 × 320 keys
+    assert len(computed) == 6 + 3 * 4
+    for run in (kept, some):
+        np.testing.assert_array_equal(run.val_accuracy, recomputed.val_accuracy)
+        np.testing.assert_array_equal(run.loss, recomputed.loss)
+        np.testing.assert_array_equal(run.adapter.residual, recomputed.adapter.residual)
+        np.testing.assert_array_equal(run.adapter.value_weights, recomputed.adapter.value_weights)
+
+
 @pytest.mark.parametrize("weight_decay", [0.1, 0.0])
 def test_the_optimiser_is_torch_adamw_with_its_cosine_schedule_bit_for_bit(weight_decay):
     import torch
