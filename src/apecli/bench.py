@@ -110,9 +110,13 @@ def run_bench(
     if unknown:
         raise ApecliError(f"unknown mode '{unknown[0]}'; choose among {', '.join(MODES)}")
     for artifact in artifacts:
-        missing = sorted(set(shots) - set(artifact.metadata.get("shots", [])))
+        held = artifact.metadata.get("shots", [])
+        if not held:
+            raise ApecliError(f"{artifact.path}: holds no few-shot cache (a test set only: score a model on it with "
+                              "apecli transfer)")
+        missing = sorted(set(shots) - set(held))
         if missing:
-            raise ApecliError(f"{artifact.path}: has no {missing[0]}-shot cache (it holds {', '.join(map(str, artifact.metadata.get('shots', [])))} shots)")
+            raise ApecliError(f"{artifact.path}: has no {missing[0]}-shot cache (it holds {', '.join(map(str, held))} shots)")
     rows = read_results(out)
     done = {(row["content_id"], row["shots"], row["mode"]): row for row in rows}
     for artifact in artifacts:
