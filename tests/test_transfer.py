@@ -185,3 +185,5 @@ def test_imagenet_to_its_shifted_test_sets_end_to_end(tiny, tmp_path):
     assert result.total == 6 and result.classes == 2
     refused = runner.invoke(app, ["refine", str(rendition.artifact.path), "--store", str(tmp_path / "s")])
     assert_one_line_error(refused, "holds no few-shot cache")
+    listed = runner.invoke(app, ["ls", str(tmp_path / "s"), "--kind", "features"]).stdout.splitlines()
+    assert ["shots [1, 2]" in listed[0], "a test set only" in listed[1]] == [True, True]

@@ -400,7 +400,8 @@ def _summary(artifact: store.Artifact) -> str:
     meta = artifact.metadata
     if artifact.kind == "features":
         model = meta.get("model", {})
-        return (f"{meta.get('num_classes')} classes × {meta.get('dim')} ch, shots {meta.get('shots')}, "
+        held = f"shots {meta.get('shots')}" if meta.get("shots") else "a test set only"
+        return (f"{meta.get('num_classes')} classes × {meta.get('dim')} ch, {held}, "
                 f"model {model.get('name') or model.get('model') or 'unknown'}")
     if artifact.kind == "refinement":
         return f"k={meta.get('k')} of the {meta.get('shots')}-shot cache, w={meta.get('weights')}"
