@@ -87,7 +87,7 @@ def test_refusals(two_stores, tmp_path):
     with pytest.raises(ApecliError, match="absent: no such file or folder"):
         bench.find_features([tmp_path / "absent"])
     test_set = bench.find_features(sorted((two_stores / "shifted").glob("*.h5")))  # named, it is not left out
-    with pytest.raises(ApecliError, match="holds no few-shot cache \\(a test set only: score a model on it with"):
+    with pytest.raises(ApecliError, match="holds no few-shot cache \\(a test set only: score an evaluated model on it with"):
         bench.run_bench(test_set, [1], ["zero-shot"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

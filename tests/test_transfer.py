@@ -184,6 +184,9 @@ def test_imagenet_to_its_shifted_test_sets_end_to_end(tiny, tmp_path):
     [result] = transfer(evaluation, [rendition.artifact])
     assert result.total == 6 and result.classes == 2
     refused = runner.invoke(app, ["refine", str(rendition.artifact.path), "--store", str(tmp_path / "s")])
-    assert_one_line_error(refused, "holds no few-shot cache")
+    assert_one_line_error(refused, "holds no few-shot cache (a test set only: score an evaluated model on it with "
+                                   "apecli transfer)")
+    zero_shot = runner.invoke(app, ["eval", str(rendition.artifact.path), "--mode", "zero-shot"])
+    assert_one_line_error(zero_shot, "has no val split (a test set only")
     listed = runner.invoke(app, ["ls", str(tmp_path / "s"), "--kind", "features"]).stdout.splitlines()
     assert ["shots [1, 2]" in listed[0], "a test set only" in listed[1]] == [True, True]

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 from apecli import store
 from apecli.errors import ApecliError
 from apecli.evaluate import MODES, Evaluation, evaluate_artifact
+from apecli.features import TEST_SET_HINT
 
 COLUMNS = ("dataset", "model", "shots", "mode", "val_accuracy", "test_accuracy", "zero_shot_accuracy", "alpha",
            "beta", "gamma", "lambda", "best_epoch", "seconds", "features", "content_id")
@@ -112,8 +113,7 @@ def run_bench(
     for artifact in artifacts:
         held = artifact.metadata.get("shots", [])
         if not held:
-            raise ApecliError(f"{artifact.path}: holds no few-shot cache (a test set only: score a model on it with "
-                              "apecli transfer)")
+            raise ApecliError(f"{artifact.path}: holds no few-shot cache{TEST_SET_HINT}")
         missing = sorted(set(shots) - set(held))
         if missing:
             raise ApecliError(f"{artifact.path}: has no {missing[0]}-shot cache (it holds {', '.join(map(str, held))} shots)")

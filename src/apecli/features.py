@@ -21,6 +21,7 @@ from apecli.errors import ApecliError
 
 KIND = "features"
 SPLITS = ("val", "test")
+TEST_SET_HINT = " (a test set only: score an evaluated model on it with apecli transfer)"
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class FeatureSet:
     def cache(self, shots: int | None = None) -> tuple[int, FewShotCache]:
         """The cache of ``shots`` shots (default: the largest), or a clear error if there is none."""
         if not self.caches:
-            raise ApecliError(f"{self.name}: holds no few-shot cache")
+            raise ApecliError(f"{self.name}: holds no few-shot cache" + TEST_SET_HINT * (set(self.splits) == {"test"}))
         chosen = max(self.caches) if shots is None else shots
         if chosen not in self.caches:
             held = ", ".join(str(k) for k in self.shots)
@@ -83,7 +84,7 @@ class FeatureSet:
 
     def split(self, name: str) -> LabelledFeatures:
         if name not in self.splits:
-            raise ApecliError(f"{self.name}: has no {name} split")
+            raise ApecliError(f"{self.name}: has no {name} split" + TEST_SET_HINT * (set(self.splits) == {"test"}))
         return self.splits[name]
 
     def views(self, shots: int) -> np.ndarray | None:
