@@ -75,7 +75,7 @@ class FeatureSet:
     def cache(self, shots: int | None = None) -> tuple[int, FewShotCache]:
         """The cache of ``shots`` shots (default: the largest), or a clear error if there is none."""
         if not self.caches:
-            raise ApecliError(f"{self.name}: holds no few-shot cache" + TEST_SET_HINT * (set(self.splits) == {"test"}))
+            raise ApecliError(f"{self.name}: holds no few-shot cache{self._test_set_hint()}")
         chosen = max(self.caches) if shots is None else shots
         if chosen not in self.caches:
             held = ", ".join(str(k) for k in self.shots)
@@ -84,8 +84,12 @@ class FeatureSet:
 
     def split(self, name: str) -> LabelledFeatures:
         if name not in self.splits:
-            raise ApecliError(f"{self.name}: has no {name} split" + TEST_SET_HINT * (set(self.splits) == {"test"}))
+            raise ApecliError(f"{self.name}: has no {name} split{self._test_set_hint()}")
         return self.splits[name]
+
+    def _test_set_hint(self) -> str:
+        """What to do with a feature set that is a test split alone (ImageNet-R, …), said in a refusal."""
+        return TEST_SET_HINT if set(self.splits) == {"test"} and not self.caches else ""
 
     def views(self, shots: int) -> np.ndarray | None:
         """The stored augmented views of the ``shots``-shot cache, read from disk when not in memory."""
