@@ -167,6 +167,9 @@ def test_the_shifted_imagenet_layouts(tmp_path):
     (tmp_path / "imagenet-adversarial" / "imagenet-a" / "n99999999").mkdir(parents=True)
     with pytest.raises(ApecliError, match="folder 'n99999999' is no class of classnames.txt"):
         read_coop("imagenet_a", tmp_path)
+    (tmp_path / "imagenet" / "classnames.txt").write_text("n01440764 tench\nn01443537\n")
+    with pytest.raises(ApecliError, match="imagenet/classnames.txt: expected lines of 'wnid class name'"):
+        read_coop("imagenet", tmp_path)
 
 
 def test_imagenet_to_its_shifted_test_sets_end_to_end(tiny, tmp_path):

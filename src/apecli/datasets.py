@@ -184,9 +184,17 @@ def _read_fgvc(folder: Path, layout: Layout) -> ImageDataset:
     return ImageDataset("fgvc", folder, tuple(names), splits, layout.templates, folder / "variants.txt")
 
 
-def _read_imagenet(folder: Path, layout: Layout) -> ImageDataset:
+def _read_classnames(folder: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """ImageNet's ``classnames.txt`` in ``folder``: the WordNet ids and the class names, in label order."""
     lines = _read_lines(folder / "classnames.txt")
+    if not all(len(line.split(" ", 1)) == 2 for line in lines):
+        raise ApecliError(f"{folder}/classnames.txt: expected lines of 'wnid class name'")
     wnids, names = zip(*(line.split(" ", 1) for line in lines))
+    return wnids, names
+
+
+def _read_imagenet(folder: Path, layout: Layout) -> ImageDataset:
+    wnids, names = _read_classnames(folder)
     splits = {}
     for part in ("train", "val"):
         entries = []
@@ -206,11 +214,7 @@ def read_shifted_imagenet(name: str, root: str | Path) -> ImageDataset:
     200 whose folders -A and -R hold), named and ordered as in ImageNet's ``classnames.txt``."""
     layout = SHIFT_LAYOUTS[name]
     folder = _dataset_folder(Path(root), name, layout)
-    lines = _read_lines(folder / "classnames.txt")
-    try:
-        wnids, names = zip(*(line.split(" ", 1) for line in lines))
-    except ValueError:
-        raise ApecliError(f"{folder}/classnames.txt: expected lines of 'wnid class name'") from None
+    wnids, names = _read_classnames(folder)
     images = folder / layout.image_dir
     if not images.is_dir():
         raise ApecliError(f"{folder}: missing {layout.image_dir}/")

@@ -149,7 +149,7 @@ def fit(features: FeatureSet, settings: FitSettings = FitSettings(), progress: E
     val_x = torch.from_numpy(np.ascontiguousarray(val.features, dtype=np.float32))
     products = KeyProducts(val_x, keys, val_cache_bytes)
 
-    run = train([residual, value_weights], model_logits, samples, cache.labels, val.features, val.labels,
+    run = train([residual, value_weights], model_logits, samples, cache.labels, val_x.numpy(), val.labels,
                 epochs=settings.epochs, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay,
                 batch_size=settings.batch_size, seed=settings.seed, progress=progress,
                 val_logits=lambda rows: model_logits(val_x[rows], products(rows)))
