@@ -6,8 +6,9 @@ On generated 500 × 375 JPEGs, measures images per second of
 - apecli: `apecli.extract.encode_split`, the extraction loop (decoding in --workers processes
   overlapped with encoding), and the same loop with decoding in the main process (--workers 0),
   which is the baseline the ratio is taken against;
-- on a CUDA device also: JPEG decoding on the GPU alone, and the extraction loop with --decode gpu,
-  with the cosine similarity of its features to the default path's on the same images.
+- on a CUDA device also: JPEG decoding on the GPU alone, with each decoder that works there (TorchCodec,
+  torchvision), and the extraction loop with --decode gpu (the decoder it picks), with the cosine
+  similarity of its features to the default path's on the same images.
 The share of time spent decoding is that of a serial loop: decode / (decode + encode) per image.
 
     python benchmarks/extract_throughput.py --model ViT-B-16 --images 64            # CPU, encoder-bound
@@ -50,6 +51,8 @@ def main() -> None:
 
     from apecli.encoder import EncoderSpec, load_encoder
     from apecli.extract import ExtractSettings, encode_split
+    from apecli import images
+    from apecli.errors import ApecliError
     from apecli.images import Batch, PilImages, RawBytes, decode_on_device
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -90,9 +93,27 @@ def main() -> None:
 
         batch = torch.randn(args.batch_size, 3, *encoder.image_size, device=encoder.device)
         encoder.encode_images(batch)  # warm-up: the kernels for this batch size
-        if encoder.device.type == "cuda":  # warm-up: the GPU's JPEG decoder
-            raw = RawBytes(paths[:8])
-            decode_on_device(Batch.collate([raw[i] for i in range(len(raw))]), paths, encoder, encoder.device)
+        raw = RawBytes(paths[:8])
+        warm_up = Batch.collate([raw[i] for i in range(len(raw))])
+
+        def decoders_on_device() -> dict[str, float]:
+            """GPU decoding's rate with each decoder that works on the device, alone."""
+            rates, preferred = {}, images.DECODERS
+            try:
+                for entry in preferred:
+                    images.DECODERS = (entry,)
+                    images.jpeg_decoder.cache_clear()
+                    try:
+                        name = images.jpeg_decoder(str(encoder.device)).name
+                    except ApecliError as failure:
+                        print(failure)
+                        continue
+                    decode_on_device(warm_up, paths, encoder, encoder.device)  # warm-up: this decoder's state
+                    rates[name] = rate(decode_gpu)
+            finally:
+                images.DECODERS = preferred
+                images.jpeg_decoder.cache_clear()
+            return rates
 
         def encode() -> None:  # ready tensors already on the device, batches queued back to back
             pending = [encoder.start_encoding(batch) for _ in range(0, args.images, args.batch_size)]
@@ -111,7 +132,9 @@ def main() -> None:
         serial, overlapped = rate(lambda: extraction(0)), rate(lambda: extraction(args.workers))
         on_gpu = encoder.device.type == "cuda"
         if on_gpu:
-            gpu_decode, gpu_end_to_end = rate(decode_gpu), rate(lambda: extraction(args.workers, "gpu"))
+            gpu_decode = decoders_on_device()
+            decode_on_device(warm_up, paths, encoder, encoder.device)
+            gpu_end_to_end = rate(lambda: extraction(args.workers, "gpu"))
     device = torch.cuda.get_device_name(0) if encoder.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     share = (1 / decode_one) / (1 / decode_one + 1 / encode_rate)
     print(f"machine: {platform.machine()}, {device}, torch {torch.__version__}; {shown} {encoder.spec.resolved_precision()}, "
@@ -123,8 +146,10 @@ def main() -> None:
     print(f"apecli extraction, {args.workers} decoding workers overlapped:     {overlapped:8.1f} img/s; "
           f"ratio {overlapped / serial:.2f}x; {overlapped / min(decode_many, encode_rate):.0%} of the slower stage's ceiling")
     if on_gpu:
-        print(f"decode on the GPU (bytes read in {args.workers} workers, nvJPEG, resize/crop/normalise): {gpu_decode:8.1f} img/s")
-        print(f"apecli extraction with --decode gpu: {gpu_end_to_end:8.1f} img/s; ratio {gpu_end_to_end / serial:.2f}x "
+        for name, value in gpu_decode.items():
+            print(f"decode on the GPU with {name} (bytes read in {args.workers} workers, resize/crop/normalise): {value:8.1f} img/s")
+        print(f"apecli extraction with --decode gpu ({images.jpeg_decoder(str(encoder.device)).name}): "
+              f"{gpu_end_to_end:8.1f} img/s; ratio {gpu_end_to_end / serial:.2f}x "
               f"to the baseline, {gpu_end_to_end / overlapped:.2f}x to the PIL path")
         pil, gpu = (features[d] / np.linalg.norm(features[d], axis=1, keepdims=True) for d in ("pil", "gpu"))
         cosine = np.sum(pil * gpu, axis=1)

@@ -332,6 +332,90 @@ def test_device_decoding_does_not_depend_on_the_batch(tiny, tmp_path):
     torch.testing.assert_close(together.images, torch.cat([one.images for one in alone]), rtol=0, atol=1e-6)
 
 
+def _encoded_jpeg(size: tuple[int, int], mode: str, quality: int, seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels, mode).save(encoded, "JPEG", quality=quality)
+    return encoded.getvalue()
+
+
+def test_both_jpeg_decoders_decode_what_pil_decodes():
+    """TorchCodec's and torchvision's decoders, batched, give PIL's pixels on the CPU (RGB, grey, CMYK)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from apecli.images import DECODERS
+
+    jpegs = [_encoded_jpeg(size, mode, quality, seed) for seed, (size, mode, quality) in enumerate(
+        [((500, 375), "RGB", 75), ((33, 17), "RGB", 95), ((64, 48), "L", 90), ((20, 12), "CMYK", 80)])]
+    expected = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).transpose(2, 0, 1) for data in jpegs]
+    names = []
+    for library, make in DECODERS:
+        decoder = make()
+        names.append(library)
+        assert decoder.name.startswith(f"{library} ")
+        images = decoder.decode([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs], "cpu")
+        for image, pixels in zip(images, expected):
+            assert image.dtype == torch.uint8
+            np.testing.assert_array_equal(image.numpy(), pixels, err_msg=decoder.name)
+    assert names == ["torchcodec", "torchvision"]
+
+
+def test_a_decoder_that_fails_on_the_device_gives_way_to_the_next(monkeypatch):
+    from apecli import images
+
+    def broken():
+        raise OSError("libtorchcodec_core9.so: undefined symbol: _ZN3c10")
+
+    def wrong_device():
+        return images.JpegDecoder("meta-only 1.0", lambda data, device: [__import__("torch").empty(3, 8, 8, device="meta")])
+
+    images.jpeg_decoder.cache_clear()
+    monkeypatch.setattr(images, "DECODERS", (("torchcodec", broken), ("meta", wrong_device), images.DECODERS[1]))
+    try:
+        assert images.jpeg_decoder("cpu").name.startswith("torchvision ")
+        monkeypatch.setattr(images, "DECODERS", (("torchcodec", broken), ("meta", wrong_device)))
+        images.jpeg_decoder.cache_clear()
+        with pytest.raises(ApecliError) as refused:
+            images.jpeg_decoder("cpu")
+        message = str(refused.value)
+        assert "undefined symbol" in message and "meta-only 1.0: a (3, 8, 8) image on meta" in message
+        assert message.endswith("use --decode pil") and "\n" not in message
+    finally:
+        images.jpeg_decoder.cache_clear()
+
+
+def test_extract_names_its_jpeg_decoder_or_stops_before_encoding(tiny, caltech, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from apecli import images
+
+    dataset = read_coop("caltech101", caltech)
+    settings = replace(SETTINGS, decode="gpu", shots=(1,), views=1)
+    images.jpeg_decoder.cache_clear()
+    features = extract(dataset, tiny, tmp_path / "store", settings)
+    assert features.provenance["jpeg_decoder"].startswith("torchcodec ")
+    assert extract(dataset, tiny, tmp_path / "store", replace(settings, decode="pil")).provenance["jpeg_decoder"] is None
+
+    def missing():
+        raise ModuleNotFoundError("No module named 'torchcodec'")
+
+    monkeypatch.setattr(images, "DECODERS", (("torchcodec", missing),))
+    images.jpeg_decoder.cache_clear()
+    try:
+        with pytest.raises(ApecliError, match="no JPEG decoder works on cpu .torchcodec: No module named"):
+            extract(dataset, tiny, tmp_path / "other", settings)
+    finally:
+        images.jpeg_decoder.cache_clear()
+    assert not (tmp_path / "other" / "caltech101").exists() or not any((tmp_path / "other" / "caltech101").iterdir())
+
+
 def test_a_batch_crosses_from_a_loader_worker_as_one_tensor(tmp_path):
     """However many images a batch holds, a loader worker sends them stacked: one shared-memory segment."""
     import torch

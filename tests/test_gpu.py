@@ -59,6 +59,8 @@ def test_extract_decodes_on_the_gpu_from_the_command_line(tiny, caltech, tmp_pat
     pil, gpu = extract("pil"), extract("gpu", "--decode", "gpu")
     assert gpu.model["device"] == "cuda" and gpu.model["precision"] == "fp16"
     assert gpu.provenance["decode"] == "gpu" and pil.provenance["decode"] == "pil"
+    print(f"JPEG decoder on the GPU: {gpu.provenance['jpeg_decoder']}")
+    assert gpu.provenance["jpeg_decoder"].split()[0] in ("torchcodec", "torchvision")
     np.testing.assert_allclose(gpu.caches[2].keys, pil.caches[2].keys, rtol=0, atol=1e-6)  # training views use PIL
     for split in ("val", "test"):
         np.testing.assert_array_equal(gpu.splits[split].labels, pil.splits[split].labels)

@@ -36,7 +36,7 @@ from apecli.distributed import Ranks, barrier, owns
 from apecli.encoder import Encoder, EncoderSpec, load_encoder
 from apecli.errors import ApecliError
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures, load_features, save_features
-from apecli.images import Batch, PilImages, RawBytes, decode_on_device, readable
+from apecli.images import Batch, PilImages, RawBytes, decode_on_device, jpeg_decoder, readable
 
 SplitProgress = Callable[[str, int, int], None]  # split, images done, images in the split
 
@@ -321,6 +321,7 @@ def extract(
     work = Path(store_dir) / dataset.name / f".extract-{request}"
     chosen = plan(dataset, settings)
     encoder = load_encoder(spec)
+    decoder = jpeg_decoder(str(encoder.device)).name if settings.decode == "gpu" else None  # refused here if none works
     work.mkdir(parents=True, exist_ok=True)
     say(f"extracting into {work} (an interrupted run resumes from there)")
     try:
@@ -342,7 +343,7 @@ def extract(
         "source": "extract", "request_id": request, "dataset": dataset.name, "root": str(dataset.root.resolve()),
         "split_file": str(dataset.split_file) if dataset.split_file else None,
         "split_file_sha256": dataset.split_file_sha256, "seed": settings.seed, "shots": sorted(caches),
-        "views": settings.views, "decode": settings.decode, "templates": list(dataset.templates),
+        "views": settings.views, "decode": settings.decode, "jpeg_decoder": decoder, "templates": list(dataset.templates),
         "prompted_classes": len(prompts or {}),
         "skipped": chosen.skipped, "notes": list(dataset.notes),
     }

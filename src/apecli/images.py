@@ -5,16 +5,21 @@ numbers depend on them). ``decode="gpu"`` reads raw bytes in the workers and dec
 batch together on the encoder's device (nvJPEG on CUDA), then resizes (shortest side, bicubic,
 antialiased), centre-crops and normalises there; a file that is not a JPEG, or that fails to decode
 that way, goes through PIL instead. It serves the evaluation transform; augmented training views
-always use PIL.
+always use PIL. The JPEG decoder is TorchCodec's where it is installed and works on the device, else
+torchvision's (deprecated since torchvision 0.29 in favour of TorchCodec).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from apecli.errors import ApecliError
 
 Item = tuple  # (index, the image as a tensor or its raw bytes, or None; why it could not be read, or None)
 
@@ -120,6 +125,64 @@ def is_jpeg(data: np.ndarray) -> bool:
     return data.size > 3 and data[:3].tobytes() == b"\xff\xd8\xff"
 
 
+@dataclass(frozen=True)
+class JpegDecoder:
+    """A batched JPEG decoder: ``decode(list of 1-D uint8 CPU tensors, device)`` → RGB C×H×W uint8 tensors
+    on ``device``; ``name`` says which library and version, for the artifact's provenance."""
+
+    name: str
+    decode: Callable[[list, Any], list]
+
+
+def _torchcodec() -> JpegDecoder:
+    import torchcodec
+    from torchcodec.decoders import decode_jpeg
+
+    return JpegDecoder(f"torchcodec {torchcodec.__version__}", lambda data, device: decode_jpeg(data, mode="RGB", device=device))
+
+
+def _torchvision() -> JpegDecoder:
+    import torchvision
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(data: list, device) -> list:
+        with warnings.catch_warnings():  # its deprecation in favour of TorchCodec, once per call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    return JpegDecoder(f"torchvision {torchvision.__version__}", decode)
+
+
+DECODERS: tuple[tuple[str, Callable[[], JpegDecoder]], ...] = (("torchcodec", _torchcodec), ("torchvision", _torchvision))
+
+
+@lru_cache(maxsize=None)
+def jpeg_decoder(device: str) -> JpegDecoder:
+    """The first decoder of :data:`DECODERS` that imports and decodes a probe JPEG on ``device``.
+
+    TorchCodec first; torchvision's where TorchCodec is missing, or was built for another torch or CUDA.
+    """
+    import io
+
+    import torch
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(encoded, "JPEG")  # grey: also tries the conversion to RGB
+    probe = torch.frombuffer(bytearray(encoded.getvalue()), dtype=torch.uint8)
+    failures = []
+    for library, make in DECODERS:  # in order of preference
+        try:
+            decoder = make()
+            image = decoder.decode([probe], device)[0]
+            if tuple(image.shape) == (3, 8, 8) and image.device.type == torch.device(device).type:
+                return decoder
+            failures.append(f"{decoder.name}: a {tuple(image.shape)} image on {image.device}")
+        except Exception as failure:  # noqa: BLE001 - a missing library, another ABI, no nvJPEG: try the next
+            failures.append(f"{library}: {str(failure).splitlines()[0] if str(failure) else type(failure).__name__}")
+    raise ApecliError(f"--decode gpu: no JPEG decoder works on {device} ({'; '.join(failures)}); use --decode pil")
+
+
 def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, device) -> Batch:
     """A batch of raw bytes as normalised image tensors on ``device`` (JPEGs batched there, others by PIL).
 
@@ -127,19 +190,19 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, device) -> Ba
     whole batch is normalised at once, so the number of device operations does not grow with the batch.
     """
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
 
+    decode = jpeg_decoder(str(device)).decode
     jpegs = [(index, data) for index, data in zip(batch.readable, batch.images) if is_jpeg(data)]
     decoded: dict[int, torch.Tensor] = {}
     if jpegs:
         try:
-            images = decode_jpeg([torch.from_numpy(data) for _, data in jpegs], mode=ImageReadMode.RGB, device=device)
+            images = decode([torch.from_numpy(data) for _, data in jpegs], device)
             decoded = {index: image for (index, _), image in zip(jpegs, images)}
-        except RuntimeError:  # one bad file spoils the batch: decode one by one
+        except (RuntimeError, ValueError):  # one bad file spoils the batch: decode one by one
             for index, data in jpegs:
                 try:
-                    decoded[index] = decode_jpeg(torch.from_numpy(data), mode=ImageReadMode.RGB, device=device)
-                except RuntimeError:
+                    decoded[index] = decode([torch.from_numpy(data)], device)[0]
+                except (RuntimeError, ValueError):
                     pass
     ready = _resize_crop_normalise(decoded, encoder.image_size, encoder.mean, encoder.std, device)
     errors, tensors = list(batch.errors), []
