@@ -142,3 +142,89 @@ def test_newest_artifact_of_a_kind(small_features, store_dir):
     assert store.newest_artifact(store_dir, ["features", "refinement"]).path == refinement.artifact.path
     with pytest.raises(ApecliError, match="no evaluation artifact"):
         store.newest_artifact(store_dir, ["evaluation"])
+
+
+def _chain(small_features, folder):
+    """features → refinement → evaluation, in a store folder."""
+    from apecli.evaluate import evaluate_training_free, save_evaluation
+    from apecli.training_free import SearchGrid
+
+    features = save_features(small_features, store.in_store(folder, "a", "features"))
+    refinement = select_channels(features, k=8)
+    saved = save_refinement(refinement, features, store.in_store(folder, "a", "refine"))
+    result = evaluate_training_free(features, refinement, SearchGrid((2.0, 2.0, 1.0), (3, 3, 3)))
+    evaluation = save_evaluation(result, [features.artifact, saved.artifact], store.in_store(folder, "a", "eval"))
+    return features.artifact.path, saved.artifact.path, evaluation.path
+
+
+def test_staleness_is_a_parent_missing_or_changed_and_passes_down(small_features, tmp_path):
+    from dataclasses import replace
+
+    features, refinement, evaluation = _chain(small_features, tmp_path)
+    assert [store.stale_reason(store.open_artifact(p)) for p in (features, refinement, evaluation)] == [None] * 3
+    changed = replace(small_features, classifier=small_features.classifier[:, ::-1].copy())
+    save_features(changed, features)  # another content at the same path
+    known: dict = {}
+    for path in (refinement, evaluation):
+        assert "features-" in store.stale_reason(store.open_artifact(path), known)
+        assert "changed since it was written" in known[path.resolve()]
+    features.unlink()
+    assert store.stale_reason(store.open_artifact(refinement)) == f"its parent features artifact {features.name} is missing"
+
+    def write(name: str, value: float, *parents):
+        return store.write_artifact(tmp_path / name, "note", {"x": np.array([value])}, {}, parents)
+
+    first = write("1.h5", 1.0)
+    second = write("2.h5", 2.0, first)
+    third = write("3.h5", 3.0, second)
+    write("1.h5", 1.5)  # only the grandparent changed: the grandchild is stale through its parent
+    assert store.stale_reason(third) == f"its parent {second.path} is stale"
+
+
+def test_gc_removes_what_nothing_can_use_and_nothing_else(small_features, tmp_path):
+    import os
+    import time
+
+    from typer.testing import CliRunner
+
+    from apecli.cli import app
+    from conftest import assert_one_line_error
+
+    runner = CliRunner()
+    root = tmp_path / "store"
+    features, refinement, evaluation = _chain(small_features, root)
+    kept_features = save_features(small_features, store.in_store(root, "b", "features")).artifact.path
+    old, young = root / "a" / ".features-x.h5.999.tmp", root / "a" / ".results.999.tmp.png"
+    work = root / "a" / ".extract-0123456789abcdef"
+    work.mkdir()
+    (work / "val-00000.npz").write_bytes(b"")
+    (work / ".val-00001.npz.7.tmp").write_bytes(b"")
+    for path in (old, young):
+        path.write_bytes(b"partial")
+    os.utime(old, (time.time() - 2 * store.TEMPORARY_AGE_S,) * 2)
+    os.utime(work / ".val-00001.npz.7.tmp", (1, 1))  # an extraction's own: goes with its folder only
+    features.unlink()
+
+    listing = runner.invoke(app, ["ls", str(root)])
+    assert listing.exit_code == 0
+    marked = [line for line in listing.stdout.splitlines() if "[stale: " in line]
+    assert [line.split("\t")[0] for line in marked] == [str(refinement), str(evaluation)]
+    assert "2 stale" in listing.stderr and "apecli gc" in listing.stderr
+
+    everything = sorted(root.rglob("*"))
+    dry = runner.invoke(app, ["gc", str(root), "--dry-run"])
+    assert dry.exit_code == 0 and sorted(root.rglob("*")) == everything
+    assert [line.split("\t")[:2] for line in dry.stdout.splitlines()] == [
+        ["would remove", str(refinement)], ["would remove", str(evaluation)], ["would remove", str(old)]]
+    assert f"kept {work}" in dry.stderr.replace("\n", "") and "chunks saved: 1" in dry.stderr
+
+    done = runner.invoke(app, ["gc", "--store", str(root), "--json"])
+    report = __import__("json").loads(done.stdout)
+    assert [entry["path"] for entry in report["removed"]] == [str(refinement), str(evaluation), str(old)]
+    assert not refinement.exists() and not evaluation.exists() and not old.exists()
+    assert kept_features.exists() and young.exists() and (work / "val-00000.npz").exists()
+    assert "stale" not in runner.invoke(app, ["ls", str(root)]).stdout
+
+    runner.invoke(app, ["gc", str(root), "--work"])
+    assert not work.exists() and kept_features.exists()
+    assert_one_line_error(runner.invoke(app, ["gc", str(tmp_path / "nowhere")]), "no such folder")

@@ -208,6 +208,61 @@ def list_artifacts(store: Path, kinds: Iterable[str] | None = None) -> list[Arti
     return [artifact for _, artifact in sorted(found, key=lambda item: (item[0], str(item[1].path)))]
 
 
+def stale_reason(artifact: Artifact, known: dict[Path, str | None] | None = None) -> str | None:
+    """Why an artifact can no longer be used, or None: a parent is missing, changed since it was
+    written, or itself stale. ``known`` caches answers by resolved path across calls."""
+    known = {} if known is None else known
+    key = artifact.path.resolve()
+    if key not in known:
+        known[key] = None  # a cycle cannot be written (content ids), but a hand-edited header could make one
+        for ref in artifact.parents:
+            try:
+                parent = _open_parent(artifact, ref)
+            except ApecliError as error:
+                known[key] = str(error).removeprefix(f"{artifact.path}: ").split("; re-run")[0]
+                break
+            if stale_reason(parent, known) is not None:
+                known[key] = f"its parent {parent.path} is stale"
+                break
+    return known[key]
+
+
+TEMPORARY_AGE_S = 3600  # a temporary file this old belongs to a write that was killed
+
+
+def collect_garbage(store: Path, dry_run: bool = False, work: bool = False,
+                    now: float | None = None) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """Remove what nothing can use from a store folder: stale artifacts (see :func:`stale_reason`) and
+    temporary files of writes killed over an hour ago; with ``work``, also the folders of interrupted
+    extractions (their resume state). Returns (removed, kept), each path with why; ``dry_run`` removes
+    nothing. Any other file is left alone."""
+    import shutil
+    import time
+
+    folder = Path(store)
+    if not folder.is_dir():
+        raise ApecliError(f"{folder}: no such folder")
+    known: dict[Path, str | None] = {}
+    removed = [(a.path, reason) for a in list_artifacts(folder) if (reason := stale_reason(a, known)) is not None]
+    cutoff = (time.time() if now is None else now) - TEMPORARY_AGE_S
+    extractions = sorted(p for p in folder.rglob(".extract-*") if p.is_dir())
+    removed += [(p, "a temporary file of a write that did not finish") for p in sorted(folder.rglob(".*.tmp*"))
+                if p.is_file() and p.stat().st_mtime < cutoff and not any(e in p.parents for e in extractions)]
+    interrupted = [(e, f"an interrupted extraction (chunks saved: {sum(1 for _ in e.glob('*.npz'))})") for e in extractions]
+    kept = []
+    if work:
+        removed += interrupted
+    else:
+        kept = [(path, f"{reason}: re-run its extract to resume, or pass --work to remove it") for path, reason in interrupted]
+    if not dry_run:
+        for path, _ in removed:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    return removed, kept
+
+
 def newest_artifact(store: Path, kinds: Iterable[str]) -> Artifact:
     """The most recently written artifact of one of ``kinds`` anywhere under the store folder."""
     wanted = tuple(kinds)

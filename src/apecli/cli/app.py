@@ -428,14 +428,44 @@ def list_store(
     if kind is not None and kind not in ARTIFACT_KINDS:
         raise ApecliError(f"unknown kind '{kind}'; choose one of {', '.join(ARTIFACT_KINDS)}")
     artifacts = store.list_artifacts(folder, [kind] if kind else None)
+    known: dict = {}
+    stale = [store.stale_reason(artifact, known) for artifact in artifacts]
     if as_json:
         typer.echo(json.dumps([{"artifact": str(a.path), "kind": a.kind, "content_id": a.content_id,
-                                "dataset": a.metadata.get("dataset"), "summary": _summary(a)} for a in artifacts]))
+                                "dataset": a.metadata.get("dataset"), "summary": _summary(a), "stale": why}
+                               for a, why in zip(artifacts, stale)]))
         return
     if not artifacts:
         console.print(f"no artifacts in {folder}")
-    for artifact in artifacts:
-        typer.echo(f"{artifact.path}\t{artifact.kind}\t{artifact.metadata.get('dataset') or '-'}\t{_summary(artifact)}")
+    for artifact, why in zip(artifacts, stale):
+        mark = f" [stale: {why}]" if why else ""
+        typer.echo(f"{artifact.path}\t{artifact.kind}\t{artifact.metadata.get('dataset') or '-'}\t{_summary(artifact)}{mark}")
+    if any(stale):
+        console.print(f"{sum(map(bool, stale))} stale (no command reads them); 'apecli gc' removes them")
+
+
+@app.command()
+@reports_errors
+def gc(
+    store_dir: Annotated[Optional[Path], typer.Argument(help="Store folder (default: --store, ./caches or $APECLI_STORE).", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+    work: Annotated[bool, typer.Option("--work", help="Also remove interrupted extractions (their resume state).")] = False,
+    store_option: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Remove stale artifacts (a parent missing or changed) and files of writes that were killed."""
+    folder = store_dir or store_option
+    removed, kept = store.collect_garbage(folder, dry_run=dry_run, work=work)
+    if as_json:
+        typer.echo(json.dumps({"dry_run": dry_run, "removed": [{"path": str(p), "why": why} for p, why in removed],
+                               "kept": [{"path": str(p), "why": why} for p, why in kept]}))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for path, why in removed:
+        typer.echo(f"{verb}\t{path}\t{why}")
+    for path, why in kept:
+        console.print(f"kept {path}: {why}")
+    console.print(f"{verb} {len(removed)} file(s) or folder(s) from {folder}" if removed else f"nothing to remove in {folder}")
 
 
 @app.command()
