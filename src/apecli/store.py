@@ -216,10 +216,9 @@ def stale_reason(artifact: Artifact, known: dict[Path, str | None] | None = None
     if key not in known:
         known[key] = None  # a cycle cannot be written (content ids), but a hand-edited header could make one
         for ref in artifact.parents:
-            try:
-                parent = _open_parent(artifact, ref)
-            except ApecliError as error:
-                known[key] = str(error).removeprefix(f"{artifact.path}: ").split("; re-run")[0]
+            parent, problem = _find_parent(artifact, ref)
+            if parent is None:
+                known[key] = problem
                 break
             if stale_reason(parent, known) is not None:
                 known[key] = f"its parent {parent.path} is stale"
@@ -281,17 +280,26 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def _open_parent(child: Artifact, ref: ParentRef) -> Artifact:
+def _find_parent(child: Artifact, ref: ParentRef) -> tuple[Artifact | None, str]:
+    """A parent as recorded, or None and why not (missing, unreadable, or another content)."""
     candidates = [child.path.parent / ref.path, Path(ref.path)]
     location = next((p for p in candidates if p.exists()), None)
     if location is None:
-        raise ApecliError(f"{child.path}: its parent {ref.kind} artifact {ref.path} is missing")
-    parent = open_artifact(location, [ref.kind])
+        return None, f"its parent {ref.kind} artifact {ref.path} is missing"
+    try:
+        parent = open_artifact(location, [ref.kind])
+    except ApecliError as error:
+        return None, f"its parent {error}"
     if parent.content_id != ref.content_id:
-        raise ApecliError(
-            f"{child.path}: its parent {location} changed since it was written (content id "
-            f"{parent.content_id}, expected {ref.content_id}); re-run the command that made {child.path.name}"
-        )
+        return None, (f"its parent {location} changed since it was written (content id {parent.content_id}, "
+                      f"expected {ref.content_id}); re-run the command that made {child.path.name}")
+    return parent, ""
+
+
+def _open_parent(child: Artifact, ref: ParentRef) -> Artifact:
+    parent, problem = _find_parent(child, ref)
+    if parent is None:
+        raise ApecliError(f"{child.path}: {problem}")
     return parent
 
 
