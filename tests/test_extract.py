@@ -489,3 +489,22 @@ def test_the_plan_takes_the_first_readable_images_of_each_seeded_order(caltech, 
         skipped += [str(path) for path in order[: order.index(good[-1])] if readable(path) is not None]
     assert list(chosen.train) == expected
     assert [entry["path"] for entry in chosen.skipped] == skipped and len(skipped) >= 1
+
+
+def test_a_request_already_running_is_refused_and_its_work_left_alone(tiny, caltech, tmp_path):
+    from apecli import store
+    from apecli.extract import request_id
+
+    dataset = read_coop("caltech101", caltech)
+    settings = ExtractSettings(shots=(1,), views=1, batch_size=8, chunk_images=5)
+    work = tmp_path / "store" / "caltech101" / f".extract-{request_id(dataset, tiny.identity(), settings, dataset.templates, None)}"
+    work.mkdir(parents=True)
+    (work / "saved-by-the-other-run").write_bytes(b"")
+    with store.exclusive(work / ".lock-0", "held by this test"):  # as the other process would hold it
+        with pytest.raises(ApecliError, match=f"another apecli extract is running this request in {work}"):
+            extract(dataset, tiny, tmp_path / "store", settings)
+        assert (work / "saved-by-the-other-run").exists()
+        removed, kept = store.collect_garbage(tmp_path / "store", work=True)
+        assert removed == [] and kept == [(work, "an extraction running now")]
+    features = extract(dataset, tiny, tmp_path / "store", settings)  # the lock is free: it runs
+    assert features.shots == (1,) and not work.exists()

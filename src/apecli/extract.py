@@ -323,15 +323,24 @@ def extract(
     encoder = load_encoder(spec)
     decoder = jpeg_decoder(str(encoder.device)).name if settings.decode == "gpu" else None  # refused here if none works
     work.mkdir(parents=True, exist_ok=True)
-    say(f"extracting into {work} (an interrupted run resumes from there)")
-    try:
-        _encode_all(encoder, chosen, work, settings, progress, ranks)
-    except ApecliError:
-        shutil.rmtree(work, ignore_errors=True)  # bad input: leave nothing behind
-        raise
-    barrier(ranks)  # every chunk is saved
-    if not ranks.leader:
-        return None
+    # two runs of one request would encode the same chunks, and the first to end would remove the folder
+    with store.exclusive(work / f".lock-{ranks.rank}", f"another apecli extract is running this request in "
+                         f"{work}; when it ends, run this again to reuse its features"):
+        say(f"extracting into {work} (an interrupted run resumes from there)")
+        try:
+            _encode_all(encoder, chosen, work, settings, progress, ranks)
+        except ApecliError:
+            shutil.rmtree(work, ignore_errors=True)  # bad input: leave nothing behind
+            raise
+        barrier(ranks)  # every chunk is saved
+        if not ranks.leader:
+            return None
+        return _save_extracted(dataset, encoder, chosen, work, settings, request, decoder, prompts, store_dir)
+
+
+def _save_extracted(dataset: ImageDataset, encoder: Encoder, chosen: Plan, work: Path, settings: ExtractSettings,
+                    request: str, decoder: str | None, prompts: dict[str, list[str]] | None, store_dir: Path) -> FeatureSet:
+    """Rank 0: the saved chunks, the text classifier and the provenance as one features artifact."""
     train, evaluated = _assemble(chosen, work, settings)
     caches = {}
     if train is not None:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -226,6 +227,35 @@ def stale_reason(artifact: Artifact, known: dict[Path, str | None] | None = None
     return known[key]
 
 
+@contextmanager
+def exclusive(lock: Path, busy: str) -> Iterator[None]:
+    """Hold an advisory lock on the file ``lock`` (made if missing) while the block runs, or refuse with
+    the message ``busy`` when another process holds it. The lock goes with the process however it ends
+    (``flock``); where the OS has no ``fcntl`` nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ApecliError(busy) from None
+        yield
+
+
+def in_use(folder: Path) -> bool:
+    """Whether a process holds one of the locks (``.lock-*``) in ``folder`` now."""
+    for lock in Path(folder).glob(".lock-*"):
+        try:
+            with exclusive(lock, ""):
+                pass
+        except ApecliError:
+            return True
+    return False
+
+
 TEMPORARY_AGE_S = 3600  # a temporary file this old belongs to a write that was killed
 
 
@@ -233,7 +263,7 @@ def collect_garbage(store: Path, dry_run: bool = False, work: bool = False,
                     now: float | None = None) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """Remove what nothing can use from a store folder: stale artifacts (see :func:`stale_reason`) and
     temporary files of writes killed over an hour ago; with ``work``, also the folders of interrupted
-    extractions (their resume state). Returns (removed, kept), each path with why; ``dry_run`` removes
+    extractions (their resume state), never one that a running extraction holds. Returns (removed, kept), each path with why; ``dry_run`` removes
     nothing. Any other file is left alone."""
     import shutil
     import time
@@ -247,12 +277,14 @@ def collect_garbage(store: Path, dry_run: bool = False, work: bool = False,
     extractions = sorted(p for p in folder.rglob(".extract-*") if p.is_dir())
     removed += [(p, "a temporary file of a write that did not finish") for p in sorted(folder.rglob(".*.tmp*"))
                 if p.is_file() and p.stat().st_mtime < cutoff and not any(e in p.parents for e in extractions)]
-    interrupted = [(e, f"an interrupted extraction (chunks saved: {sum(1 for _ in e.glob('*.npz'))})") for e in extractions]
-    kept = []
+    running = [e for e in extractions if in_use(e)]
+    kept = [(e, "an extraction running now") for e in running]
+    interrupted = [(e, f"an interrupted extraction (chunks saved: {sum(1 for _ in e.glob('*.npz'))})")
+                   for e in extractions if e not in running]
     if work:
         removed += interrupted
     else:
-        kept = [(path, f"{reason}: re-run its extract to resume, or pass --work to remove it") for path, reason in interrupted]
+        kept += [(path, f"{reason}: re-run its extract to resume, or pass --work to remove it") for path, reason in interrupted]
     if not dry_run:
         for path, _ in removed:
             if path.is_dir():
