@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,7 +165,34 @@ def test_info_describes_an_artifact(imported, store_dir):
     result = run("info", imported, "--json", "--store", store_dir)
     payload = json.loads(result.stdout)
     assert payload["kind"] == "features" and payload["metadata"]["shots"] == [4]
-    assert "cache/4/keys" in payload["arrays"]
+    assert "cache/4/keys" in payload["arrays"] and payload["stale"] is None
+    assert payload["shapes"]["cache/4/keys"] == {"shape": [24, 32], "dtype": "float32"}
+    assert payload["shapes"]["class_names"] == {"shape": [6], "dtype": "str"}
+    assert payload["writer"].startswith("apecli ") and payload["created"].startswith("20")
+
+
+def test_info_for_people_says_whether_an_artifact_is_usable(imported, store_dir):
+    refined = run("refine", imported, "--k", "10", "--w", "0.3", "0.7", "--store", store_dir)
+    usable = run("info", refined.stdout.strip())
+    assert usable.exit_code == 0 and usable.stdout.strip() == refined.stdout.strip()
+
+    def fields(stderr: str) -> dict[str, str]:  # "key   value" lines, nested ones by their indent
+        return dict(re.fullmatch(r"(\s*\S+(?: \S+)*)(?:\s{2,}(.*))?", line).groups("") for line in stderr.splitlines())
+
+    described = fields(usable.stderr)
+    assert described["kind"] == "refinement" and described["state"] == "usable"
+    assert described[f"  {imported.name}"].startswith("features (")  # the parent, by its path beside the child
+    assert described["  channels"] == "10 int64" and described["weights"] == "[0.3, 0.7]"
+    imported.unlink()
+    stale = fields(run("info", refined.stdout.strip()).stderr)
+    assert stale["state"] == f"stale: its parent features artifact {imported.name} is missing"
+
+
+def test_the_outline_for_people_rounds_floats_and_cuts_long_lists():
+    from apecli.cli.io import outline
+
+    assert outline({"alpha": 1.1350000000000002, "shots": list(range(20)), "nested": {"a": [0.1 + 0.2], "b": {}}}) == [
+        "alpha   1.135", "shots   [0, 1, 2, 3, 4, 5, 6, 7, … (20 in all)]", "nested", "  a  [0.3]", "  b  {}"]
 
 
 def test_demo_runs_offline_and_beats_zero_shot(tmp_path):

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -51,6 +51,9 @@ class Artifact:
     metadata: Mapping[str, Any]
     parents: tuple[ParentRef, ...]
     names: tuple[str, ...]
+    shapes: Mapping[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # name → (shape, dtype)
+    created: str = ""  # when and by what it was written, as its root attributes say
+    writer: str = ""
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
@@ -167,8 +170,9 @@ def open_artifact(path: str | os.PathLike[str], kinds: Iterable[str] | None = No
     try:
         with h5py.File(path, "r") as handle:
             attrs = dict(handle.attrs)
-            names: list[str] = []
-            handle.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+            shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+            handle.visititems(lambda name, item: shapes.__setitem__(name, (item.shape, _dtype(item)))
+                              if isinstance(item, h5py.Dataset) else None)
     except OSError as error:
         raise ApecliError(f"{path}: not a readable HDF5 artifact ({_reason(error)})") from None
     if _text(attrs.get("format")) != FORMAT_NAME:
@@ -192,7 +196,13 @@ def open_artifact(path: str | os.PathLike[str], kinds: Iterable[str] | None = No
         parents = tuple(ParentRef(**ref) for ref in json.loads(_text(attrs.get("parents", "[]"))))
     except (ValueError, TypeError):
         raise ApecliError(f"{path}: its header is damaged (metadata or parents are not valid JSON)") from None
-    return Artifact(path, kind, _text(attrs.get("content_id")), version, metadata, parents, tuple(sorted(names)))
+    return Artifact(path, kind, _text(attrs.get("content_id")), version, metadata, parents, tuple(sorted(shapes)),
+                    dict(sorted(shapes.items())), _text(attrs.get("created")), _text(attrs.get("writer")))
+
+
+def _dtype(dataset) -> str:
+    """A dataset's element type in numpy's words; 'str' for the string arrays apecli writes."""
+    return "str" if dataset.attrs.get("encoding-type") == "string-array" else str(dataset.dtype)
 
 
 def list_artifacts(store: Path, kinds: Iterable[str] | None = None) -> list[Artifact]:

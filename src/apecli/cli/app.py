@@ -14,7 +14,7 @@ from rich.table import Table
 
 from apecli import __version__, store
 from apecli.cli import progress
-from apecli.cli.io import console, emit, reports_errors, resolve_input
+from apecli.cli.io import console, emit, outline, reports_errors, resolve_input
 from apecli.cli.options import DEFAULT_STORE, Dataset, Input, Json, Model, Shots, Store
 from apecli.errors import ApecliError
 
@@ -477,13 +477,26 @@ def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: 
         "kind": artifact.kind,
         "content_id": artifact.content_id,
         "format_version": artifact.format_version,
+        "created": artifact.created,
+        "writer": artifact.writer,
+        "stale": store.stale_reason(artifact),
         "parents": [ref.to_json() for ref in artifact.parents],
         "metadata": dict(artifact.metadata),
         "arrays": list(artifact.names),
+        "shapes": {name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in artifact.shapes.items()},
     }
     if not as_json:
-        for key, value in details.items():
-            console.print(f"[bold]{key}[/bold]: {value}")
+        readable = {
+            "kind": artifact.kind,
+            "content id": f"{artifact.content_id} (format {artifact.format_version})",
+            "written": f"{artifact.created or '?'} by {artifact.writer or '?'}",
+            "state": f"stale: {details['stale']}" if details["stale"] else "usable",
+            "parents": {ref.path: f"{ref.kind} ({ref.content_id})" for ref in artifact.parents} or "none",
+            **dict(artifact.metadata),
+            "arrays": {name: f"{' × '.join(map(str, shape)) or 'scalar'} {dtype}" for name, (shape, dtype) in artifact.shapes.items()},
+        }
+        for line in outline(readable):
+            console.print(line, markup=False)
     emit(artifact, details, as_json)
 
 

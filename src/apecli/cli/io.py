@@ -82,3 +82,31 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
+
+
+def outline(value: Any, indent: int = 0, shown: int = 8) -> list[str]:
+    """A nested mapping as indented ``key  value`` lines for people: floats to 10 significant digits,
+    lists past ``shown`` items cut short with their length (``--json`` keeps everything)."""
+    lines = []
+    pad = "  " * indent
+    width = min(28, max((len(str(key)) for key in value), default=0))
+    for key, item in value.items():
+        if isinstance(item, dict) and item:
+            lines.append(f"{pad}{key}")
+            lines += outline(item, indent + 1, shown)
+        else:
+            lines.append(f"{pad}{str(key):<{width}}  {_brief(item, shown)}")
+    return lines
+
+
+def _brief(value: Any, shown: int) -> str:
+    if isinstance(value, float):
+        return f"{value:.10g}"
+    if isinstance(value, (list, tuple)):
+        items = [_brief(item, shown) for item in value[:shown]]
+        more = f", … ({len(value)} in all)" if len(value) > shown else ""
+        return f"[{', '.join(items)}{more}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_brief(item, shown)}" for key, item in value.items()) + "}" if value else "{}"
+    return str(value)
+
