@@ -194,14 +194,16 @@ def test_gc_removes_what_nothing_can_use_and_nothing_else(small_features, tmp_pa
     root = tmp_path / "store"
     features, refinement, evaluation = _chain(small_features, root)
     kept_features = save_features(small_features, store.in_store(root, "b", "features")).artifact.path
-    old, young = root / "a" / ".features-x.h5.999.tmp", root / "a" / ".results.999.tmp.png"
+    old, young = root / "a" / ".features-0123456789ab.h5.999.tmp", root / "a" / ".refine-0123456789ab.h5.998.tmp"
+    foreign = root / "a" / ".editor-swap.tmp"  # not a name apecli writes: left alone however old
     work = root / "a" / ".extract-0123456789abcdef"
     work.mkdir()
     (work / "val-00000.npz").write_bytes(b"")
     (work / ".val-00001.npz.7.tmp").write_bytes(b"")
-    for path in (old, young):
+    for path in (old, young, foreign):
         path.write_bytes(b"partial")
-    os.utime(old, (time.time() - 2 * store.TEMPORARY_AGE_S,) * 2)
+    for path in (old, foreign):
+        os.utime(path, (time.time() - 2 * store.TEMPORARY_AGE_S,) * 2)
     os.utime(work / ".val-00001.npz.7.tmp", (1, 1))  # an extraction's own: goes with its folder only
     features.unlink()
 
@@ -222,7 +224,7 @@ def test_gc_removes_what_nothing_can_use_and_nothing_else(small_features, tmp_pa
     report = __import__("json").loads(done.stdout)
     assert [entry["path"] for entry in report["removed"]] == [str(refinement), str(evaluation), str(old)]
     assert not refinement.exists() and not evaluation.exists() and not old.exists()
-    assert kept_features.exists() and young.exists() and (work / "val-00000.npz").exists()
+    assert kept_features.exists() and young.exists() and foreign.exists() and (work / "val-00000.npz").exists()
     assert "stale" not in runner.invoke(app, ["ls", str(root)]).stdout
 
     runner.invoke(app, ["gc", str(root), "--work"])

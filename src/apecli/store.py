@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -267,6 +268,8 @@ def in_use(folder: Path) -> bool:
 
 
 TEMPORARY_AGE_S = 3600  # a temporary file this old belongs to a write that was killed
+_TEMPORARY = re.compile(r"\.[\w.-]+-[0-9a-f]{12}\.h5\.\d+\.tmp")  # .STEM-ID.h5.PID.tmp, as write_artifact names them
+_EXTRACTION = re.compile(r"\.extract-[0-9a-f]{16}")  # an extraction's work folder, named by its request
 
 
 def collect_garbage(store: Path, dry_run: bool = False, work: bool = False,
@@ -284,9 +287,10 @@ def collect_garbage(store: Path, dry_run: bool = False, work: bool = False,
     known: dict[Path, str | None] = {}
     removed = [(a.path, reason) for a in list_artifacts(folder) if (reason := stale_reason(a, known)) is not None]
     cutoff = (time.time() if now is None else now) - TEMPORARY_AGE_S
-    extractions = sorted(p for p in folder.rglob(".extract-*") if p.is_dir())
-    removed += [(p, "a temporary file of a write that did not finish") for p in sorted(folder.rglob(".*.tmp*"))
-                if p.is_file() and p.stat().st_mtime < cutoff and not any(e in p.parents for e in extractions)]
+    extractions = sorted(p for p in folder.rglob(".extract-*") if p.is_dir() and _EXTRACTION.fullmatch(p.name))
+    removed += [(p, "a temporary file of a write that did not finish") for p in sorted(folder.rglob(".*.tmp"))
+                if _TEMPORARY.fullmatch(p.name) and p.is_file() and p.stat().st_mtime < cutoff
+                and not any(e in p.parents for e in extractions)]
     running = [e for e in extractions if in_use(e)]
     kept = [(e, "an extraction running now") for e in running]
     interrupted = [(e, f"an interrupted extraction (chunks saved: {sum(1 for _ in e.glob('*.npz'))})")
