@@ -146,7 +146,7 @@ def _torchvision() -> JpegDecoder:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     def decode(data: list, device) -> list:
-        with warnings.catch_warnings():  # its deprecation in favour of TorchCodec, once per call
+        with warnings.catch_warnings():  # the deprecation (in favour of TorchCodec) it warns of on every call
             warnings.simplefilter("ignore", DeprecationWarning)
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 

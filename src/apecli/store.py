@@ -276,8 +276,8 @@ def collect_garbage(store: Path, dry_run: bool = False, work: bool = False,
                     now: float | None = None) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """Remove what nothing can use from a store folder: stale artifacts (see :func:`stale_reason`) and
     temporary files of writes killed over an hour ago; with ``work``, also the folders of interrupted
-    extractions (their resume state), never one that a running extraction holds. Returns (removed, kept), each path with why; ``dry_run`` removes
-    nothing. Any other file is left alone."""
+    extractions (their resume state), never one that a running extraction holds. Returns (removed,
+    kept), each path with why; ``dry_run`` removes nothing. Any other file is left alone."""
     import shutil
     import time
 
