@@ -73,6 +73,20 @@ def test_feature_sets_of_one_dataset_are_averaged_not_overwritten(tmp_path):
     assert table[1][0] == "beta (synthetic)"
     assert table[2][1] == pytest.approx((sum(alpha) / 3 + table[1][1]) / 2)
     assert bench.means(rows, ["zero-shot"])["alpha (synthetic)", 4, "zero-shot"][1] == 3
+    import statistics
+
+    spread = bench.summary_table(rows, 4, ["zero-shot"], deviations=True)
+    assert spread[0][1] == (pytest.approx(sum(alpha) / 3), pytest.approx(statistics.stdev(alpha)))
+    assert spread[1][1] == (table[1][1], None) and spread[2][1] == (table[2][1], None)  # one set; the average
+
+    from typer.testing import CliRunner
+
+    from apecli.cli import app
+
+    shown = CliRunner().invoke(app, ["bench", str(tmp_path / "caches"), "--shots", "4", "--modes", "zero-shot",
+                                     "--out", str(tmp_path / "out")])
+    assert shown.exit_code == 0, shown.stderr
+    assert f"{sum(alpha) / 3:.2f} ± {statistics.stdev(alpha):.2f}" in shown.stderr
 
 
 def test_refusals(two_stores, tmp_path):

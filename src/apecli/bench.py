@@ -151,15 +151,22 @@ def _panel(row: dict[str, Any]) -> str:
     return f"{row['dataset']} ({row['model']})"
 
 
-def means(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[tuple[str, int, str], tuple[float, int]]:
-    """The mean test accuracy of each (dataset and model, shots, mode) over its feature sets, and their
-    number: several feature sets of one dataset and model are the few-shot draws of several seeds, which
-    the protocol averages."""
+def means(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[tuple[str, int, str], tuple[float, int, float | None]]:
+    """The mean test accuracy of each (dataset and model, shots, mode) over its feature sets, their
+    number, and the sample standard deviation (n − 1; None for one set): several feature sets of one
+    dataset and model are the few-shot draws of several seeds, which the protocol averages."""
     groups: dict[tuple[str, int, str], list[float]] = {}
     for row in rows:
         if row["mode"] in modes:
             groups.setdefault((_panel(row), row["shots"], row["mode"]), []).append(row["test_accuracy"])
-    return {key: (sum(values) / len(values), len(values)) for key, values in groups.items()}
+    return {key: (sum(values) / len(values), len(values), _deviation(values)) for key, values in groups.items()}
+
+
+def _deviation(values: Sequence[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
 
 
 def _average(values: Sequence[float | None]) -> float | None:
@@ -167,17 +174,24 @@ def _average(values: Sequence[float | None]) -> float | None:
     return sum(values) / len(values) if values and None not in values else None  # type: ignore[arg-type]
 
 
-def summary_table(rows: Sequence[dict[str, Any]], shots: int, modes: Sequence[str]) -> list[list[Any]]:
+def summary_table(rows: Sequence[dict[str, Any]], shots: int, modes: Sequence[str],
+                  deviations: bool = False) -> list[list[Any]]:
     """Rows of [dataset, test accuracy per mode …] for one shot count (a dataset's feature sets
-    averaged, and counted in its name), then the average over datasets."""
+    averaged, and counted in its name), then the average over datasets. With ``deviations`` each
+    accuracy is a pair (mean, standard deviation over the feature sets, or None), and the average's
+    deviation is None."""
     cells = means(rows, modes)
-    table = []
+    lines = []
     for panel in sorted({panel for panel, count, _ in cells if count == shots}):
         sets = max(cells[panel, shots, mode][1] for mode in modes if (panel, shots, mode) in cells)
-        name = panel if sets == 1 else f"{panel}, mean of {sets}"
-        table.append([name, *(cells[panel, shots, mode][0] if (panel, shots, mode) in cells else None
-                              for mode in modes)])
-    return table + [["Average", *(_average([line[index + 1] for line in table]) for index in range(len(modes)))]]
+        lines.append((panel if sets == 1 else f"{panel}, mean of {sets}", [cells.get((panel, shots, mode)) for mode in modes]))
+    averages = [_average([found[index][0] if found[index] else None for _, found in lines]) for index in range(len(modes))]
+
+    def shown(cell: tuple[float, int, float | None] | None) -> Any:
+        return None if cell is None else (cell[0], cell[2]) if deviations else cell[0]
+
+    table = [[name, *map(shown, found)] for name, found in lines]
+    return table + [["Average", *((value, None) if deviations and value is not None else value for value in averages)]]
 
 
 def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], path: Path) -> Path:

@@ -336,9 +336,9 @@ def bench(
         table.add_column("dataset")
         for mode in chosen:
             table.add_column(METHOD_NAMES.get(mode, mode), justify="right")
-        for line in runner.summary_table(current, count, chosen):
-            table.add_row(*[line[0]] + ["" if v is None else f"{v:.2f}" for v in line[1:]],
-                          style="bold" if line[0] == "Average" else None)
+        for line in runner.summary_table(current, count, chosen, deviations=True):
+            table.add_row(line[0], *("" if cell is None else f"{cell[0]:.2f}" + ("" if cell[1] is None else f" ± {cell[1]:.2f}")
+                                     for cell in line[1:]), style="bold" if line[0] == "Average" else None)
         console.print(table)
     emit(out / "results.json", {"csv": str(out / "results.csv"), "plot": str(picture), "rows": rows}, as_json)
 
