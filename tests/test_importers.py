@@ -48,6 +48,32 @@ def test_cupl_text_weights_are_found_in_the_folder(small_features, tmp_path):
         import_tip_adapter(folder)
 
 
+@pytest.mark.parametrize("alone", ["val", "test"])  # ImageNet's folder as APE (val) or Tip-Adapter (test) writes it
+def test_a_folder_with_one_evaluation_split_uses_it_for_both(small_features, tmp_path, alone):
+    from typer.testing import CliRunner
+
+    from apecli.cli import app
+
+    folder = write_tip_adapter(tmp_path / "cache", small_features)
+    other = "test" if alone == "val" else "val"
+    for suffix in ("f", "l"):
+        (folder / f"{other}_{suffix}.pt").unlink()
+    imported = import_tip_adapter(folder, folder / "text.pt", "imagenet")
+    expected = small_features.split(alone)
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(imported.split(split).labels, expected.labels)
+        np.testing.assert_array_equal(imported.split(split).features, expected.features.astype(np.float16))
+    assert imported.provenance["notes"] == [f"{alone}_f.pt alone: its images serve as both validation and test, "
+                                            "as the protocol has it for ImageNet"]
+    result = CliRunner().invoke(app, ["import", "tip-adapter", str(folder), "--text-weights", str(folder / "text.pt"),
+                                      "--store", str(tmp_path / "store")])
+    assert result.exit_code == 0 and f"note: {alone}_f.pt alone" in result.stderr
+    for suffix in ("f", "l"):
+        (folder / f"{alone}_{suffix}.pt").unlink()
+    with pytest.raises(ApecliError, match="no val_f.pt or test_f.pt"):
+        import_tip_adapter(folder, folder / "text.pt")
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [

@@ -113,15 +113,23 @@ def import_tip_adapter(
     text_path = Path(text_weights)
     sources = {"text_weights": text_path}
     text = _as_features(_load_tensor(text_path), str(text_path))
-    splits = {}
-    for split, prefix in (("val", "val"), ("test", "test")):
-        features_path, labels_path = folder / f"{prefix}_f.pt", folder / f"{prefix}_l.pt"
+    present = [split for split in ("val", "test") if (folder / f"{split}_f.pt").is_file()]
+    if not present:
+        raise ApecliError(f"{folder}: no val_f.pt or test_f.pt (the validation and test features)")
+    splits, notes = {}, []
+    for split in present:
+        features_path, labels_path = folder / f"{split}_f.pt", folder / f"{split}_l.pt"
         sources[features_path.name], sources[labels_path.name] = features_path, labels_path
         splits[split] = LabelledFeatures(
             _as_features(_load_tensor(features_path), str(features_path)),
             _as_labels(_load_tensor(labels_path), str(labels_path)),
         )
-    dim = splits["val"].features.shape[-1]
+    if len(present) == 1:  # ImageNet's folders: APE writes val_f.pt alone, Tip-Adapter test_f.pt
+        other = "test" if present == ["val"] else "val"
+        splits[other] = splits[present[0]]
+        notes.append(f"{present[0]}_f.pt alone: its images serve as both validation and test, "
+                     "as the protocol has it for ImageNet")
+    dim = splits[present[0]].features.shape[-1]
     if text.ndim != 2 or text.shape[0] != dim:
         raise ApecliError(f"{text_path}: shape {tuple(text.shape)}, expected (D={dim} channels, C classes)")
     num_classes = text.shape[1]
@@ -134,7 +142,7 @@ def import_tip_adapter(
         hint = f", or import the shot counts that match with --shots {','.join(map(str, matching))}" if matching else ""
         raise ApecliError(
             f"{folder / f'keys_{count}shots.pt'}: {keys.shape[0] if keys.ndim == 2 else keys.shape}-channel keys, but "
-            f"val_f.pt has {dim} channels: the folder mixes features of different models; re-extract it{hint}"
+            f"{present[0]}_f.pt has {dim} channels: the folder mixes features of different models; re-extract it{hint}"
         )
     caches = {}
     for shots, keys in keys_of.items():
@@ -148,13 +156,14 @@ def import_tip_adapter(
                 f"expected {keys.shape[1]} keys and {num_classes} classes"
             )
         caches[shots] = FewShotCache(np.ascontiguousarray(keys.T), labels)
-    for split, part in splits.items():
-        if part.features.ndim != 2 or part.features.shape[1] != dim:
-            raise ApecliError(f"{folder}/{split}_f.pt: shape {part.features.shape}, expected (N, {dim})")
+    for split in present:
+        if splits[split].features.ndim != 2 or splits[split].features.shape[1] != dim:
+            raise ApecliError(f"{folder}/{split}_f.pt: shape {splits[split].features.shape}, expected (N, {dim})")
     provenance: dict[str, Any] = {
         "source": "tip-adapter",
         "path": str(folder.resolve()),
         "files": {name: file_sha256(path) for name, path in sorted(sources.items())},
+        "notes": notes,
     }
     return FeatureSet(
         class_names=_class_names(num_classes, Path(class_names) if class_names else None),

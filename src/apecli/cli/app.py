@@ -48,6 +48,8 @@ def _save_imported(features, store_dir: Path, as_json: bool) -> None:
     from apecli.features import mismatch_warnings, save_features
 
     saved = save_features(features, store.in_store(store_dir, features.dataset, "features"))
+    for note in saved.provenance.get("notes", []):
+        console.print(f"note: {note}")
     for warning in mismatch_warnings(saved):
         console.print(f"[bold yellow]warning: {warning}[/bold yellow]")
     console.print(
