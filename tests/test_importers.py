@@ -222,3 +222,61 @@ def test_the_real_features_raise_no_mismatch_warning(name):
 
     folder = real_dataset(name)
     assert mismatch_warnings(import_tip_adapter(folder, folder / "proxy_text_weights.pt", name)) == []
+
+
+def test_a_cache_without_text_gets_it_from_the_model_that_made_it(tiny, caltech, small_features, tmp_path):
+    from typer.testing import CliRunner
+
+    from apecli.cli import app
+    from apecli.extract import ExtractSettings, extract
+    from apecli.datasets import read_coop
+    from apecli.features import load_features
+    from apecli.predict import predict
+    from apecli.store import open_artifact
+
+    from conftest import assert_one_line_error
+
+    dataset = read_coop("caltech101", caltech)
+    made = extract(dataset, tiny, tmp_path / "made", ExtractSettings(shots=(2,), views=2, batch_size=8))
+    folder = write_tip_adapter(tmp_path / "tip", made)
+    (folder / "text.pt").unlink()  # Tip-Adapter saves no text classifier
+    runner = CliRunner()
+    base = ["import", "tip-adapter", str(folder), "--text-model", tiny.model, "--pretrained", tiny.pretrained,
+            "--store", str(tmp_path / "store")]
+
+    result = runner.invoke(app, [*base, "--dataset", "caltech101", "--root", str(caltech)])
+    assert result.exit_code == 0, result.stderr
+    assert "text classifier: 3 classes encoded by" in result.stderr
+    imported = load_features(result.stdout.strip())
+    assert imported.class_names == made.class_names
+    np.testing.assert_array_equal(imported.classifier, made.classifier)  # as extract computed it
+    assert imported.model["checkpoint_sha256"] == made.model["checkpoint_sha256"]
+    assert "device" not in imported.model and "precision" not in imported.model
+    assert imported.provenance["text"] == {"computed_by": "apecli-tiny", "templates": ["a photo of a {}."],
+                                           "prompted_classes": 0}
+
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(made.class_names) + "\n")
+    by_file = runner.invoke(app, [*base, "--class-names", str(names)])
+    assert by_file.exit_code == 0, by_file.stderr
+    np.testing.assert_array_equal(load_features(by_file.stdout.strip()).classifier, made.classifier)
+
+    # the recorded encoder is enough to classify new images with a model chosen on the imported features
+    refined = runner.invoke(app, ["refine", result.stdout.strip(), "--k", "16", "--store", str(tmp_path / "store")])
+    evaluated = runner.invoke(app, ["eval", refined.stdout.strip(), "--search-step", "4", "3", "2",
+                                    "--store", str(tmp_path / "store")])
+    assert evaluated.exit_code == 0, evaluated.stderr
+    test = made.split("test")
+    predictions, _ = predict([Path(p) for p in test.paths], open_artifact(evaluated.stdout.strip()), top=1, device="cpu")
+    assert len(predictions) == len(test.paths) and all(p.labels[0] in made.class_names for p in predictions)
+
+    assert_one_line_error(runner.invoke(app, base), "needs the class names: give --class-names FILE")
+    assert_one_line_error(runner.invoke(app, [*base, "--text-weights", str(names)]), "--text-weights or --text-model, not both")
+    names.write_text("\n".join(made.class_names[:2]) + "\n")
+    assert_one_line_error(runner.invoke(app, [*base, "--class-names", str(names)]),
+                          "labels of 3 classes, but the text classifier has 2 (of the class names given)")
+    narrow = write_tip_adapter(tmp_path / "narrow", small_features)  # 32 channels: not this 64-channel model's
+    (narrow / "text.pt").unlink()
+    names.write_text("\n".join(small_features.class_names) + "\n")
+    assert_one_line_error(runner.invoke(app, [*base[:2], str(narrow), *base[3:], "--class-names", str(names)]),
+                          "the text of apecli-tiny has 64 channels, the cache's features 32")

@@ -109,6 +109,14 @@ def test_unrecorded_encoders_are_said_not_checked(source, tmp_path):
     [result] = transfer(evaluation, [bare.artifact], said.append)
     assert said == [f"warning: {bare.artifact.path} records no encoder: cannot check that both feature sets share one"]
     assert result.total == 30
+    named = shifted(source, tmp_path, model={"name": "ViT-B-32"}, name="named.h5")  # imported with --model alone
+    said.clear()
+    transfer(evaluation, [named.artifact], said.append)
+    assert said == [f"warning: {named.artifact.path} records no weights for ViT-B-32: cannot check that both feature "
+                    "sets share them"]
+    other = shifted(source, tmp_path, model={"name": "RN50"}, name="rn50.h5")
+    with pytest.raises(ApecliError, match=r"extracted with RN50 \(weights unrecorded\), the model's features with ViT-B-32"):
+        transfer(evaluation, [other.artifact])
 
 
 def test_transfer_on_the_command_line(source, tmp_path):

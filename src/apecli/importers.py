@@ -2,7 +2,8 @@
 
 - The APE / Tip-Adapter cache folder: ``keys_{K}shots.pt`` (D × C·K), ``values_{K}shots.pt`` (C·K × C,
   one-hot), ``val_f.pt``/``val_l.pt``, ``test_f.pt``/``test_l.pt``, and a D × C text classifier
-  (a file given by the caller, or ``text_weights_cupl_t.pt`` in the folder).
+  (a file given by the caller, ``text_weights_cupl_t.pt`` in the folder, or one computed from the class
+  names with the model that made the cache: :func:`class_texts`; Tip-Adapter saves none).
 - A plain ``.npz`` with ``text_weights`` (D × C), ``cache_keys`` (N × D), ``cache_labels``,
   ``val_features``, ``val_labels``, ``test_features``, ``test_labels``, and optionally ``cache_views``
   (V × N × D) and ``class_names``. :func:`export_npz` writes the same arrays back.
@@ -13,8 +14,9 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -22,6 +24,9 @@ from apecli.errors import ApecliError
 from apecli.store import file_sha256
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures
 from apecli.presets import canonical_name
+
+if TYPE_CHECKING:
+    from apecli.encoder import EncoderSpec
 
 CUPL_TEXT_WEIGHTS = "text_weights_cupl_t.pt"
 NPZ_REQUIRED = ("text_weights", "cache_keys", "cache_labels", "val_features", "val_labels", "test_features", "test_labels")
@@ -70,16 +75,53 @@ def _labels_from_one_hot(values: np.ndarray, what: str) -> np.ndarray:
     return np.argmax(values, axis=1).astype(np.int64)
 
 
-def _class_names(count: int, names_file: Path | None) -> tuple[str, ...]:
+def _class_names(count: int | None, names_file: Path | None) -> tuple[str, ...]:
+    """Names from a file, one per line (``count`` of them, when given), or placeholders."""
     if names_file is None:
-        return tuple(f"class_{i}" for i in range(count))
+        return tuple(f"class_{i}" for i in range(count or 0))
     try:
         names = [line.strip() for line in Path(names_file).read_text().splitlines() if line.strip()]
     except OSError as error:
         raise ApecliError(f"{names_file}: cannot read class names ({error.strerror})") from None
-    if len(names) != count:
+    if count is not None and len(names) != count:
         raise ApecliError(f"{names_file}: {len(names)} class names for {count} classes")
     return tuple(names)
+
+
+@dataclass(frozen=True)
+class ClassTexts:
+    """A text classifier computed from class names: C × D rows, the names, and what made it."""
+
+    classifier: np.ndarray
+    class_names: tuple[str, ...]
+    encoder: dict[str, Any]
+    templates: tuple[str, ...]
+    prompted_classes: int
+
+
+def class_texts(spec: "EncoderSpec", dataset: str | None, root: str | os.PathLike[str] | None = None,
+                class_names: str | os.PathLike[str] | None = None,
+                prompts: str | os.PathLike[str] | None = None) -> ClassTexts:
+    """CLIP's text classifier for a cache whose folder has none, as :mod:`apecli.extract` would make it:
+    the class names from ``class_names`` (a file, one per line in label order) or else from the CoOp
+    layout of ``dataset`` under ``root``; the dataset's templates (the generic one for another dataset),
+    and CuPL sentences from ``prompts``."""
+    from apecli.datasets import GENERIC_TEMPLATES, LAYOUTS, read_coop, read_prompts
+    from apecli.encoder import load_encoder
+
+    canonical = canonical_name(dataset)
+    if class_names is not None:
+        names = _class_names(None, Path(class_names))
+    elif canonical in LAYOUTS and root is not None:
+        names = read_coop(canonical, Path(root)).class_names
+    else:
+        raise ApecliError("computing the text classifier needs the class names: give --class-names FILE "
+                          "(one per line, in label order), or --dataset NAME and --root DIR of a CoOp dataset")
+    templates = LAYOUTS[canonical].templates if canonical in LAYOUTS else GENERIC_TEMPLATES
+    sentences = read_prompts(prompts, names) if prompts is not None else None
+    encoder = load_encoder(spec)
+    return ClassTexts(encoder.text_classifier(names, templates, sentences), names, encoder.describe(),
+                      templates, len(sentences or {}))
 
 
 def import_tip_adapter(
@@ -89,8 +131,12 @@ def import_tip_adapter(
     class_names: str | os.PathLike[str] | None = None,
     model: str | None = None,
     shots: Sequence[int] | None = None,
+    texts: ClassTexts | None = None,
 ) -> FeatureSet:
-    """Read an APE / Tip-Adapter cache folder: every shot count in it, or those of ``shots``."""
+    """Read an APE / Tip-Adapter cache folder: every shot count in it, or those of ``shots``.
+
+    The text classifier is ``text_weights``, else ``texts`` (computed by :func:`class_texts`, whose
+    encoder is then recorded as the features' model), else the folder's ``text_weights_cupl_t.pt``."""
     folder = Path(directory)
     if not folder.is_dir():
         raise ApecliError(f"{folder}: no such folder")
@@ -106,13 +152,18 @@ def import_tip_adapter(
         if absent:
             raise ApecliError(f"{folder}: no keys_{absent[0]}shots.pt (it holds {', '.join(map(str, shot_counts))} shots)")
         shot_counts = sorted(set(shots))
-    if text_weights is None:
+    sources: dict[str, Path] = {}
+    if text_weights is None and texts is None:
         if not (folder / CUPL_TEXT_WEIGHTS).is_file():
-            raise ApecliError(f"{folder}: no text classifier: pass --text-weights FILE (D × C) or add {CUPL_TEXT_WEIGHTS}")
+            raise ApecliError(f"{folder}: no text classifier: pass --text-weights FILE (D × C), add {CUPL_TEXT_WEIGHTS}, "
+                              "or compute it with --text-model NAME --pretrained TAG")
         text_weights = folder / CUPL_TEXT_WEIGHTS
-    text_path = Path(text_weights)
-    sources = {"text_weights": text_path}
-    text = _as_features(_load_tensor(text_path), str(text_path))
+    if text_weights is not None:
+        text_path = Path(text_weights)
+        sources["text_weights"] = text_path
+        text = _as_features(_load_tensor(text_path), str(text_path))
+    else:  # computed: C × D rows
+        text = np.ascontiguousarray(texts.classifier.T)  # type: ignore[union-attr]
     present = [split for split in ("val", "test") if (folder / f"{split}_f.pt").is_file()]
     if not present:
         raise ApecliError(f"{folder}: no val_f.pt or test_f.pt (the validation and test features)")
@@ -130,6 +181,10 @@ def import_tip_adapter(
         notes.append(f"{present[0]}_f.pt alone: its images serve as both validation and test, "
                      "as the protocol has it for ImageNet")
     dim = splits[present[0]].features.shape[-1]
+    if text_weights is None and text.shape[0] != dim:
+        model = texts.encoder.get("model")  # type: ignore[union-attr]
+        raise ApecliError(f"the text of {model} has {text.shape[0]} channels, the cache's features {dim}: "
+                          f"{model} is not the model that made this cache")
     if text.ndim != 2 or text.shape[0] != dim:
         raise ApecliError(f"{text_path}: shape {tuple(text.shape)}, expected (D={dim} channels, C classes)")
     num_classes = text.shape[1]
@@ -150,6 +205,9 @@ def import_tip_adapter(
         sources[keys_path.name], sources[values_path.name] = keys_path, values_path
         values = _load_tensor(values_path)
         labels = _labels_from_one_hot(values, str(values_path))
+        if values.shape[0] == keys.shape[1] and values.shape[1] != num_classes:
+            raise ApecliError(f"{values_path}: labels of {values.shape[1]} classes, but the text classifier has "
+                              f"{num_classes}{' (of the class names given)' if texts is not None and text_weights is None else ''}")
         if values.shape != (keys.shape[1], num_classes):
             raise ApecliError(
                 f"{values_path}: labels for {values.shape[0]} keys and {values.shape[1]} classes, "
@@ -165,13 +223,20 @@ def import_tip_adapter(
         "files": {name: file_sha256(path) for name, path in sorted(sources.items())},
         "notes": notes,
     }
+    names = _class_names(num_classes, Path(class_names) if class_names else None)
+    recorded = {"name": model} if model else {}
+    if texts is not None and text_weights is None:
+        provenance["text"] = {"computed_by": texts.encoder.get("model"), "templates": list(texts.templates),
+                              "prompted_classes": texts.prompted_classes}
+        encoder = {key: value for key, value in texts.encoder.items() if key not in ("device", "precision")}
+        names, recorded = texts.class_names, {**encoder, **recorded}  # the cache's own device and precision are unknown
     return FeatureSet(
-        class_names=_class_names(num_classes, Path(class_names) if class_names else None),
+        class_names=names,
         classifier=np.ascontiguousarray(text.T),
         caches=caches,
         splits=splits,
         dataset=canonical_name(dataset),
-        model={"name": model} if model else {},
+        model=recorded,
         provenance=provenance,
     ).validate()
 

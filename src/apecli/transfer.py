@@ -67,10 +67,14 @@ def check_compatible(source: FeatureSet, target: FeatureSet) -> tuple[np.ndarray
     if mine is None or theirs is None:
         unrecorded = source.name if mine is None else target.name
         warnings.append(f"{unrecorded} records no encoder: cannot check that both feature sets share one")
-    elif mine != theirs:
-        raise ApecliError(f"{target.name}: extracted with {theirs[0]} ({theirs[1]}), the model's features with "
-                          f"{mine[0]} ({mine[1]})")
-    elif source.model.get("precision") != target.model.get("precision"):
+    elif mine[0] != theirs[0] or None not in (mine[1], theirs[1]) and mine[1] != theirs[1]:
+        raise ApecliError(f"{target.name}: extracted with {theirs[0]} ({theirs[1] or 'weights unrecorded'}), the "
+                          f"model's features with {mine[0]} ({mine[1] or 'weights unrecorded'})")
+    elif None in (mine[1], theirs[1]):  # an import that named its model alone
+        unrecorded = source.name if mine[1] is None else target.name
+        warnings.append(f"{unrecorded} records no weights for {mine[0]}: cannot check that both feature sets share them")
+    elif None not in (source.model.get("precision"), target.model.get("precision")) and \
+            source.model.get("precision") != target.model.get("precision"):
         warnings.append(f"{target.name}: encoded in {target.model.get('precision')}, the model's features in "
                         f"{source.model.get('precision')}")
     index = {name: i for i, name in enumerate(source.class_names)}

@@ -73,14 +73,27 @@ def import_tip_adapter(
     shots: Annotated[
         Optional[str], typer.Option("--shots", help="Shot counts to import, comma-separated (default: every keys_{K}shots.pt).")
     ] = None,
+    text_model: Annotated[Optional[str], typer.Option("--text-model", help="Compute the text classifier with this open_clip model (the one that made the cache) from the class names.")] = None,
+    pretrained: Annotated[str, typer.Option("--pretrained", help="With --text-model: open_clip pretrained tag or local checkpoint.")] = "openai",
+    root: Annotated[Optional[Path], typer.Option("--root", envvar="APECLI_DATA", help="With --text-model: the CoOp datasets folder, for --dataset's class names.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="With --text-model: CuPL-style JSON, class name → sentences.")] = None,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
     """Import an APE / Tip-Adapter cache folder (every shot count in it, or those of --shots)."""
-    from apecli.importers import import_tip_adapter as read
+    from apecli.encoder import EncoderSpec
+    from apecli.importers import class_texts, import_tip_adapter as read
 
     counts = _integers(shots, "--shots") if shots is not None else None
-    _save_imported(read(directory, text_weights, dataset, class_names, model, counts), store_dir, as_json)
+    texts = None
+    if text_model is not None and text_weights is not None:
+        raise ApecliError("give --text-weights or --text-model, not both")
+    if text_model is not None:
+        texts = class_texts(EncoderSpec(text_model, pretrained, "cpu"), dataset, root, class_names, prompts)
+    features = read(directory, text_weights, dataset, class_names, model, counts, texts)
+    if texts is not None:
+        console.print(f"text classifier: {len(texts.class_names)} classes encoded by {texts.encoder.get('model')}")
+    _save_imported(features, store_dir, as_json)
 
 
 @import_app.command("npz")
