@@ -285,6 +285,22 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
+def software_versions() -> dict[str, str]:
+    """The versions of what computes features (decoding, transforms, the model), for the provenance:
+    two machines' features of one request differ in the last digits when these do."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    found = {"torch": torch.__version__, "cuda": torch.version.cuda or "none"}  # the build, e.g. 2.14.1+cu130
+    for package in ("apecli", "torchvision", "open_clip_torch", "pillow", "torchcodec", "numpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
 def find_extracted(store_dir: Path, dataset: str, request: str) -> store.Artifact | None:
     """The features artifact an identical request already wrote, if any."""
     folder = Path(store_dir) / dataset
@@ -354,7 +370,7 @@ def _save_extracted(dataset: ImageDataset, encoder: Encoder, chosen: Plan, work:
         "split_file_sha256": dataset.split_file_sha256, "seed": settings.seed, "shots": sorted(caches),
         "views": settings.views, "decode": settings.decode, "jpeg_decoder": decoder, "templates": list(dataset.templates),
         "prompted_classes": len(prompts or {}),
-        "skipped": chosen.skipped, "notes": list(dataset.notes),
+        "skipped": chosen.skipped, "notes": list(dataset.notes), "software": software_versions(),
     }
     features = FeatureSet(dataset.class_names, encoder.text_classifier(dataset.class_names, dataset.templates, prompts),
                           caches, evaluated, dataset.name, encoder.describe(), provenance)
