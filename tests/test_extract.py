@@ -514,3 +514,72 @@ def test_a_request_already_running_is_refused_and_its_work_left_alone(tiny, calt
         assert removed == [] and kept == [(work, "an extraction running now")]
     features = extract(dataset, tiny, tmp_path / "store", settings)  # the lock is free: it runs
     assert features.shots == (1,) and not work.exists()
+
+
+def _repository(folder: Path, tiny: EncoderSpec, weights_name: str = "open_clip_model.safetensors") -> Path:
+    """The tiny model's files as a Hugging Face open_clip repository holds them."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": json.loads(Path(tiny.model).read_text()),
+                                                              "preprocess_cfg": {}}))
+    state = torch.load(tiny.pretrained, weights_only=True)
+    if weights_name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, folder / weights_name)
+    else:
+        torch.save(state, folder / weights_name)
+    return folder
+
+
+def test_models_that_carry_their_weights_hf_hub_and_local_dir(tiny, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from apecli.encoder import model_files
+    from apecli.evaluate import evaluate_artifact
+    from apecli.predict import predict
+
+    image_folder(tmp_path / "mine", classes=2, per_class=8)
+    dataset = read_image_folder(tmp_path / "mine", 1)
+    settings = ExtractSettings(shots=(2,), views=2, batch_size=8)
+    reference = extract(dataset, tiny, tmp_path / "reference", settings)  # the same weights, as config + checkpoint
+
+    local = _repository(tmp_path / "local", tiny, "open_clip_pytorch_model.bin")
+    commit = "0123456789abcdef0123456789abcdef01234567"  # the hub's cache: refs name the snapshot
+    _repository(tmp_path / "hub" / "models--someone--tiny" / "snapshots" / commit, tiny)
+    (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    for model in (f"local-dir:{local}", "hf-hub:someone/tiny"):
+        spec = EncoderSpec(model, "openai", device="cpu")  # the tag is ignored: the weights come with the model
+        assert not spec.random_weights
+        features = extract(dataset, spec, tmp_path / model.split(":")[0], settings)
+        for split in ("val", "test"):
+            np.testing.assert_array_equal(features.split(split).features, reference.split(split).features)
+        np.testing.assert_array_equal(features.classifier, reference.classifier)
+        np.testing.assert_array_equal(features.caches[2].keys, reference.caches[2].keys)
+        assert features.model["model"] == (f"local-dir:{local.resolve()}" if model.startswith("local") else model)
+        assert features.model["pretrained"] == "with the model"
+    assert features.model["checkpoint_sha256"] != reference.model["checkpoint_sha256"]  # safetensors, not a pickle
+
+    evaluation = evaluate_artifact(features.artifact, "zero-shot", 2)
+    from apecli.evaluate import save_evaluation
+
+    saved = save_evaluation(evaluation, [features.artifact], tmp_path / "eval.h5")
+    predictions, _ = predict([Path(p) for p in reference.split("test").paths], saved, top=1, device="cpu")
+    assert len(predictions) == len(reference.split("test").paths)
+
+    (local / "extra.safetensors").write_bytes(b"")
+    with pytest.raises(ApecliError, match="2 weights files \\(extra.safetensors, open_clip_pytorch_model.bin\\)"):
+        model_files(f"local-dir:{local}")
+    (local / "extra.safetensors").unlink()
+    (local / "open_clip_pytorch_model.bin").unlink()
+    with pytest.raises(ApecliError, match="no weights file; a local-dir: model holds one"):
+        model_files(f"local-dir:{local}")  # open_clip itself would go on with random weights
+    with pytest.raises(ApecliError, match="no open_clip_config.json"):
+        model_files(f"local-dir:{tmp_path / 'mine'}")
+    with pytest.raises(ApecliError, match="cannot get hf-hub:someone/absent \\(offline\\?\\).*--model local-dir:DIR"):
+        model_files("hf-hub:someone/absent")

@@ -2,7 +2,9 @@
 
 A model is an open_clip model name (``RN50``, ``ViT-B-16``, …) or the path of an open_clip model-config
 JSON; its weights are an open_clip pretrained tag, the path of a local checkpoint, or ``none`` (random
-weights, for tests and dry runs). The evaluation transform is the model's own; the training
+weights, for tests and dry runs). A model may also carry its own config and weights: ``hf-hub:org/repo``
+(a Hugging Face repository, fetched into its cache) or ``local-dir:PATH`` (such a repository's files in a
+folder); ``pretrained`` is then ignored. The evaluation transform is the model's own; the training
 augmentation is APE's: ``RandomResizedCrop(scale=(0.5, 1), bicubic)``, a horizontal flip, and the
 model's normalisation.
 """
@@ -25,6 +27,49 @@ if TYPE_CHECKING:
     import torch
 
 NO_WEIGHTS = ("none", "random", "")  # random weights, seeded: the same in every run
+CARRIES_WEIGHTS = ("hf-hub:", "local-dir:")  # model names whose config and weights come with them
+HF_CONFIG = "open_clip_config.json"
+HF_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # in open_clip's order of preference
+
+
+def _bounded_hub_waits() -> None:
+    """An unreachable Hugging Face hub fails in seconds, not minutes."""
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+
+
+def model_files(model: str) -> tuple[Path, Path] | None:
+    """The config and weights files of an ``hf-hub:`` or ``local-dir:`` model (fetched into the Hugging Face
+    cache for hf-hub: where there is no network, from there), None for other models. Either missing is one
+    clear error: open_clip itself would go on with random weights."""
+    if model.startswith("local-dir:"):
+        folder = Path(model[len("local-dir:"):]).expanduser()
+        if not (folder / HF_CONFIG).is_file():
+            raise ApecliError(f"{folder}: no {HF_CONFIG}; a local-dir: model is a folder with it and the weights")
+        weights = sorted(path for pattern in ("*.safetensors", "*.bin", "*.pth") for path in folder.glob(pattern))
+        if len(weights) != 1:
+            found = f"{len(weights)} weights files ({', '.join(path.name for path in weights)})" if weights else "no weights file"
+            raise ApecliError(f"{folder}: {found}; a local-dir: model holds one (.safetensors, .bin or .pth)")
+        return folder / HF_CONFIG, weights[0]
+    if model.startswith("hf-hub:"):
+        repo = model[len("hf-hub:"):]
+        _bounded_hub_waits()
+        from huggingface_hub import hf_hub_download
+
+        try:
+            config = hf_hub_download(repo, HF_CONFIG)
+            failures = []
+            for name in HF_WEIGHTS:
+                try:
+                    return Path(config), Path(hf_hub_download(repo, name))
+                except Exception as failure:  # noqa: BLE001 - absent from the repository, or unreachable
+                    failures.append(failure)
+            raise failures[-1]
+        except Exception as error:  # noqa: BLE001 - the hub's many ways of saying no
+            reason = str(error).split("\n")[0][:160] or type(error).__name__
+            raise ApecliError(f"cannot get {model} (offline?): download the repository where there is a network "
+                              f"(hf download {repo} --local-dir DIR), then pass --model local-dir:DIR ({reason})") from None
+    return None
 
 
 @dataclass(frozen=True)
@@ -38,6 +83,15 @@ class EncoderSpec:
 
     def identity(self) -> dict[str, Any]:
         """What makes features of this encoder what they are, computed without building the model."""
+        device_type = self.resolved_device().split(":")[0]  # cuda:1 and cuda:0 give the same features
+        files = model_files(self.model)
+        if files is not None:  # the config and weights come with the model
+            config, weights = files
+            stat = weights.stat()
+            name = f"local-dir:{config.parent.resolve()}" if self.model.startswith("local-dir:") else self.model
+            return {"model": name, "model_config_sha256": file_sha256(config), "pretrained": "with the model",
+                    "checkpoint_sha256": _checkpoint_sha256(str(weights.resolve()), stat.st_size, stat.st_mtime_ns),
+                    "device": device_type, "precision": self.resolved_precision()}
         model_path = Path(self.model).expanduser()
         model = {"model": self.model}
         if model_path.suffix == ".json" and model_path.is_file():
@@ -53,8 +107,12 @@ class EncoderSpec:
                           "checkpoint_sha256": _checkpoint_sha256(str(checkpoint), stat.st_size, stat.st_mtime_ns)}
         else:
             pretrained = {"pretrained": weights}
-        device_type = self.resolved_device().split(":")[0]  # cuda:1 and cuda:0 give the same features
         return {**model, **pretrained, "device": device_type, "precision": self.resolved_precision()}
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether the model runs with random weights (``--pretrained none`` on a model without its own)."""
+        return (self.pretrained or "none").lower() in NO_WEIGHTS and not self.model.startswith(CARRIES_WEIGHTS)
 
     def resolved_device(self) -> str:
         """The device to run on; under torchrun, a plain ``cuda`` (or ``auto`` with CUDA) is this process's GPU."""
@@ -156,10 +214,11 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
     """Build the model; a missing, offline or unloadable model ends in one clear error."""
     import logging
 
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")  # an unreachable hub fails in seconds, not minutes
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    _bounded_hub_waits()
     import open_clip
 
+    if model_files(spec.model) is not None:
+        return _load_with_files(spec)
     name = spec.model
     config_path = Path(spec.model).expanduser()
     if config_path.suffix == ".json":
@@ -201,3 +260,23 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
         logging.getLogger().setLevel(logging.WARNING)
     model.eval()
     return Encoder(spec, model, eval_transform, open_clip.get_tokenizer(name), name)
+
+
+def _load_with_files(spec: EncoderSpec) -> Encoder:
+    """An ``hf-hub:`` or ``local-dir:`` model, its files already found by :func:`model_files`."""
+    import logging
+
+    import open_clip
+
+    logging.getLogger().setLevel(logging.CRITICAL)
+    try:
+        model, _, eval_transform = open_clip.create_model_and_transforms(
+            spec.model, precision=spec.resolved_precision(), device=spec.resolved_device())
+        tokenizer = open_clip.get_tokenizer(spec.model)
+    except Exception as error:  # noqa: BLE001 - a damaged config or checkpoint
+        raise ApecliError(f"cannot build {spec.model}: {str(error).splitlines()[0][:200]}") from None
+    finally:
+        logging.getLogger().setLevel(logging.WARNING)
+    model.eval()
+    return Encoder(spec, model, eval_transform, tokenizer, spec.model)
+

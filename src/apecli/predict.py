@@ -105,13 +105,18 @@ def load_classifier(evaluation: store.Artifact) -> Classifier:
 
 def encoder_spec(features: FeatureSet, device: str, folder: Path):
     """The encoder the feature set was extracted with, checked to be the same weights."""
-    from apecli.encoder import EncoderSpec
+    from apecli.encoder import CARRIES_WEIGHTS, EncoderSpec
 
     model = dict(features.model)
     if "pretrained" not in model or "model" not in model:
         raise ApecliError(f"{features.name}: records no encoder (imported features?); predict needs features "
                           "made by apecli extract")
     name = model["model"]
+    if name.startswith(CARRIES_WEIGHTS):
+        spec = EncoderSpec(name, None, device, "auto")
+        if spec.identity()["checkpoint_sha256"] != model.get("checkpoint_sha256"):
+            raise ApecliError(f"{name}: its weights changed since the features were extracted (their SHA-256 differs)")
+        return spec
     if "model_config" in model:
         config = folder / f"{name}.json"
         config.write_text(json.dumps(model["model_config"]))

@@ -117,8 +117,8 @@ def extract(
     dataset: Dataset = None,
     root: Annotated[Path, typer.Option("--root", envvar="APECLI_DATA", help="Folder holding the CoOp datasets. Env: APECLI_DATA.")] = Path("."),
     images: Annotated[Optional[Path], typer.Option("--images", help="Your own images: a folder per class, or a CSV of path,label[,split].")] = None,
-    model: Annotated[str, typer.Option("--model", help="open_clip model name, or the path of a model-config JSON.")] = "RN50",
-    pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip pretrained tag, a local checkpoint path, or none.")] = "openai",
+    model: Annotated[str, typer.Option("--model", help="open_clip model name, the path of a model-config JSON, hf-hub:ORG/REPO or local-dir:PATH.")] = "RN50",
+    pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip pretrained tag, a local checkpoint path, or none (ignored for hf-hub: and local-dir: models).")] = "openai",
     shots: Annotated[str, typer.Option("--shots", help="Shot counts, comma-separated.")] = "1,2,4,8,16",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the few-shot sampling and augmentation.")] = 1,
     views: Annotated[int, typer.Option("--views", help="Augmented views per training image.")] = 10,
@@ -154,7 +154,7 @@ def extract(
         source = datasets.read_coop(dataset, root)
     sentences = datasets.read_prompts(prompts, source.class_names, allow_missing_prompts) if prompts else None
     ranks = join(spec.resolved_device())
-    if pretrained.lower() in ("none", "random") and ranks.leader:
+    if spec.random_weights and ranks.leader:
         console.print(f"[bold yellow]warning: {model} with RANDOM weights (--pretrained {pretrained}): "
                       "the features mean nothing[/bold yellow]")
     try:
