@@ -583,3 +583,74 @@ def test_models_that_carry_their_weights_hf_hub_and_local_dir(tiny, tmp_path, mo
         model_files(f"local-dir:{tmp_path / 'mine'}")
     with pytest.raises(ApecliError, match="cannot get hf-hub:someone/absent \\(offline\\?\\).*--model local-dir:DIR"):
         model_files("hf-hub:someone/absent")
+
+
+
+def _openai_archive(path: Path, state: dict) -> Path:
+    """A TorchScript archive of ``state``, the form of OpenAI's CLIP files (``clip.load``'s cache)."""
+    import torch
+
+    class Node(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    root = Node()
+    for key, value in {**state, "input_resolution": torch.tensor(32)}.items():
+        *parents, leaf = key.split(".")
+        node = root
+        for part in parents:
+            if not hasattr(node, part):
+                node.add_module(part, Node())
+            node = getattr(node, part)
+        node.register_buffer(leaf, value.clone())
+    import warnings
+
+    with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's files are TorchScript all the same
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(root).save(str(path))
+    return path
+
+
+def test_weights_trained_with_quick_gelu_are_run_with_it(tiny, tmp_path):
+    import torch
+
+    from apecli.encoder import is_openai_archive, load_encoder
+
+    assert EncoderSpec("RN50", "openai").forces_quick_gelu() and EncoderSpec("ViT-B-16", "openai").forces_quick_gelu()
+    assert not EncoderSpec("RN50-quickgelu", "openai").forces_quick_gelu()  # its config says so already
+    assert not EncoderSpec("ViT-B-32", "laion2b_s34b_b79k").forces_quick_gelu()  # trained with GELU
+    assert not EncoderSpec(tiny.model, tiny.pretrained).forces_quick_gelu()  # a state dict: as its config says
+    assert "quick_gelu" not in tiny.identity() and EncoderSpec("RN50", "openai").identity()["quick_gelu"] is True
+
+    state = torch.load(tiny.pretrained, weights_only=True)
+    archive = _openai_archive(tmp_path / "RN50.pt", state)
+    assert is_openai_archive(archive) and not is_openai_archive(Path(tiny.pretrained))
+    quick_config = tmp_path / "apecli-tiny-quick.json"
+    quick_config.write_text(json.dumps({**json.loads(Path(tiny.model).read_text()), "quick_gelu": True}))
+
+    image_folder(tmp_path / "mine", classes=2, per_class=8)
+    dataset = read_image_folder(tmp_path / "mine", 1)
+    settings = ExtractSettings(shots=(2,), views=2, batch_size=8)
+    from_archive = extract(dataset, EncoderSpec(tiny.model, str(archive), "cpu"), tmp_path / "a", settings)
+    as_configured = extract(dataset, EncoderSpec(str(quick_config), tiny.pretrained, "cpu"), tmp_path / "b", settings)
+    with_gelu = extract(dataset, tiny, tmp_path / "c", settings)
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(from_archive.split(split).features, as_configured.split(split).features)
+        assert not np.allclose(from_archive.split(split).features, with_gelu.split(split).features, atol=1e-4)
+    np.testing.assert_array_equal(from_archive.classifier, as_configured.classifier)
+    assert from_archive.model["quick_gelu"] is True and "quick_gelu" not in with_gelu.model
+
+    from dataclasses import replace as changed
+
+    from apecli.features import save_features
+    from apecli.predict import encoder_spec
+
+    assert encoder_spec(from_archive, "cpu", tmp_path).forces_quick_gelu()
+    earlier = save_features(changed(from_archive, model={k: v for k, v in from_archive.model.items() if k != "quick_gelu"}),
+                            tmp_path / "earlier.h5")  # as an apecli that ran these weights with GELU recorded them
+    with pytest.raises(ApecliError, match="extracted with GELU .by an earlier apecli., but its weights were trained"):
+        encoder_spec(earlier, "cpu", tmp_path)
+
+    smaller = {key: value for key, value in state.items() if key != "text_projection"}
+    with pytest.raises(ApecliError, match="an OpenAI CLIP archive whose weights do not fit apecli-tiny"):
+        load_encoder(EncoderSpec(tiny.model, str(_openai_archive(tmp_path / "other.pt", smaller)), "cpu"))

@@ -32,6 +32,17 @@ HF_CONFIG = "open_clip_config.json"
 HF_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # in open_clip's order of preference
 
 
+def is_openai_archive(path: Path) -> bool:
+    """Whether a checkpoint is a TorchScript archive, the form of OpenAI's CLIP files (``clip.load``'s cache)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _bounded_hub_waits() -> None:
     """An unreachable Hugging Face hub fails in seconds, not minutes."""
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
@@ -107,7 +118,31 @@ class EncoderSpec:
                           "checkpoint_sha256": _checkpoint_sha256(str(checkpoint), stat.st_size, stat.st_mtime_ns)}
         else:
             pretrained = {"pretrained": weights}
-        return {**model, **pretrained, "device": device_type, "precision": self.resolved_precision()}
+        activation = {"quick_gelu": True} if self.forces_quick_gelu() else {}
+        return {**model, **pretrained, **activation, "device": device_type, "precision": self.resolved_precision()}
+
+    def forces_quick_gelu(self) -> bool:
+        """Whether the weights were trained with QuickGELU while the model's config does not say so: OpenAI's
+        weights (the ``openai`` tag, or an OpenAI CLIP archive such as ``~/.cache/clip/RN50.pt``) on ``RN50``
+        or ``ViT-B-16``, say. open_clip would build those with GELU, whose features are not CLIP's."""
+        weights = self.pretrained or "none"
+        checkpoint = Path(weights).expanduser()
+        if weights.lower() in NO_WEIGHTS or self.model.startswith(CARRIES_WEIGHTS) or \
+                checkpoint.is_file() and not is_openai_archive(checkpoint):
+            return False  # random weights, or weights that bring their config, or a state dict: as the config says
+        config_path = Path(self.model).expanduser()
+        import open_clip
+
+        if config_path.suffix == ".json":
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        else:
+            config = open_clip.get_model_config(self.model) or {}
+        if config.get("quick_gelu"):
+            return False  # already so: RN50-quickgelu, …
+        if checkpoint.is_file():
+            return True  # an OpenAI archive
+        name = config_path.stem if config_path.suffix == ".json" else self.model
+        return bool(open_clip.get_pretrained_cfg(name, weights).get("quick_gelu", False))
 
     @property
     def random_weights(self) -> bool:
@@ -244,11 +279,17 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
                               f"unknown pretrained tag '{weights}' for {name}; known: {', '.join(tags) or 'none'}")
     import torch
 
+    archive = pretrained is not None and is_openai_archive(Path(pretrained))
     logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs its failures before raising them
     torch.manual_seed(0)  # random weights (--pretrained none) are the same in every run
     try:
         model, _, eval_transform = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, precision=spec.resolved_precision(), device=spec.resolved_device())
+            name, pretrained=None if archive else pretrained, precision=spec.resolved_precision(),
+            device=spec.resolved_device(), force_quick_gelu=spec.forces_quick_gelu())
+        if archive:  # open_clip reads state dicts only: the archive's weights, by OpenAI's names (open_clip's too)
+            _load_openai_archive(model, Path(pretrained), name)
+    except ApecliError:
+        raise
     except Exception as error:  # downloads and checkpoint loading raise many types
         reason = str(error).split("\n")[0][:200]
         if pretrained is not None and not Path(pretrained).is_file():
@@ -279,4 +320,22 @@ def _load_with_files(spec: EncoderSpec) -> Encoder:
         logging.getLogger().setLevel(logging.WARNING)
     model.eval()
     return Encoder(spec, model, eval_transform, tokenizer, spec.model)
+
+
+def _load_openai_archive(model, path: Path, name: str) -> None:
+    """Load the weights of an OpenAI CLIP archive into ``model``, refusing ones of another architecture."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's files are TorchScript all the same
+        warnings.simplefilter("ignore", FutureWarning)
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI's, not weights
+        state.pop(key, None)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ApecliError(f"{path}: an OpenAI CLIP archive whose weights do not fit {name} "
+                          f"({str(error).splitlines()[1].strip()[:160] if len(str(error).splitlines()) > 1 else error})") from None
 

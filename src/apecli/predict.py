@@ -127,7 +127,11 @@ def encoder_spec(features: FeatureSet, device: str, folder: Path):
             raise ApecliError(f"{features.name}: its checkpoint {checkpoint} is missing")
         if store.file_sha256(checkpoint) != model["checkpoint_sha256"]:
             raise ApecliError(f"{checkpoint}: changed since the features were extracted (its SHA-256 differs)")
-    return EncoderSpec(name, model["pretrained"], device, "auto")
+    spec = EncoderSpec(name, model["pretrained"], device, "auto")
+    if spec.forces_quick_gelu() and not model.get("quick_gelu"):
+        raise ApecliError(f"{features.name}: extracted with GELU (by an earlier apecli), but its weights were trained "
+                          "with QuickGELU, which new images would now be encoded with: extract it again")
+    return spec
 
 
 def predict(

@@ -53,7 +53,7 @@ def _encoder(model: dict[str, Any]) -> tuple[Any, Any] | None:
         return None
     architecture = model.get("model_config_sha256") or model.get("model") or model.get("name")
     weights = model.get("checkpoint_sha256") or model.get("pretrained")
-    return architecture, weights
+    return f"{architecture} with QuickGELU" if model.get("quick_gelu") else architecture, weights
 
 
 def check_compatible(source: FeatureSet, target: FeatureSet) -> tuple[np.ndarray, list[str]]:
