@@ -654,3 +654,35 @@ def test_weights_trained_with_quick_gelu_are_run_with_it(tiny, tmp_path):
     smaller = {key: value for key, value in state.items() if key != "text_projection"}
     with pytest.raises(ApecliError, match="an OpenAI CLIP archive whose weights do not fit apecli-tiny"):
         load_encoder(EncoderSpec(tiny.model, str(_openai_archive(tmp_path / "other.pt", smaller)), "cpu"))
+
+
+@pytest.mark.parametrize("resize_mode, interpolation", [("squash", "bilinear"), ("longest", "bicubic")])
+def test_device_decoding_follows_the_models_own_resizing(tiny, tmp_path, resize_mode, interpolation):
+    """A model whose config squashes (SigLIP's way) or pads: the device path resizes as its evaluation
+    transform does, or is refused before any work."""
+    import torch
+    from PIL import Image
+
+    from apecli.encoder import load_encoder
+    from apecli.images import Batch, RawBytes, decode_on_device
+
+    folder = _repository(tmp_path / "model", tiny)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["preprocess_cfg"] = {"resize_mode": resize_mode, "interpolation": interpolation,
+                                "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    spec = EncoderSpec(f"local-dir:{folder}", None, "cpu")
+    paths = [make_image(tmp_path / "images" / f"{i}.jpg", i % 2, i, size=40 + 9 * i) for i in range(4)]  # not square
+    if resize_mode == "longest":
+        image_folder(tmp_path / "mine", classes=2, per_class=6)
+        with pytest.raises(ApecliError, match="--decode gpu does not do .*'longest' resizing to \\[32, 32\\]; use --decode pil"):
+            extract(read_image_folder(tmp_path / "mine", 1), spec, tmp_path / "s",
+                    ExtractSettings(shots=(1,), views=1, decode="gpu"))
+        assert not (tmp_path / "s" / "mine").exists() or not any((tmp_path / "s" / "mine").iterdir())
+        return
+    encoder = load_encoder(spec)
+    raw = RawBytes(paths)
+    on_device = decode_on_device(Batch.collate([raw[i] for i in range(len(paths))]), paths, encoder, torch.device("cpu"))
+    with_pil = torch.stack([encoder.eval_transform(Image.open(path).convert("RGB")) for path in paths])
+    difference = (on_device.images - with_pil).abs()
+    assert difference.mean() < 0.01 and difference.max() < 0.15  # rounding of the two resamplers, not geometry

@@ -2,9 +2,9 @@
 
 The default, faithful path decodes with PIL and applies the model's own transforms (the protocol's
 numbers depend on them). ``decode="gpu"`` reads raw bytes in the workers and decodes the JPEGs of a
-batch together on the encoder's device (nvJPEG on CUDA), then resizes (shortest side, bicubic,
-antialiased), centre-crops and normalises there; a file that is not a JPEG, or that fails to decode
-that way, goes through PIL instead. It serves the evaluation transform; augmented training views
+batch together on the encoder's device (nvJPEG on CUDA), then resizes, crops and normalises there as
+the model's evaluation transform does; a file that is not a JPEG, or that fails to decode that way,
+goes through PIL instead. It serves the evaluation transform; augmented training views
 always use PIL. The JPEG decoder is TorchCodec's where it is installed and works on the device, else
 torchvision's (deprecated since torchvision 0.29 in favour of TorchCodec).
 """
@@ -204,7 +204,7 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, device) -> Ba
                     decoded[index] = decode([torch.from_numpy(data)], device)[0]
                 except (RuntimeError, ValueError):
                     pass
-    ready = _resize_crop_normalise(decoded, encoder.image_size, encoder.mean, encoder.std, device)
+    ready = _resize_crop_normalise(decoded, encoder, device)
     errors, tensors = list(batch.errors), []
     for position, index in enumerate(batch.indices):
         if errors[position] is not None:
@@ -220,11 +220,26 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, device) -> Ba
     return Batch(batch.indices, errors, images)
 
 
-def _resize_crop_normalise(images: dict, size: tuple[int, int], mean, std, device) -> dict:
-    """uint8 C×H×W images → normalised float 3×size tensors: shortest side to size (bicubic, antialiased), centre crop."""
+def device_preprocessing_refusal(encoder) -> str | None:
+    """Why the device path cannot do this model's evaluation resizing, or None: it does open_clip's
+    ``shortest`` (to a square) and ``squash`` modes, bicubic or bilinear, as the model's config says."""
+    config = encoder.preprocess_config
+    mode = config.get("resize_mode", "shortest")
+    if mode not in ("shortest", "squash") or mode == "shortest" and encoder.image_size[0] != encoder.image_size[1]:
+        return f"--decode gpu does not do {encoder.name}'s '{mode}' resizing to {list(encoder.image_size)}; use --decode pil"
+    return None
+
+
+def _resize_crop_normalise(images: dict, encoder, device) -> dict:
+    """uint8 C×H×W images → normalised float 3×size tensors, as the model's evaluation transform makes them:
+    the shortest side to size then a centre crop (``shortest``), or straight to size (``squash``),
+    antialiased, with the model's interpolation."""
     import torch
     from torchvision.transforms.v2 import functional as F
 
+    size, config = list(encoder.image_size), encoder.preprocess_config
+    interpolation = F.InterpolationMode.BILINEAR if config.get("interpolation") == "bilinear" else F.InterpolationMode.BICUBIC
+    squash = config.get("resize_mode", "shortest") == "squash"
     if not images:
         return {}
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -233,9 +248,10 @@ def _resize_crop_normalise(images: dict, size: tuple[int, int], mean, std, devic
     order, cropped = [], []
     for indices in by_shape.values():
         batch = torch.stack([images[index] for index in indices])
-        batch = F.resize(batch, [min(size)], interpolation=F.InterpolationMode.BICUBIC, antialias=True)
-        cropped.append(F.center_crop(batch, list(size)))
+        batch = F.resize(batch, size if squash else [size[0]], interpolation=interpolation, antialias=True)
+        cropped.append(batch if squash else F.center_crop(batch, size))
         order += indices
     pixels = torch.cat(cropped).float().div_(255)
-    pixels = (pixels - torch.tensor(mean, device=device).view(3, 1, 1)) / torch.tensor(std, device=device).view(3, 1, 1)
+    mean, std = (torch.tensor(values, device=device).view(3, 1, 1) for values in (encoder.mean, encoder.std))
+    pixels = (pixels - mean) / std
     return dict(zip(order, pixels))
