@@ -335,7 +335,7 @@ def _load_openai_archive(model, path: Path, name: str) -> None:
         state.pop(key, None)
     try:
         model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ApecliError(f"{path}: an OpenAI CLIP archive whose weights do not fit {name} "
-                          f"({str(error).splitlines()[1].strip()[:160] if len(str(error).splitlines()) > 1 else error})") from None
+    except RuntimeError as error:  # its first line is torch's heading; the next names the keys
+        reason = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise ApecliError(f"{path}: an OpenAI CLIP archive whose weights do not fit {name} ({reason[:160]})") from None
 
