@@ -275,6 +275,21 @@ def test_a_cache_without_text_gets_it_from_the_model_that_made_it(tiny, caltech,
     names.write_text("\n".join(made.class_names[:2]) + "\n")
     assert_one_line_error(runner.invoke(app, [*base, "--class-names", str(names)]),
                           "labels of 3 classes, but the text classifier has 2 (of the class names given)")
+    with np.load(export_npz(made, tmp_path / "made.npz")) as archive:  # features from elsewhere, text lacking
+        arrays = {name: archive[name] for name in archive.files if name != "text_weights"}
+    np.savez(tmp_path / "textless.npz", **arrays)
+    npz = ["import", "npz", str(tmp_path / "textless.npz"), *base[3:], "--dataset", "caltech101", "--root", str(caltech)]
+    from_npz = runner.invoke(app, npz)
+    assert from_npz.exit_code == 0, from_npz.stderr
+    imported = load_features(from_npz.stdout.strip())
+    np.testing.assert_array_equal(imported.classifier, made.classifier)
+    assert imported.provenance["text"]["computed_by"] == "apecli-tiny" and "checkpoint_sha256" in imported.model
+    assert_one_line_error(runner.invoke(app, ["import", "npz", str(tmp_path / "made.npz"), *base[3:], "--class-names",
+                                              str(names)]), "holds text_weights already")
+    np.savez(tmp_path / "renamed.npz", **{**arrays, "class_names": np.array(["x", "y", "z"])})
+    assert_one_line_error(runner.invoke(app, ["import", "npz", str(tmp_path / "renamed.npz"), *npz[3:]]),
+                          "its class_names differ from those the text was computed from")
+
     narrow = write_tip_adapter(tmp_path / "narrow", small_features)  # 32 channels: not this 64-channel model's
     (narrow / "text.pt").unlink()
     names.write_text("\n".join(small_features.class_names) + "\n")

@@ -4,7 +4,7 @@
   one-hot), ``val_f.pt``/``val_l.pt``, ``test_f.pt``/``test_l.pt``, and a D × C text classifier
   (a file given by the caller, ``text_weights_cupl_t.pt`` in the folder, or one computed from the class
   names with the model that made the cache: :func:`class_texts`; Tip-Adapter saves none).
-- A plain ``.npz`` with ``text_weights`` (D × C), ``cache_keys`` (N × D), ``cache_labels``,
+- A plain ``.npz`` with ``text_weights`` (D × C; or computed as above), ``cache_keys`` (N × D), ``cache_labels``,
   ``val_features``, ``val_labels``, ``test_features``, ``test_labels``, and optionally ``cache_views``
   (V × N × D) and ``class_names``. :func:`export_npz` writes the same arrays back.
 """
@@ -98,6 +98,22 @@ class ClassTexts:
     templates: tuple[str, ...]
     prompted_classes: int
 
+    def model_record(self, name: str | None) -> dict[str, Any]:
+        """The imported features' model: this encoder, less the device and precision, which were the
+        text's; the images' own are unknown."""
+        record = {key: value for key, value in self.encoder.items() if key not in ("device", "precision")}
+        return {**record, "name": name} if name else record
+
+    def provenance(self) -> dict[str, Any]:
+        return {"computed_by": self.encoder.get("model"), "templates": list(self.templates),
+                "prompted_classes": self.prompted_classes}
+
+    def check_width(self, dim: int, what: str) -> None:
+        if self.classifier.shape[1] != dim:
+            model = self.encoder.get("model")
+            raise ApecliError(f"the text of {model} has {self.classifier.shape[1]} channels, {what} {dim}: "
+                              f"{model} is not the model that made them")
+
 
 def class_texts(spec: "EncoderSpec", dataset: str | None, root: str | os.PathLike[str] | None = None,
                 class_names: str | os.PathLike[str] | None = None,
@@ -181,10 +197,8 @@ def import_tip_adapter(
         notes.append(f"{present[0]}_f.pt alone: its images serve as both validation and test, "
                      "as the protocol has it for ImageNet")
     dim = splits[present[0]].features.shape[-1]
-    if text_weights is None and text.shape[0] != dim:
-        model = texts.encoder.get("model")  # type: ignore[union-attr]
-        raise ApecliError(f"the text of {model} has {text.shape[0]} channels, the cache's features {dim}: "
-                          f"{model} is not the model that made this cache")
+    if text_weights is None:
+        texts.check_width(dim, "the cache's features")  # type: ignore[union-attr]
     if text.ndim != 2 or text.shape[0] != dim:
         raise ApecliError(f"{text_path}: shape {tuple(text.shape)}, expected (D={dim} channels, C classes)")
     num_classes = text.shape[1]
@@ -226,10 +240,8 @@ def import_tip_adapter(
     names = _class_names(num_classes, Path(class_names) if class_names else None)
     recorded = {"name": model} if model else {}
     if texts is not None and text_weights is None:
-        provenance["text"] = {"computed_by": texts.encoder.get("model"), "templates": list(texts.templates),
-                              "prompted_classes": texts.prompted_classes}
-        encoder = {key: value for key, value in texts.encoder.items() if key not in ("device", "precision")}
-        names, recorded = texts.class_names, {**encoder, **recorded}  # the cache's own device and precision are unknown
+        provenance["text"] = texts.provenance()
+        names, recorded = texts.class_names, texts.model_record(model)
     return FeatureSet(
         class_names=names,
         classifier=np.ascontiguousarray(text.T),
@@ -242,9 +254,11 @@ def import_tip_adapter(
 
 
 def import_npz(
-    file: str | os.PathLike[str], dataset: str | None = None, model: str | None = None
+    file: str | os.PathLike[str], dataset: str | None = None, model: str | None = None,
+    texts: ClassTexts | None = None,
 ) -> FeatureSet:
-    """Read a plain ``.npz`` of features (see the module docstring for its arrays)."""
+    """Read a plain ``.npz`` of features (see the module docstring for its arrays); ``texts`` (from
+    :func:`class_texts`) stands in for a ``text_weights`` it lacks."""
     path = Path(file)
     if not path.is_file():
         raise ApecliError(f"{path}: no such file")
@@ -255,10 +269,16 @@ def import_npz(
             arrays = {name: archive[name] for name in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         raise ApecliError(f"{path}: not a readable .npz file ({str(error).splitlines()[0][:160]})") from None
-    missing = [name for name in NPZ_REQUIRED if name not in arrays]
+    if texts is not None and "text_weights" in arrays:
+        raise ApecliError(f"{path}: holds text_weights already; import it without --text-model")
+    missing = [name for name in NPZ_REQUIRED if name not in arrays and not (name == "text_weights" and texts)]
     if missing:
         raise ApecliError(f"{path}: lacks {', '.join(missing)}")
-    text = _as_features(arrays["text_weights"], "text_weights")
+    if texts is not None:
+        texts.check_width(np.shape(arrays["val_features"])[-1], "the file's features")
+        if "class_names" in arrays and tuple(map(str, arrays["class_names"])) != texts.class_names:
+            raise ApecliError(f"{path}: its class_names differ from those the text was computed from")
+    text = np.ascontiguousarray(texts.classifier.T) if texts is not None else _as_features(arrays["text_weights"], "text_weights")
     if text.ndim != 2:
         raise ApecliError(f"{path}: text_weights of shape {text.shape}, expected (D, C)")
     num_classes = text.shape[1]
@@ -273,7 +293,10 @@ def import_npz(
         )
     shots = int(counts.max())
     views = arrays.get("cache_views")
-    names = arrays.get("class_names")
+    names = texts.class_names if texts is not None else arrays.get("class_names")
+    provenance: dict[str, Any] = {"source": "npz", "path": str(path.resolve()), "files": {path.name: file_sha256(path)}}
+    if texts is not None:
+        provenance["text"] = texts.provenance()
     features = FeatureSet(
         class_names=tuple(str(n) for n in names) if names is not None else tuple(f"class_{i}" for i in range(num_classes)),
         classifier=np.ascontiguousarray(text.T),
@@ -287,8 +310,8 @@ def import_npz(
             for split in ("val", "test")
         },
         dataset=canonical_name(dataset),
-        model={"name": model} if model else {},
-        provenance={"source": "npz", "path": str(path.resolve()), "files": {path.name: file_sha256(path)}},
+        model=texts.model_record(model) if texts is not None else {"name": model} if model else {},
+        provenance=provenance,
     )
     try:
         return features.validate()

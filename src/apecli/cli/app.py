@@ -15,7 +15,8 @@ from rich.table import Table
 from apecli import __version__, store
 from apecli.cli import progress
 from apecli.cli.io import console, emit, outline, reports_errors, resolve_input
-from apecli.cli.options import DEFAULT_STORE, Dataset, Input, Json, Model, Shots, Store
+from apecli.cli.options import (DEFAULT_STORE, ClassNames, Dataset, Input, Json, Model, Shots, Store, TextModel,
+                                TextPretrained, TextPrompts, TextRoot)
 from apecli.errors import ApecliError
 
 app = typer.Typer(
@@ -44,9 +45,11 @@ def _root(
     """Few-shot CLIP classification with APE, from HDF5 feature caches."""
 
 
-def _save_imported(features, store_dir: Path, as_json: bool) -> None:
+def _save_imported(features, store_dir: Path, as_json: bool, texts=None) -> None:
     from apecli.features import mismatch_warnings, save_features
 
+    if texts is not None:
+        console.print(f"text classifier: {len(texts.class_names)} classes encoded by {texts.encoder.get('model')}")
     saved = save_features(features, store.in_store(store_dir, features.dataset, "features"))
     for note in saved.provenance.get("notes", []):
         console.print(f"note: {note}")
@@ -67,48 +70,59 @@ def import_tip_adapter(
     text_weights: Annotated[
         Optional[Path], typer.Option("--text-weights", help="D × C text classifier (default: text_weights_cupl_t.pt in the folder).")
     ] = None,
-    class_names: Annotated[Optional[Path], typer.Option("--class-names", help="Text file, one class name per line.")] = None,
+    class_names: ClassNames = None,
     dataset: Dataset = None,
     model: Model = None,
     shots: Annotated[
         Optional[str], typer.Option("--shots", help="Shot counts to import, comma-separated (default: every keys_{K}shots.pt).")
     ] = None,
-    text_model: Annotated[Optional[str], typer.Option("--text-model", help="Compute the text classifier with this open_clip model (the one that made the cache) from the class names.")] = None,
-    pretrained: Annotated[str, typer.Option("--pretrained", help="With --text-model: open_clip pretrained tag or local checkpoint.")] = "openai",
-    root: Annotated[Optional[Path], typer.Option("--root", envvar="APECLI_DATA", help="With --text-model: the CoOp datasets folder, for --dataset's class names.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="With --text-model: CuPL-style JSON, class name → sentences.")] = None,
+    text_model: TextModel = None,
+    pretrained: TextPretrained = "openai",
+    root: TextRoot = None,
+    prompts: TextPrompts = None,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
     """Import an APE / Tip-Adapter cache folder (every shot count in it, or those of --shots)."""
-    from apecli.encoder import EncoderSpec
-    from apecli.importers import class_texts, import_tip_adapter as read
+    from apecli.importers import import_tip_adapter as read
 
     counts = _integers(shots, "--shots") if shots is not None else None
-    texts = None
     if text_model is not None and text_weights is not None:
         raise ApecliError("give --text-weights or --text-model, not both")
-    if text_model is not None:
-        texts = class_texts(EncoderSpec(text_model, pretrained, "cpu"), dataset, root, class_names, prompts)
-    features = read(directory, text_weights, dataset, class_names, model, counts, texts)
-    if texts is not None:
-        console.print(f"text classifier: {len(texts.class_names)} classes encoded by {texts.encoder.get('model')}")
-    _save_imported(features, store_dir, as_json)
+    texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts)
+    _save_imported(read(directory, text_weights, dataset, class_names, model, counts, texts), store_dir, as_json, texts)
 
 
 @import_app.command("npz")
 @reports_errors
 def import_npz(
-    file: Annotated[Path, typer.Argument(help="An .npz with text_weights, cache_keys, cache_labels, val_*, test_*.")],
+    file: Annotated[Path, typer.Argument(help="An .npz with text_weights (or --text-model), cache_keys, cache_labels, val_*, test_*.")],
     dataset: Dataset = None,
     model: Model = None,
+    text_model: TextModel = None,
+    pretrained: TextPretrained = "openai",
+    root: TextRoot = None,
+    class_names: ClassNames = None,
+    prompts: TextPrompts = None,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
     """Import features from a plain .npz file."""
     from apecli.importers import import_npz as read
 
-    _save_imported(read(file, dataset, model), store_dir, as_json)
+    texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts)
+    _save_imported(read(file, dataset, model, texts), store_dir, as_json, texts)
+
+
+def _class_texts(text_model: str | None, pretrained: str, dataset: str | None, root: Path | None,
+                 class_names: Path | None, prompts: Path | None):
+    """The text classifier that --text-model computes, or None without it."""
+    if text_model is None:
+        return None
+    from apecli.encoder import EncoderSpec
+    from apecli.importers import class_texts
+
+    return class_texts(EncoderSpec(text_model, pretrained, "cpu"), dataset, root, class_names, prompts)
 
 
 @app.command()

@@ -32,3 +32,16 @@ Dataset = Annotated[
     Optional[str], typer.Option("--dataset", help="Dataset name (selects per-dataset defaults, e.g. caltech101).")
 ]
 Model = Annotated[Optional[str], typer.Option("--model", help="Name of the model the features came from, recorded as provenance.")]
+ClassNames = Annotated[Optional[Path], typer.Option("--class-names", help="Text file, one class name per line, in label order.")]
+TextModel = Annotated[
+    Optional[str],
+    typer.Option("--text-model", help="Compute the text classifier from the class names with this open_clip model "
+                 "(the one that made the features), as extract does."),
+]
+TextPretrained = Annotated[str, typer.Option("--pretrained", help="With --text-model: open_clip pretrained tag or local checkpoint.")]
+TextRoot = Annotated[
+    Optional[Path],
+    typer.Option("--root", envvar="APECLI_DATA", help="With --text-model: the CoOp datasets folder, for --dataset's class names."),
+]
+TextPrompts = Annotated[Optional[Path], typer.Option("--prompts", help="With --text-model: CuPL-style JSON, class name → sentences.")]
+
