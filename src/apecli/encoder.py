@@ -118,7 +118,11 @@ class EncoderSpec:
                           "checkpoint_sha256": _checkpoint_sha256(str(checkpoint), stat.st_size, stat.st_mtime_ns)}
         else:
             pretrained = {"pretrained": weights}
-        activation = {"quick_gelu": True} if self.forces_quick_gelu() else {}
+        # Without importing open_clip: which tags were trained with QuickGELU is its to say, when the model
+        # is built (see forces_quick_gelu); the request only needs to differ from a GELU-for-all one.
+        checkpoint = Path(weights).expanduser()
+        as_trained = weights.lower() not in NO_WEIGHTS and (not checkpoint.is_file() or is_openai_archive(checkpoint))
+        activation = {"activation": "QuickGELU where the weights were trained with it"} if as_trained else {}
         return {**model, **pretrained, **activation, "device": device_type, "precision": self.resolved_precision()}
 
     def forces_quick_gelu(self) -> bool:
@@ -199,7 +203,8 @@ class Encoder:
                                   "RandomResizedCrop(scale=(0.5, 1), bicubic) + RandomHorizontalFlip(0.5)"}
 
     def describe(self) -> dict[str, Any]:
-        return {**self.spec.identity(), "name": self.name, "preprocessing": self.preprocess_config}
+        activation = {"quick_gelu": True} if self.spec.forces_quick_gelu() else {}
+        return {**self.spec.identity(), **activation, "name": self.name, "preprocessing": self.preprocess_config}
 
     def encode_images(self, batch: "torch.Tensor") -> np.ndarray:
         """Image features (not normalised) of a batch of transformed images, as float32."""
