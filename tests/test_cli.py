@@ -302,3 +302,13 @@ def test_the_consistent_part_of_a_stale_cache_imports_with_shots(tmp_path):
     imported = run(*args, "--shots", "1", "--json")
     assert imported.exit_code == 0, imported.stderr
     assert json.loads(imported.stdout)["shots"] == [1]
+
+
+def test_models_lists_open_clip_names_with_their_tags():
+    listed = run("models", "rn50")
+    assert listed.exit_code == 0, listed.stderr
+    lines = dict(line.split("\t") for line in listed.stdout.splitlines())
+    assert "openai" in lines["RN50"].split(", ") and "RN50-quickgelu" in lines and "ViT-B-16" not in lines
+    found = json.loads(run("models", "ViT-B-16", "--json").stdout)
+    assert "openai" in found["ViT-B-16"] and all("vit-b-16" in name.lower() for name in found)
+    assert_one_line_error(run("models", "no-such-model-anywhere"), "no open_clip model name contains")

@@ -43,6 +43,17 @@ def is_openai_archive(path: Path) -> bool:
         return False
 
 
+def known_models(pattern: str = "") -> dict[str, list[str]]:
+    """open_clip's model names whose name contains ``pattern`` (any case), each with its pretrained tags
+    (an empty list: random weights or your own checkpoint only)."""
+    import open_clip
+
+    tags: dict[str, list[str]] = {name: [] for name in open_clip.list_models()}
+    for name, tag in open_clip.list_pretrained():
+        tags.setdefault(name, []).append(tag)
+    return {name: found for name, found in tags.items() if pattern.lower() in name.lower()}
+
+
 def _bounded_hub_waits() -> None:
     """An unreachable Hugging Face hub fails in seconds, not minutes."""
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")

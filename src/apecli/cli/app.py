@@ -499,6 +499,25 @@ def gc(
 
 @app.command()
 @reports_errors
+def models(
+    pattern: Annotated[str, typer.Argument(help="Only names containing this (any case), e.g. vit-b.", show_default=False)] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object: name → pretrained tags.")] = False,
+) -> None:
+    """List the open_clip models extract takes, with their pretrained tags (also: hf-hub:, local-dir:)."""
+    from apecli.encoder import known_models
+
+    found = known_models(pattern)
+    if not found:
+        raise ApecliError(f"no open_clip model name contains '{pattern}'")
+    if as_json:
+        typer.echo(json.dumps(found))
+        return
+    for name, tags in found.items():
+        typer.echo(f"{name}\t{', '.join(tags) or '-'}")
+
+
+@app.command()
+@reports_errors
 def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: Json = False) -> None:
     """Describe an artifact: kind, content id, parents, settings and arrays."""
     artifact = resolve_input(source, store_dir, ARTIFACT_KINDS)
