@@ -282,7 +282,7 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
         open_clip.add_model_config(config_path)
         name = config_path.stem
     if name not in open_clip.list_models():
-        raise ApecliError(f"unknown model '{spec.model}': give an open_clip model name (see open_clip.list_models()) "
+        raise ApecliError(f"unknown model '{spec.model}': give an open_clip model name (see apecli models) "
                           "or the path of a model-config JSON")
     weights = spec.pretrained or "none"
     pretrained = None if weights.lower() in NO_WEIGHTS else str(Path(weights).expanduser()) \
