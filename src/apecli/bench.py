@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -159,14 +160,8 @@ def means(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[tuple[st
     for row in rows:
         if row["mode"] in modes:
             groups.setdefault((_panel(row), row["shots"], row["mode"]), []).append(row["test_accuracy"])
-    return {key: (sum(values) / len(values), len(values), _deviation(values)) for key, values in groups.items()}
-
-
-def _deviation(values: Sequence[float]) -> float | None:
-    if len(values) < 2:
-        return None
-    mean = sum(values) / len(values)
-    return (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
+    return {key: (sum(values) / len(values), len(values), statistics.stdev(values) if len(values) > 1 else None)
+            for key, values in groups.items()}
 
 
 def _average(values: Sequence[float | None]) -> float | None:

@@ -67,7 +67,7 @@ def check_compatible(source: FeatureSet, target: FeatureSet) -> tuple[np.ndarray
     if mine is None or theirs is None:
         unrecorded = source.name if mine is None else target.name
         warnings.append(f"{unrecorded} records no encoder: cannot check that both feature sets share one")
-    elif mine[0] != theirs[0] or None not in (mine[1], theirs[1]) and mine[1] != theirs[1]:
+    elif mine[0] != theirs[0] or (None not in (mine[1], theirs[1]) and mine[1] != theirs[1]):
         raise ApecliError(f"{target.name}: extracted with {theirs[0]} ({theirs[1] or 'weights unrecorded'}), the "
                           f"model's features with {mine[0]} ({mine[1] or 'weights unrecorded'})")
     elif None in (mine[1], theirs[1]):  # an import that named its model alone
