@@ -88,6 +88,16 @@ def test_feature_sets_of_one_dataset_are_averaged_not_overwritten(tmp_path):
     assert shown.exit_code == 0, shown.stderr
     assert f"{sum(alpha) / 3:.2f} ± {statistics.stdev(alpha):.2f}" in shown.stderr
 
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.errorbar
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.axes.Axes, "errorbar",
+                      lambda axis, x, y, **kw: drawn.append((list(x), kw["yerr"])) or original(axis, x, y, **kw))
+        bench.plot(rows, ["zero-shot"], tmp_path / "plot.png")
+    assert drawn == [([4], [pytest.approx(statistics.stdev(alpha))])]  # alpha's seeds: beta and the average have none
+
 
 def test_refusals(two_stores, tmp_path):
     artifacts = bench.find_features([two_stores])

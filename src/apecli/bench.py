@@ -212,7 +212,11 @@ def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], path: Path) -> Pa
                 points = {count: cells[panel, count, mode][0] for count in shot_counts if (panel, count, mode) in cells}
             xs = [count for count in shot_counts if points.get(count) is not None]
             if xs:
-                axis.plot(xs, [points[x] for x in xs], marker="o", label=mode)
+                line, = axis.plot(xs, [points[x] for x in xs], marker="o", label=mode)
+                spread = [(x, cells[panel, x, mode][2]) for x in xs if panel != "Average" and cells[panel, x, mode][2]]
+                if spread:  # the seeds' standard deviation, where a dataset has several feature sets
+                    axis.errorbar([x for x, _ in spread], [points[x] for x, _ in spread], yerr=[d for _, d in spread],
+                                  fmt="none", ecolor=line.get_color(), capsize=3)
         axis.set_title(panel, fontsize=10)
         axis.set_xscale("log", base=2)
         axis.set_xticks(shot_counts, [str(count) for count in shot_counts])
