@@ -74,24 +74,30 @@ def model_files(model: str) -> tuple[Path, Path] | None:
             raise ApecliError(f"{folder}: {found}; a local-dir: model holds one (.safetensors, .bin or .pth)")
         return folder / HF_CONFIG, weights[0]
     if model.startswith("hf-hub:"):
-        repo = model[len("hf-hub:"):]
-        _bounded_hub_waits()
-        from huggingface_hub import hf_hub_download
-
-        try:
-            config = hf_hub_download(repo, HF_CONFIG)
-            failures = []
-            for name in HF_WEIGHTS:
-                try:
-                    return Path(config), Path(hf_hub_download(repo, name))
-                except Exception as failure:  # noqa: BLE001 - absent from the repository, or unreachable
-                    failures.append(failure)
-            raise failures[-1]
-        except Exception as error:  # noqa: BLE001 - the hub's many ways of saying no
-            reason = str(error).split("\n")[0][:160] or type(error).__name__
-            raise ApecliError(f"cannot get {model} (offline?): download the repository where there is a network "
-                              f"(hf download {repo} --local-dir DIR), then pass --model local-dir:DIR ({reason})") from None
+        return _hub_files(model[len("hf-hub:"):])
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_files(repo: str) -> tuple[Path, Path]:
+    """An hf-hub repository's config and weights in the hub's cache, looked up once per process (the
+    request id, the model and its description each need them; online, every lookup asks the hub)."""
+    _bounded_hub_waits()
+    from huggingface_hub import hf_hub_download
+
+    try:
+        config = hf_hub_download(repo, HF_CONFIG)
+        failures = []
+        for name in HF_WEIGHTS:
+            try:
+                return Path(config), Path(hf_hub_download(repo, name))
+            except Exception as failure:  # noqa: BLE001 - absent from the repository, or unreachable
+                failures.append(failure)
+        raise failures[-1]
+    except Exception as error:  # noqa: BLE001 - the hub's many ways of saying no
+        reason = str(error).split("\n")[0][:160] or type(error).__name__
+        raise ApecliError(f"cannot get hf-hub:{repo} (offline?): download the repository where there is a network "
+                          f"(hf download {repo} --local-dir DIR), then pass --model local-dir:DIR ({reason})") from None
 
 
 @dataclass(frozen=True)
@@ -131,20 +137,24 @@ class EncoderSpec:
             pretrained = {"pretrained": weights}
         # Without importing open_clip: which tags were trained with QuickGELU is its to say, when the model
         # is built (see forces_quick_gelu); the request only needs to differ from a GELU-for-all one.
-        checkpoint = Path(weights).expanduser()
-        as_trained = weights.lower() not in NO_WEIGHTS and (not checkpoint.is_file() or is_openai_archive(checkpoint))
-        activation = {"activation": "QuickGELU where the weights were trained with it"} if as_trained else {}
+        activation = {"activation": "QuickGELU where the weights were trained with it"} if self._trained_activation() else {}
         return {**model, **pretrained, **activation, "device": device_type, "precision": self.resolved_precision()}
+
+    def _trained_activation(self) -> bool:
+        """Whether the weights' training decides the activation: an open_clip tag or an OpenAI archive (not
+        random weights, weights that bring their config, or a state dict, which run as their config says)."""
+        weights = self.pretrained or "none"
+        checkpoint = Path(weights).expanduser()
+        return weights.lower() not in NO_WEIGHTS and not self.model.startswith(CARRIES_WEIGHTS) and \
+            (not checkpoint.is_file() or is_openai_archive(checkpoint))
 
     def forces_quick_gelu(self) -> bool:
         """Whether the weights were trained with QuickGELU while the model's config does not say so: OpenAI's
         weights (the ``openai`` tag, or an OpenAI CLIP archive such as ``~/.cache/clip/RN50.pt``) on ``RN50``
         or ``ViT-B-16``, say. open_clip would build those with GELU, whose features are not CLIP's."""
+        if not self._trained_activation():
+            return False
         weights = self.pretrained or "none"
-        checkpoint = Path(weights).expanduser()
-        if weights.lower() in NO_WEIGHTS or self.model.startswith(CARRIES_WEIGHTS) or \
-                checkpoint.is_file() and not is_openai_archive(checkpoint):
-            return False  # random weights, or weights that bring their config, or a state dict: as the config says
         config_path = Path(self.model).expanduser()
         import open_clip
 
@@ -154,7 +164,7 @@ class EncoderSpec:
             config = open_clip.get_model_config(self.model) or {}
         if config.get("quick_gelu"):
             return False  # already so: RN50-quickgelu, …
-        if checkpoint.is_file():
+        if Path(weights).expanduser().is_file():
             return True  # an OpenAI archive
         name = config_path.stem if config_path.suffix == ".json" else self.model
         return bool(open_clip.get_pretrained_cfg(name, weights).get("quick_gelu", False))

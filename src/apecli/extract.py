@@ -36,7 +36,7 @@ from apecli.distributed import Ranks, barrier, owns
 from apecli.encoder import Encoder, EncoderSpec, load_encoder
 from apecli.errors import ApecliError
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures, load_features, save_features
-from apecli.images import Batch, PilImages, RawBytes, decode_on_device, device_preprocessing_refusal, jpeg_decoder, readable
+from apecli.images import Batch, PilImages, RawBytes, decode_on_device, device_decoder, readable
 
 SplitProgress = Callable[[str, int, int], None]  # split, images done, images in the split
 
@@ -337,12 +337,8 @@ def extract(
     work = Path(store_dir) / dataset.name / f".extract-{request}"
     chosen = plan(dataset, settings)
     encoder = load_encoder(spec)
-    decoder = None
-    if settings.decode == "gpu":  # refused here, before any work, where the device path cannot serve
-        refusal = device_preprocessing_refusal(encoder)
-        if refusal:
-            raise ApecliError(refusal)
-        decoder = jpeg_decoder(str(encoder.device)).name
+    # refused here, before any work, where the device path cannot serve this encoder
+    decoder = device_decoder(encoder).name if settings.decode == "gpu" else None
     work.mkdir(parents=True, exist_ok=True)
     # two runs of one request would encode the same chunks, and the first to end would remove the folder
     with store.exclusive(work / f".lock-{ranks.rank}", f"another apecli extract is running this request in "

@@ -220,14 +220,15 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, device) -> Ba
     return Batch(batch.indices, errors, images)
 
 
-def device_preprocessing_refusal(encoder) -> str | None:
-    """Why the device path cannot do this model's evaluation resizing, or None: it does open_clip's
-    ``shortest`` (to a square) and ``squash`` modes, bicubic or bilinear, as the model's config says."""
-    config = encoder.preprocess_config
-    mode = config.get("resize_mode", "shortest")
+def device_decoder(encoder) -> JpegDecoder:
+    """The JPEG decoder the device path will use for this encoder, or one clear refusal where that path
+    cannot serve it: it resizes in open_clip's ``shortest`` (to a square) and ``squash`` modes, bicubic
+    or bilinear, as the model's config says, and needs a decoder that works on the encoder's device."""
+    mode = encoder.preprocess_config.get("resize_mode", "shortest")
     if mode not in ("shortest", "squash") or mode == "shortest" and encoder.image_size[0] != encoder.image_size[1]:
-        return f"--decode gpu does not do {encoder.name}'s '{mode}' resizing to {list(encoder.image_size)}; use --decode pil"
-    return None
+        raise ApecliError(f"--decode gpu does not do {encoder.name}'s '{mode}' resizing to {list(encoder.image_size)}; "
+                          "use --decode pil")
+    return jpeg_decoder(str(encoder.device))
 
 
 def _resize_crop_normalise(images: dict, encoder, device) -> dict:

@@ -15,8 +15,8 @@ from rich.table import Table
 from apecli import __version__, store
 from apecli.cli import progress
 from apecli.cli.io import console, emit, outline, reports_errors, resolve_input
-from apecli.cli.options import (DEFAULT_STORE, ClassNames, Dataset, Input, Json, Model, Shots, Store, TextModel,
-                                TextPretrained, TextPrompts, TextRoot)
+from apecli.cli.options import (DEFAULT_STORE, ClassNames, Dataset, Input, Json, Model, Shots, Store, StoreFolder,
+                                TextModel, TextPretrained, TextPrompts, TextRoot)
 from apecli.errors import ApecliError
 
 app = typer.Typer(
@@ -445,7 +445,7 @@ def _summary(artifact: store.Artifact) -> str:
 @app.command("ls")
 @reports_errors
 def list_store(
-    store_dir: Annotated[Optional[Path], typer.Argument(help="Store folder (default: --store, ./caches or $APECLI_STORE).", show_default=False)] = None,
+    store_dir: StoreFolder = None,
     kind: Annotated[Optional[str], typer.Option("--kind", help="Only artifacts of this kind: features, refinement, adapter, evaluation or transfer.")] = None,
     store_option: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
@@ -476,7 +476,7 @@ def list_store(
 @app.command()
 @reports_errors
 def gc(
-    store_dir: Annotated[Optional[Path], typer.Argument(help="Store folder (default: --store, ./caches or $APECLI_STORE).", show_default=False)] = None,
+    store_dir: StoreFolder = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
     work: Annotated[bool, typer.Option("--work", help="Also remove interrupted extractions (their resume state).")] = False,
     store_option: Store = Path(DEFAULT_STORE),

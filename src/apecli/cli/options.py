@@ -26,6 +26,9 @@ Store = Annotated[
         file_okay=False,
     ),
 ]
+StoreFolder = Annotated[
+    Optional[Path], typer.Argument(help="Store folder (default: --store, ./caches or $APECLI_STORE).", show_default=False)
+]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the artifact path.")]
 Shots = Annotated[Optional[int], typer.Option("--shots", help="Shot count of the cache to use (default: the largest stored).", min=1)]
 Dataset = Annotated[
