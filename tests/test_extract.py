@@ -611,7 +611,7 @@ def _openai_archive(path: Path, state: dict) -> Path:
     return path
 
 
-def test_weights_trained_with_quick_gelu_are_run_with_it(tiny, tmp_path):
+def test_weights_trained_with_quick_gelu_are_run_with_it(tiny, tmp_path, monkeypatch):
     import torch
 
     from apecli.encoder import is_openai_archive, load_encoder
@@ -625,6 +625,7 @@ def test_weights_trained_with_quick_gelu_are_run_with_it(tiny, tmp_path):
     state = torch.load(tiny.pretrained, weights_only=True)
     archive = _openai_archive(tmp_path / "RN50.pt", state)
     assert is_openai_archive(archive) and not is_openai_archive(Path(tiny.pretrained))
+    monkeypatch.delattr(torch.jit, "load")  # read without TorchScript, which torch has deprecated
     quick_config = tmp_path / "apecli-tiny-quick.json"
     quick_config.write_text(json.dumps({**json.loads(Path(tiny.model).read_text()), "quick_gelu": True}))
 

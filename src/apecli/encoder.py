@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from apecli.archives import is_openai_archive
 from apecli.errors import ApecliError
 from apecli.store import file_sha256
 
@@ -30,17 +31,6 @@ NO_WEIGHTS = ("none", "random", "")  # random weights, seeded: the same in every
 CARRIES_WEIGHTS = ("hf-hub:", "local-dir:")  # model names whose config and weights come with them
 HF_CONFIG = "open_clip_config.json"
 HF_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # in open_clip's order of preference
-
-
-def is_openai_archive(path: Path) -> bool:
-    """Whether a checkpoint is a TorchScript archive, the form of OpenAI's CLIP files (``clip.load``'s cache)."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("constants.pkl") for name in archive.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
 
 
 def known_models(pattern: str = "") -> dict[str, list[str]]:
@@ -350,13 +340,12 @@ def _load_with_files(spec: EncoderSpec) -> Encoder:
 
 def _load_openai_archive(model, path: Path, name: str) -> None:
     """Load the weights of an OpenAI CLIP archive into ``model``, refusing ones of another architecture."""
-    import warnings
+    from apecli.archives import UnreadableArchive, read_weights
 
-    import torch
-
-    with warnings.catch_warnings():  # torch.jit is deprecated; OpenAI's files are TorchScript all the same
-        warnings.simplefilter("ignore", FutureWarning)
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    try:
+        state = read_weights(path)
+    except UnreadableArchive as unreadable:
+        state = _load_with_torchscript(path, f"{path}: not an OpenAI CLIP archive apecli can read ({unreadable})")
     for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI's, not weights
         state.pop(key, None)
     try:
@@ -364,4 +353,20 @@ def _load_openai_archive(model, path: Path, name: str) -> None:
     except RuntimeError as error:  # its first line is torch's heading; the next names the keys
         reason = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
         raise ApecliError(f"{path}: an OpenAI CLIP archive whose weights do not fit {name} ({reason[:160]})") from None
+
+
+def _load_with_torchscript(path: Path, refusal: str) -> dict:
+    """An archive the weights reader does not know, through TorchScript while torch still has it."""
+    import warnings
+
+    import torch
+
+    if not hasattr(torch.jit, "load"):
+        raise ApecliError(refusal)
+    try:
+        with warnings.catch_warnings():  # deprecated, but the only other reader of TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+    except Exception:  # noqa: BLE001 - TorchScript's failures are RuntimeErrors of many kinds
+        raise ApecliError(refusal) from None
 
