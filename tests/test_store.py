@@ -230,3 +230,33 @@ def test_gc_removes_what_nothing_can_use_and_nothing_else(small_features, tmp_pa
     runner.invoke(app, ["gc", str(root), "--work"])
     assert not work.exists() and kept_features.exists()
     assert_one_line_error(runner.invoke(app, ["gc", str(tmp_path / "nowhere")]), "no such folder")
+
+
+def test_gc_keeps_what_may_only_be_out_of_reach(small_features, tmp_path):
+    """A parent whose whole folder is absent, outside the store, may be on a drive not mounted: gc keeps
+    its descendants (ls still marks them, since no command can read them now). A folder absent inside the
+    store was removed, so what hangs on it goes."""
+    import shutil
+
+    root, drive = tmp_path / "store", tmp_path / "drive"
+
+    def refined(parent_folder, child_folder):
+        features = save_features(small_features, store.in_store(parent_folder, "a", "features"))
+        return save_refinement(select_channels(features, k=8), features, store.in_store(child_folder, "a", "refine")).artifact
+
+    outside, inside = refined(drive, root), refined(root / "x", root / "y")
+    grandchild = store.write_artifact(root / "a" / "note.h5", "note", {"x": np.array([1.0])}, {}, [outside])
+    (drive / "a").rename(tmp_path / "elsewhere")  # the drive unmounted
+    shutil.rmtree(root / "x")  # a folder of the store, removed
+
+    reason = store.stale_reason(outside)
+    assert reason == f"its parent features artifact {outside.parents[0].path} is missing, and so is its folder {drive / 'a'}"
+    assert reason.absent_folder == drive / "a" and store.stale_reason(grandchild).absent_folder == drive / "a"
+    assert store.stale_reason(inside).absent_folder == root / "x" / "a"
+    removed, kept = store.collect_garbage(root, dry_run=True)
+    assert [path for path, _ in removed] == [inside.path]
+    assert sorted(path for path, _ in kept) == sorted([outside.path, grandchild.path])
+    assert all("is outside" in why and "a drive not mounted?" in why for _, why in kept)
+
+    (tmp_path / "elsewhere").rename(drive / "a")  # mounted again
+    assert store.stale_reason(outside) is None and store.stale_reason(grandchild) is None

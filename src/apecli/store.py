@@ -220,7 +220,20 @@ def list_artifacts(store: Path, kinds: Iterable[str] | None = None) -> list[Arti
     return [artifact for _, artifact in sorted(found, key=lambda item: (item[0], str(item[1].path)))]
 
 
-def stale_reason(artifact: Artifact, known: dict[Path, str | None] | None = None) -> str | None:
+class Staleness(str):
+    """Why an artifact is stale. ``absent_folder``: the folder of a missing ancestor, where that folder
+    itself is not there (it may be on a drive that is not mounted)."""
+
+    absent_folder: Path | None = None
+
+    @classmethod
+    def of(cls, reason: str, absent_folder: Path | None = None) -> "Staleness":
+        staleness = cls(reason)
+        staleness.absent_folder = absent_folder
+        return staleness
+
+
+def stale_reason(artifact: Artifact, known: dict[Path, Staleness | None] | None = None) -> Staleness | None:
     """Why an artifact can no longer be used, or None: a parent is missing, changed since it was
     written, or itself stale. ``known`` caches answers by resolved path across calls."""
     known = {} if known is None else known
@@ -232,8 +245,9 @@ def stale_reason(artifact: Artifact, known: dict[Path, str | None] | None = None
             if parent is None:
                 known[key] = problem
                 break
-            if stale_reason(parent, known) is not None:
-                known[key] = f"its parent {parent.path} is stale"
+            inherited = stale_reason(parent, known)
+            if inherited is not None:
+                known[key] = Staleness.of(f"its parent {parent.path} is stale", inherited.absent_folder)
                 break
     return known[key]
 
@@ -276,23 +290,29 @@ def collect_garbage(store: Path, dry_run: bool = False, work: bool = False,
                     now: float | None = None) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """Remove what nothing can use from a store folder: stale artifacts (see :func:`stale_reason`) and
     temporary files of writes killed over an hour ago; with ``work``, also the folders of interrupted
-    extractions (their resume state), never one that a running extraction holds. Returns (removed,
-    kept), each path with why; ``dry_run`` removes nothing. Any other file is left alone."""
+    extractions (their resume state), never one that a running extraction holds. A stale artifact whose
+    missing ancestor's folder is absent outside the store is kept: that may be a drive not mounted.
+    Returns (removed, kept), each path with why; ``dry_run`` removes nothing. Any other file is left alone."""
     import shutil
     import time
 
     folder = Path(store)
     if not folder.is_dir():
         raise ApecliError(f"{folder}: no such folder")
-    known: dict[Path, str | None] = {}
-    removed = [(a.path, reason) for a in list_artifacts(folder) if (reason := stale_reason(a, known)) is not None]
+    known: dict[Path, Staleness | None] = {}
+    stale = [(a.path, reason) for a in list_artifacts(folder) if (reason := stale_reason(a, known)) is not None]
+    inside = folder.resolve()
+    removed = [(path, reason) for path, reason in stale
+               if reason.absent_folder is None or inside in reason.absent_folder.resolve().parents]
+    kept = [(path, f"{reason}: its folder {reason.absent_folder} is outside {folder} (a drive not mounted?); "
+             "remove it by hand if that folder is gone for good") for path, reason in stale if (path, reason) not in removed]
     cutoff = (time.time() if now is None else now) - TEMPORARY_AGE_S
     extractions = sorted(p for p in folder.rglob(".extract-*") if p.is_dir() and _EXTRACTION.fullmatch(p.name))
     removed += [(p, "a temporary file of a write that did not finish") for p in sorted(folder.rglob(".*.tmp"))
                 if _TEMPORARY.fullmatch(p.name) and p.is_file() and p.stat().st_mtime < cutoff
                 and not any(e in p.parents for e in extractions)]
     running = [e for e in extractions if in_use(e)]
-    kept = [(e, "an extraction running now") for e in running]
+    kept += [(e, "an extraction running now") for e in running]
     interrupted = [(e, f"an interrupted extraction (chunks saved: {sum(1 for _ in e.glob('*.npz'))})")
                    for e in extractions if e not in running]
     if work:
@@ -326,20 +346,24 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def _find_parent(child: Artifact, ref: ParentRef) -> tuple[Artifact | None, str]:
+def _find_parent(child: Artifact, ref: ParentRef) -> tuple[Artifact | None, Staleness]:
     """A parent as recorded, or None and why not (missing, unreadable, or another content)."""
-    candidates = [child.path.parent / ref.path, Path(ref.path)]
+    candidates = [child.path.parent / ref.path, Path(ref.path)]  # where it was written; the path as given
     location = next((p for p in candidates if p.exists()), None)
     if location is None:
-        return None, f"its parent {ref.kind} artifact {ref.path} is missing"
+        recorded_folder = candidates[0].parent
+        if recorded_folder.is_dir():
+            return None, Staleness.of(f"its parent {ref.kind} artifact {ref.path} is missing")
+        return None, Staleness.of(f"its parent {ref.kind} artifact {ref.path} is missing, and so is its folder "
+                                  f"{os.path.normpath(recorded_folder)}", Path(os.path.normpath(recorded_folder)))
     try:
         parent = open_artifact(location, [ref.kind])
     except ApecliError as error:
-        return None, f"its parent {error}"
+        return None, Staleness.of(f"its parent {error}")
     if parent.content_id != ref.content_id:
-        return None, (f"its parent {location} changed since it was written (content id {parent.content_id}, "
-                      f"expected {ref.content_id}); re-run the command that made {child.path.name}")
-    return parent, ""
+        return None, Staleness.of(f"its parent {location} changed since it was written (content id {parent.content_id}, "
+                                  f"expected {ref.content_id}); re-run the command that made {child.path.name}")
+    return parent, Staleness.of("")
 
 
 def _open_parent(child: Artifact, ref: ParentRef) -> Artifact:
