@@ -49,7 +49,8 @@ class CosineAdamW:
         self.parameters = list(parameters)
         self.lr, self.eps, self.weight_decay, self.betas = float(lr), float(eps), float(weight_decay), betas
         self.total_steps = total_steps
-        self.steps = 0
+        self.steps = 0  # the schedule's
+        self.counts = [0] * len(self.parameters)  # each parameter's own updates, as torch counts them
         self.averages = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
         self.squares = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
 
@@ -63,11 +64,12 @@ class CosineAdamW:
 
         beta1, beta2 = self.betas
         self.steps += 1
-        step = float(self.steps)
         with torch.no_grad():
-            for parameter, average, square in zip(self.parameters, self.averages, self.squares):
-                if parameter.grad is None:
+            for index, (parameter, average, square) in enumerate(zip(self.parameters, self.averages, self.squares)):
+                if parameter.grad is None:  # not updated, and its bias correction does not advance
                     continue
+                self.counts[index] += 1
+                step = float(self.counts[index])
                 grad = parameter.grad
                 if self.weight_decay != 0:
                     parameter.mul_(1 - self.lr * self.weight_decay)  # decoupled weight decay
