@@ -268,6 +268,24 @@ def test_own_images_with_workers_on_the_command_line(tiny, tmp_path):
     assert json.loads(result.stdout)["dataset"] == "mine"
 
 
+def test_workers_started_without_fork_give_the_same_features(tiny, tmp_path):
+    """Python 3.14 starts processes by forkserver on Linux (macOS and Windows by spawn): the loader's
+    dataset and transform then reach its workers pickled, and the features are the same as forked ones."""
+    import multiprocessing
+
+    image_folder(tmp_path / "mine", classes=2, per_class=6)
+    dataset = read_image_folder(tmp_path / "mine", 1)
+    settings = ExtractSettings(shots=(1, 2), views=2, batch_size=4, workers=1)
+    forked = extract(dataset, tiny, tmp_path / "a", settings)
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        spawned = extract(dataset, tiny, tmp_path / "b", settings)
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert spawned.artifact.content_id == forked.artifact.content_id
+
+
 def test_command_line_refusals(tiny, caltech, tmp_path):
     base = ["extract", "--model", tiny.model, "--pretrained", tiny.pretrained, "--store", str(tmp_path / "s")]
     assert_one_line_error(runner.invoke(app, base), "give --dataset NAME")
