@@ -256,7 +256,14 @@ def test_gc_keeps_what_may_only_be_out_of_reach(small_features, tmp_path):
     removed, kept = store.collect_garbage(root, dry_run=True)
     assert [path for path, _ in removed] == [inside.path]
     assert sorted(path for path, _ in kept) == sorted([outside.path, grandchild.path])
-    assert all("is outside" in why and "a drive not mounted?" in why for _, why in kept)
+    assert all(f"lies outside {root} (a drive not mounted?)" in why for _, why in kept)
+    from typer.testing import CliRunner
+
+    from apecli.cli import app
+
+    listing = CliRunner().invoke(app, ["ls", str(root)])
+    assert listing.exit_code == 0 and sum("[stale: " in line for line in listing.stdout.splitlines()) == 3
+    assert "3 stale" in listing.stderr and "except 2 whose missing ancestor's folder lies outside" in " ".join(listing.stderr.split())
 
     (tmp_path / "elsewhere").rename(drive / "a")  # mounted again
     assert store.stale_reason(outside) is None and store.stale_reason(grandchild) is None

@@ -252,6 +252,12 @@ def stale_reason(artifact: Artifact, known: dict[Path, Staleness | None] | None 
     return known[key]
 
 
+def out_of_reach(reason: Staleness, store: Path) -> bool:
+    """Whether a stale artifact may only be out of reach, not gone: its missing ancestor's whole folder is
+    absent and lies outside the store folder (a drive not mounted, say). gc keeps such artifacts."""
+    return reason.absent_folder is not None and Path(store).resolve() not in reason.absent_folder.resolve().parents
+
+
 @contextmanager
 def exclusive(lock: Path, busy: str) -> Iterator[None]:
     """Hold an advisory lock on the file ``lock`` (made if missing) while the block runs, or refuse with
@@ -301,13 +307,9 @@ def collect_garbage(store: Path, dry_run: bool = False, work: bool = False,
         raise ApecliError(f"{folder}: no such folder")
     known: dict[Path, Staleness | None] = {}
     stale = [(a.path, reason) for a in list_artifacts(folder) if (reason := stale_reason(a, known)) is not None]
-
-    def out_of_reach(reason: Staleness) -> bool:  # rather than gone: an absent folder outside the store
-        return reason.absent_folder is not None and folder.resolve() not in reason.absent_folder.resolve().parents
-
-    removed = [(path, reason) for path, reason in stale if not out_of_reach(reason)]
-    kept = [(path, f"{reason}: its folder {reason.absent_folder} is outside {folder} (a drive not mounted?); "
-             "remove it by hand if that folder is gone for good") for path, reason in stale if out_of_reach(reason)]
+    removed = [(path, reason) for path, reason in stale if not out_of_reach(reason, folder)]
+    kept = [(path, f"{reason}; {reason.absent_folder} lies outside {folder} (a drive not mounted?): remove it by "
+             "hand if that folder is gone for good") for path, reason in stale if out_of_reach(reason, folder)]
     cutoff = (time.time() if now is None else now) - TEMPORARY_AGE_S
     extractions = sorted(p for p in folder.rglob(".extract-*") if p.is_dir() and _EXTRACTION.fullmatch(p.name))
     removed += [(p, "a temporary file of a write that did not finish") for p in sorted(folder.rglob(".*.tmp"))

@@ -470,7 +470,10 @@ def list_store(
         mark = f" [stale: {why}]" if why else ""
         typer.echo(f"{artifact.path}\t{artifact.kind}\t{artifact.metadata.get('dataset') or '-'}\t{_summary(artifact)}{mark}")
     if any(stale):
-        console.print(f"{sum(map(bool, stale))} stale (no command reads them); 'apecli gc' removes them")
+        unreachable = sum(1 for why in stale if why is not None and store.out_of_reach(why, folder))
+        console.print(f"{sum(map(bool, stale))} stale (no command reads them); 'apecli gc' removes them" + (
+            f", except {unreachable} whose missing ancestor's folder lies outside {folder} (a drive not mounted?)"
+            if unreachable else ""))
 
 
 @app.command()
