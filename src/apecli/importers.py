@@ -174,12 +174,13 @@ def import_tip_adapter(
             raise ApecliError(f"{folder}: no text classifier: pass --text-weights FILE (D × C), add {CUPL_TEXT_WEIGHTS}, "
                               "or compute it with --text-model NAME --pretrained TAG")
         text_weights = folder / CUPL_TEXT_WEIGHTS
-    if text_weights is not None:
+    computed = texts if text_weights is None else None  # the text classifier, when it comes from the class names
+    if computed is None:
         text_path = Path(text_weights)
         sources["text_weights"] = text_path
         text = _as_features(_load_tensor(text_path), str(text_path))
-    else:  # computed: C × D rows
-        text = np.ascontiguousarray(texts.classifier.T)  # type: ignore[union-attr]
+    else:  # C × D rows
+        text = np.ascontiguousarray(computed.classifier.T)
     present = [split for split in ("val", "test") if (folder / f"{split}_f.pt").is_file()]
     if not present:
         raise ApecliError(f"{folder}: no val_f.pt or test_f.pt (the validation and test features)")
@@ -197,8 +198,8 @@ def import_tip_adapter(
         notes.append(f"{present[0]}_f.pt alone: its images serve as both validation and test, "
                      "as the protocol has it for ImageNet")
     dim = splits[present[0]].features.shape[-1]
-    if text_weights is None:
-        texts.check_width(dim, "the cache's features")  # type: ignore[union-attr]
+    if computed is not None:
+        computed.check_width(dim, "the cache's features")
     if text.ndim != 2 or text.shape[0] != dim:
         raise ApecliError(f"{text_path}: shape {tuple(text.shape)}, expected (D={dim} channels, C classes)")
     num_classes = text.shape[1]
@@ -221,7 +222,7 @@ def import_tip_adapter(
         labels = _labels_from_one_hot(values, str(values_path))
         if values.shape[0] == keys.shape[1] and values.shape[1] != num_classes:
             raise ApecliError(f"{values_path}: labels of {values.shape[1]} classes, but the text classifier has "
-                              f"{num_classes}{' (of the class names given)' if texts is not None and text_weights is None else ''}")
+                              f"{num_classes}{' (of the class names given)' if computed is not None else ''}")
         if values.shape != (keys.shape[1], num_classes):
             raise ApecliError(
                 f"{values_path}: labels for {values.shape[0]} keys and {values.shape[1]} classes, "
@@ -239,9 +240,9 @@ def import_tip_adapter(
     }
     names = _class_names(num_classes, Path(class_names) if class_names else None)
     recorded = {"name": model} if model else {}
-    if texts is not None and text_weights is None:
-        provenance["text"] = texts.provenance()
-        names, recorded = texts.class_names, texts.model_record(model)
+    if computed is not None:
+        provenance["text"] = computed.provenance()
+        names, recorded = computed.class_names, computed.model_record(model)
     return FeatureSet(
         class_names=names,
         classifier=np.ascontiguousarray(text.T),

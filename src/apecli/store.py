@@ -307,9 +307,14 @@ def collect_garbage(store: Path, dry_run: bool = False, work: bool = False,
         raise ApecliError(f"{folder}: no such folder")
     known: dict[Path, Staleness | None] = {}
     stale = [(a.path, reason) for a in list_artifacts(folder) if (reason := stale_reason(a, known)) is not None]
-    removed = [(path, reason) for path, reason in stale if not out_of_reach(reason, folder)]
-    kept = [(path, f"{reason}; {reason.absent_folder} lies outside {folder} (a drive not mounted?): remove it by "
-             "hand if that folder is gone for good") for path, reason in stale if out_of_reach(reason, folder)]
+    removed: list[tuple[Path, str]] = []
+    kept: list[tuple[Path, str]] = []
+    for path, reason in stale:
+        if out_of_reach(reason, folder):
+            kept.append((path, f"{reason}; {reason.absent_folder} lies outside {folder} (a drive not mounted?): "
+                               "remove it by hand if that folder is gone for good"))
+        else:
+            removed.append((path, reason))
     cutoff = (time.time() if now is None else now) - TEMPORARY_AGE_S
     extractions = sorted(p for p in folder.rglob(".extract-*") if p.is_dir() and _EXTRACTION.fullmatch(p.name))
     removed += [(p, "a temporary file of a write that did not finish") for p in sorted(folder.rglob(".*.tmp"))
@@ -355,11 +360,11 @@ def _find_parent(child: Artifact, ref: ParentRef) -> tuple[Artifact | None, Stal
     candidates = [child.path.parent / ref.path, Path(ref.path)]  # where it was written; the path as given
     location = next((p for p in candidates if p.exists()), None)
     if location is None:
-        recorded_folder = candidates[0].parent
+        recorded_folder = Path(os.path.normpath(candidates[0].parent))
         if recorded_folder.is_dir():
             return None, Staleness.of(f"its parent {ref.kind} artifact {ref.path} is missing")
         return None, Staleness.of(f"its parent {ref.kind} artifact {ref.path} is missing, and so is its folder "
-                                  f"{os.path.normpath(recorded_folder)}", Path(os.path.normpath(recorded_folder)))
+                                  f"{recorded_folder}", recorded_folder)
     try:
         parent = open_artifact(location, [ref.kind])
     except ApecliError as error:
