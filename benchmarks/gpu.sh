@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one run: the CUDA tests, then the extraction throughput of
-# ViT-B-16 (random weights) on 4,096 generated JPEGs, PIL against GPU decoding.
+# Every check that needs a CUDA GPU, in one run: the CUDA tests, the extraction throughput of ViT-B-16
+# (random weights) on 4,096 generated JPEGs, PIL against GPU decoding, then the search and APE-T's
+# training at ImageNet's shape on the GPU against the CPU.
 #
 #   bash benchmarks/gpu.sh [OUTPUT_FOLDER]          # default: gpu-results; PYTHON=... to pick the interpreter
 #
-# Each step's output is also saved in OUTPUT_FOLDER (gpu.txt, tests.txt, throughput.txt).
+# Each step's output is also saved in OUTPUT_FOLDER (gpu.txt, tests.txt, throughput.txt, device.txt).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-results}
@@ -23,4 +24,5 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tor
 "$python" -m pytest -q -rs -s tests/test_gpu.py 2>&1 | tee "$out/tests.txt" || status=1
 "$python" benchmarks/extract_throughput.py --model ViT-B-16 --images 4096 --batch-size 256 \
     --workers "${WORKERS:-16}" --device cuda 2>&1 | tee "$out/throughput.txt" || status=1
+"$python" benchmarks/device_speed.py --device cuda 2>&1 | tee "$out/device.txt" || status=1
 exit $status

@@ -1,10 +1,13 @@
-"""What only a CUDA GPU exercises: batches in flight, nvJPEG decoding, fp16 features. Skipped without one.
+"""What only a CUDA GPU exercises: batches in flight, nvJPEG decoding, fp16 features, searches and training
+there. Skipped without one.
 
 `bash benchmarks/gpu.sh` runs these together with the throughput benchmark on a GPU machine.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -12,11 +15,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from apecli import store
 from apecli.cli import app
 from apecli.datasets import read_coop
 from apecli.encoder import load_encoder
 from apecli.extract import ExtractSettings, encode_split
-from apecli.features import load_features
+from apecli.features import load_features, save_features
+from apecli.evaluate import evaluate_artifact
+from apecli.importers import import_tip_adapter
+from apecli.refine import select_channels
+from apecli.synthetic import synthetic_features
+from apecli.training_free import SearchGrid, TriEdge, search
+from apecli.training_required import FitSettings, fit
+
+from conftest import real_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -67,3 +79,71 @@ def test_extract_decodes_on_the_gpu_from_the_command_line(tiny, caltech, tmp_pat
         similarity = cosine(gpu.splits[split].features, pil.splits[split].features)
         print(f"{split}: cosine of nvJPEG features to PIL's: min {similarity.min():.5f}, mean {similarity.mean():.5f}")
         assert similarity.min() > 0.99
+
+
+def _searched_on_both(features, k: int, grid: SearchGrid, every: int = 1):
+    _, cache = features.cache(16)
+    tri = TriEdge.build(features.classifier, cache.keys, cache.labels, select_channels(features, k=k).channels)
+    val = features.split("val")
+    x, labels = val.features[::every], val.labels[::every]
+    return search(tri, x, labels, grid), search(tri, x, labels, grid, device="cuda", chunk_bytes=1 << 22)
+
+
+def test_the_search_on_the_gpu_counts_what_the_cpu_counts():
+    features = synthetic_features(num_classes=40, dim=128, shots=(16,), val_per_class=25, test_per_class=1,
+                                  image_noise=1.5, text_noise=1.0, seed=4)
+    on_cpu, on_gpu = _searched_on_both(features, 64, SearchGrid((7.0, 3.0, 1.0), (40, 20, 10)))
+    print(f"generated: {len(np.unique(on_cpu.correct))} different counts; settings counted differently on the GPU: "
+          f"{int((on_cpu.correct != on_gpu.correct).sum())} of {on_cpu.correct.size}")
+    assert len(np.unique(on_cpu.correct)) > 20  # the settings differ, so equal counts check something
+    np.testing.assert_array_equal(on_gpu.correct, on_cpu.correct)
+
+
+def test_the_search_on_the_gpu_counts_what_the_cpu_counts_on_real_features():
+    folder = real_dataset("caltech101")
+    features = import_tip_adapter(folder, folder / "proxy_text_weights.pt", "caltech101")
+    on_cpu, on_gpu = _searched_on_both(features, 400, SearchGrid((7.0, 3.0, 1.0), (200, 20, 20)), every=2)
+    print(f"caltech101: settings counted differently on the GPU: {int((on_cpu.correct != on_gpu.correct).sum())} "
+          f"of {on_cpu.correct.size}")
+    np.testing.assert_array_equal(on_gpu.correct, on_cpu.correct)
+
+
+def test_a_fit_on_the_gpu_is_the_same_twice_and_close_to_the_cpus():
+    features = synthetic_features(num_classes=20, dim=64, shots=(16,), val_per_class=30, test_per_class=1,
+                                  informative=1.0, text_noise=2.0, image_noise=1.5, view_noise=3.0, views=4, seed=0)
+    settings = FitSettings(epochs=8, lr=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, again = fit(features, settings, device="cuda"), fit(features, settings, device="cuda")
+    nondeterministic = [str(w.message) for w in caught if "determinis" in str(w.message)]
+    assert not nondeterministic, nondeterministic
+    assert first.device == "cuda"
+    for name in ("residual", "value_weights"):
+        np.testing.assert_array_equal(getattr(first.adapter, name), getattr(again.adapter, name))
+    np.testing.assert_array_equal(first.loss, again.loss)
+    on_cpu = fit(features, settings)
+    print(f"fit: validation accuracy per epoch, cpu {on_cpu.val_accuracy.round(2).tolist()}, "
+          f"gpu {first.val_accuracy.round(2).tolist()}; largest loss difference {np.abs(on_cpu.loss - first.loss).max():.2e}")
+    np.testing.assert_allclose(first.loss, on_cpu.loss, rtol=1e-2)  # float32 rounds otherwise on the GPU
+    assert np.abs(first.val_accuracy - on_cpu.val_accuracy).max() <= 2.0
+
+
+def test_eval_and_fit_on_the_gpu_from_the_command_line(tmp_path):
+    features = synthetic_features(num_classes=8, dim=64, shots=(4,), val_per_class=10, test_per_class=10, views=2)
+    path = save_features(features, tmp_path / "f.h5").artifact.path
+
+    def run(*arguments: str) -> dict:
+        result = runner.invoke(app, [*arguments, "--device", "cuda", "--store", str(tmp_path / "s"), "--json"])
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)
+
+    assert run("eval", str(path), "--mode", "training-free")["device"] == "cuda"
+    assert run("eval", str(path), "--mode", "tip-adapter-f")["device"] == "cuda"
+    fitted = run("fit", str(path), "--epochs", "3")
+    assert fitted["device"] == "cuda"
+    adapter = next((tmp_path / "s").rglob("fit-*.h5"))
+    evaluation = run("eval", str(adapter), "--mode", "training-required")
+    assert evaluation["device"] == "cuda"
+    on_cpu = evaluate_artifact(store.open_artifact(adapter, ["adapter"]), "training-required")
+    assert (evaluation["alpha"], evaluation["beta"], evaluation["val_accuracy"]) == (on_cpu.alpha, on_cpu.beta,
+                                                                                     on_cpu.val_accuracy)

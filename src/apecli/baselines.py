@@ -20,9 +20,9 @@ import numpy as np
 
 from apecli.evaluate import Evaluation, default_grid, percent, scored
 from apecli.features import FeatureSet
-from apecli.training import EpochProgress, train, training_samples
+from apecli.training import EpochProgress, reproducible, train, training_samples
 from apecli.training_free import (CacheModel, Progress, SearchGrid, by_blocks, class_sums, count_correct, row_blocks,
-                                  softmax)
+                                  search_device, softmax)
 
 GDA_ALPHAS = tuple(10.0**i for i in range(-4, 5))
 PROKER_LAMBDAS = tuple(10.0 ** (i / 2) for i in range(-10, 5))  # 1e-5 … 1e2, half a decade apart
@@ -35,13 +35,15 @@ def _plain_cache(features: FeatureSet, shots: int | None) -> tuple[int, CacheMod
 
 
 def evaluate_tip_adapter(features: FeatureSet, shots: int | None = None, grid: SearchGrid | None = None,
-                         progress: Progress | None = None) -> Evaluation:
-    """Tip-Adapter: the cache as it is, β × α searched on validation."""
+                         progress: Progress | None = None, device: str | None = None) -> Evaluation:
+    """Tip-Adapter: the cache as it is, β × α searched on validation (on ``device``, the CPU by default)."""
+    on = search_device(device)
     shots, model = _plain_cache(features, shots)
     val, test = features.split("val"), features.split("test")
-    result = model.search(val.features, val.labels, grid or default_grid(features), progress)
+    result = model.search(val.features, val.labels, grid or default_grid(features), progress, device=on)
     correct = count_correct(model.logits(test.features, result.alpha, result.beta), test.labels)
-    return scored("tip-adapter", features, shots, result.accuracy, correct, result, alpha=result.alpha, beta=result.beta)
+    return scored("tip-adapter", features, shots, result.accuracy, correct, result, alpha=result.alpha, beta=result.beta,
+                  device=on.type)
 
 
 @dataclass(frozen=True)
@@ -60,31 +62,34 @@ class TipAdapterFSettings:
 
 def evaluate_tip_adapter_f(features: FeatureSet, shots: int | None = None, grid: SearchGrid | None = None,
                            settings: TipAdapterFSettings = TipAdapterFSettings(),
-                           progress: EpochProgress | None = None) -> Evaluation:
-    """Tip-Adapter-F: train the cache keys on the stored views, then search β × α on validation."""
+                           progress: EpochProgress | None = None, device: str | None = None) -> Evaluation:
+    """Tip-Adapter-F: train the cache keys on the stored views, then search β × α on validation (both on
+    ``device``, the CPU by default)."""
     import torch
 
+    on = search_device(device)
     shots, plain = _plain_cache(features, shots)
     val, test = features.split("val"), features.split("test")
     samples, on_views = training_samples(features, shots)
-    text = torch.from_numpy(features.classifier.astype(np.float32))
-    key_labels = torch.from_numpy(plain.key_labels.astype(np.int64))
-    keys = torch.tensor(plain.keys, dtype=torch.float32, requires_grad=True)
+    text = torch.from_numpy(features.classifier.astype(np.float32)).to(on)
+    key_labels = torch.from_numpy(plain.key_labels.astype(np.int64)).to(on)
+    keys = torch.tensor(plain.keys, dtype=torch.float32, device=on, requires_grad=True)
     alpha, beta = settings.alpha, settings.beta
 
     def logits(x):
         return 100.0 * x @ text.T + alpha * class_sums(torch.exp(-(beta - beta * (x @ keys.T))), key_labels,
                                                         features.num_classes)
 
-    run = train([keys], logits, samples, plain.key_labels, val.features, val.labels, epochs=settings.epochs,
-                lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay, batch_size=settings.batch_size,
-                seed=settings.seed, progress=progress)
+    with reproducible(on):
+        run = train([keys], logits, samples, plain.key_labels, val.features, val.labels, epochs=settings.epochs,
+                    lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay, batch_size=settings.batch_size,
+                    seed=settings.seed, progress=progress, device=on)
     model = CacheModel(features.classifier, run.parameters[0], plain.key_labels, plain.value_weights)
-    result = model.search(val.features, val.labels, grid or default_grid(features))
+    result = model.search(val.features, val.labels, grid or default_grid(features), device=on)
     correct = count_correct(model.logits(test.features, result.alpha, result.beta), test.labels)
     return scored("tip-adapter-f", features, shots, result.accuracy, correct, result, learned={"keys": run.parameters[0]},
                   alpha=result.alpha, beta=result.beta, best_epoch=run.best_epoch, epochs=settings.epochs,
-                  trained_on_views=on_views)
+                  trained_on_views=on_views, device=on.type)
 
 
 def gda_head(samples: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from apecli.evaluate import MODES, Evaluation, evaluate_artifact
 from apecli.features import TEST_SET_HINT
 
 COLUMNS = ("dataset", "model", "shots", "mode", "val_accuracy", "test_accuracy", "zero_shot_accuracy", "alpha",
-           "beta", "gamma", "lambda", "best_epoch", "seconds", "features", "content_id")
+           "beta", "gamma", "lambda", "best_epoch", "seconds", "device", "features", "content_id")
 CellProgress = Callable[[dict[str, Any], bool], None]  # the row, and whether it was already done
 
 
@@ -95,6 +95,7 @@ def _row(artifact: store.Artifact, shots: int, mode: str, evaluation: Evaluation
         **{key: summary.get(key) for key in ("val_accuracy", "test_accuracy", "zero_shot_accuracy", "alpha", "beta",
                                              "gamma", "lambda", "best_epoch")},
         "seconds": round(seconds, 3),
+        "device": summary.get("device", "cpu"),  # where the cell's search (and training) ran
         "features": str(artifact.path),
         "content_id": artifact.content_id,
     }
@@ -106,8 +107,10 @@ def run_bench(
     modes: Sequence[str],
     out: Path,
     progress: CellProgress | None = None,
+    device: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate every cell not yet in ``out``'s results; return all results."""
+    """Evaluate every cell not yet in ``out``'s results, searching and training on ``device`` (the CPU by
+    default); return all results."""
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
         raise ApecliError(f"unknown mode '{unknown[0]}'; choose among {', '.join(MODES)}")
@@ -128,7 +131,7 @@ def run_bench(
                         progress(done[artifact.content_id, count, mode], True)
                     continue
                 start = time.perf_counter()
-                evaluation = _evaluate(artifact, mode, count)
+                evaluation = _evaluate(artifact, mode, count, device)
                 row = _row(artifact, count, mode, evaluation, time.perf_counter() - start)
                 rows.append(row)
                 write_results(out, rows)
@@ -137,15 +140,15 @@ def run_bench(
     return rows
 
 
-def _evaluate(artifact: store.Artifact, mode: str, shots: int) -> Evaluation:
+def _evaluate(artifact: store.Artifact, mode: str, shots: int, device: str | None) -> Evaluation:
     if mode != "training-required":
-        return evaluate_artifact(artifact, mode, shots)
+        return evaluate_artifact(artifact, mode, shots, device=device)
     from apecli.evaluate import evaluate_training_required
     from apecli.features import load_features
     from apecli.training_required import FitSettings, fit
 
     features = load_features(artifact)
-    return evaluate_training_required(features, fit(features, FitSettings(shots=shots)))
+    return evaluate_training_required(features, fit(features, FitSettings(shots=shots), device=device), device=device)
 
 
 def _panel(row: dict[str, Any]) -> str:

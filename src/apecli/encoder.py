@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from apecli.archives import is_openai_archive
+from apecli.devices import torch_device
 from apecli.errors import ApecliError
 from apecli.store import file_sha256
 
@@ -268,6 +269,7 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
     _bounded_hub_waits()
     import open_clip
 
+    torch_device(spec.resolved_device())  # an unknown or absent device, refused in one line
     if model_files(spec.model) is not None:
         return _load_with_files(spec)
     name = spec.model

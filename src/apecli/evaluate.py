@@ -18,7 +18,7 @@ from apecli.errors import ApecliError
 from apecli.features import FeatureSet
 from apecli.presets import preset_for
 from apecli.refine import Refinement
-from apecli.training_free import Progress, SearchGrid, SearchResult, TriEdge, count_correct, search
+from apecli.training_free import Progress, SearchGrid, SearchResult, TriEdge, count_correct, search, search_device
 
 if TYPE_CHECKING:
     from apecli.training_required import FitResult
@@ -120,9 +120,12 @@ def evaluate_training_free(
     refinement: Refinement,
     grid: SearchGrid | None = None,
     progress: Progress | None = None,
+    device: str | None = None,
 ) -> Evaluation:
-    """Training-free APE: search (α, β, γ) on validation, then report test accuracy with them."""
+    """Training-free APE: search (α, β, γ) on validation (on ``device``, the CPU by default), then report
+    test accuracy with them."""
     grid = grid or default_grid(features)
+    on = search_device(device)
     shots, cache = features.cache(refinement.shots)
     if refinement.channels.max() >= features.dim:
         raise ApecliError(f"the refinement's channels exceed the {features.dim}-channel features")
@@ -130,25 +133,29 @@ def evaluate_training_free(
     val, test = features.split("val"), features.split("test")
     if val.labels.shape[0] == 0:
         raise ApecliError(f"{features.name}: the validation split is empty")
-    result = search(tri, val.features, val.labels, grid, progress)
+    result = search(tri, val.features, val.labels, grid, progress, device=on)
     logits = tri.logits(test.features, result.alpha, result.beta, result.gamma)
     return scored("training-free", features, shots, result.accuracy, count_correct(logits, test.labels), result,
-                  channels=refinement.channels, alpha=result.alpha, beta=result.beta, gamma=result.gamma)
+                  channels=refinement.channels, alpha=result.alpha, beta=result.beta, gamma=result.gamma,
+                  device=on.type)
 
 
 def evaluate_training_required(
-    features: FeatureSet, fitted: "FitResult", grid: SearchGrid | None = None, progress: Progress | None = None
+    features: FeatureSet, fitted: "FitResult", grid: SearchGrid | None = None, progress: Progress | None = None,
+    device: str | None = None,
 ) -> Evaluation:
-    """APE-T: search (α, β) on validation for a fitted adapter (no γ), then report test accuracy."""
+    """APE-T: search (α, β) on validation for a fitted adapter (no γ; on ``device``, the CPU by default),
+    then report test accuracy."""
     grid = grid or default_grid(features)
+    on = search_device(device)
     adapter = fitted.adapter
     model = adapter.cache_model(features)
     val, test = features.split("val"), features.split("test")
-    result = model.search(val.features, val.labels, grid, progress)
+    result = model.search(val.features, val.labels, grid, progress, device=on)
     logits = model.logits(test.features, result.alpha, result.beta)
     return scored("training-required", features, adapter.shots, result.accuracy, count_correct(logits, test.labels),
                   result, channels=adapter.channels, alpha=result.alpha, beta=result.beta, best_epoch=fitted.best_epoch,
-                  epochs=fitted.settings.epochs, trained_on_views=fitted.trained_on_views)
+                  epochs=fitted.settings.epochs, trained_on_views=fitted.trained_on_views, device=on.type)
 
 
 def save_evaluation(
@@ -174,11 +181,14 @@ def evaluate_artifact(
     shots: int | None = None,
     grid: SearchGrid | None = None,
     progress: Progress | None = None,
+    device: str | None = None,
 ) -> Evaluation:
     """Evaluate a features, refinement or adapter artifact in ``mode``.
 
     Training-free on a features artifact refines first, with the dataset's default k and weights; every
-    mode on a refinement uses the cache it was made from; training-required needs an adapter.
+    mode on a refinement uses the cache it was made from; training-required needs an adapter. ``device``
+    (the CPU by default) runs the searches of the modes that have one, and Tip-Adapter-F's training;
+    zero-shot, GDA and ProKeR compute on the CPU.
     """
     from apecli.features import load_features
     from apecli.refine import load_refinement, select_channels
@@ -186,6 +196,10 @@ def evaluate_artifact(
 
     if mode not in MODES:
         raise ApecliError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    if device not in (None, "cpu"):
+        from apecli.devices import torch_device
+
+        torch_device(device)  # a mistyped device is refused by every mode, even one that computes on the CPU
     if (mode == "training-required") != (artifact.kind == "adapter"):
         raise ApecliError(
             f"{artifact.path}: mode training-required evaluates a fitted adapter (from apecli fit), and only it"
@@ -195,7 +209,7 @@ def evaluate_artifact(
     if artifact.kind == "adapter":
         fitted, features = load_fit(artifact)
         _check_shots(artifact, fitted.adapter.shots, shots)
-        return evaluate_training_required(features, fitted, grid, progress)
+        return evaluate_training_required(features, fitted, grid, progress, device)
     refinement = None
     if artifact.kind == "refinement":
         refinement, features = load_refinement(artifact)
@@ -211,15 +225,15 @@ def evaluate_artifact(
         from apecli import baselines
 
         if mode == "tip-adapter":
-            return baselines.evaluate_tip_adapter(features, shots, grid, progress)
+            return baselines.evaluate_tip_adapter(features, shots, grid, progress, device)
         if mode == "tip-adapter-f":
-            return baselines.evaluate_tip_adapter_f(features, shots, grid)
+            return baselines.evaluate_tip_adapter_f(features, shots, grid, device=device)
         if mode == "gda":
             return baselines.evaluate_gda(features, shots)
         return baselines.evaluate_proker(features, shots, grid, progress)
     if refinement is None:
         refinement = select_channels(features, shots=shots)
-    return evaluate_training_free(features, refinement, grid, progress)
+    return evaluate_training_free(features, refinement, grid, progress, device)
 
 
 def _check_shots(artifact: store.Artifact, used: int, asked: int | None) -> None:

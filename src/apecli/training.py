@@ -9,14 +9,19 @@ first best epoch are kept.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from apecli.errors import ApecliError
 from apecli.features import FeatureSet
+
+if TYPE_CHECKING:
+    import torch
 
 EpochProgress = Callable[[int, int, float, float], None]  # epoch, epochs, mean loss, val accuracy
 VAL_BLOCK = 2048  # validation images scored at once
@@ -35,8 +40,9 @@ class TrainingRun:
 
 class CosineAdamW:
     """AdamW (Loshchilov and Hutter, ICLR 2019) whose learning rate is annealed along a cosine to 0 over
-    ``total_steps`` steps: the arithmetic of ``torch.optim.AdamW`` followed by ``CosineAnnealingLR``
-    on CPU tensors, operation for operation, so the parameters come out bit for bit the same.
+    ``total_steps`` steps: the arithmetic of ``torch.optim.AdamW`` (its single-tensor path) followed by
+    ``CosineAnnealingLR``, operation for operation, so on CPU tensors the parameters come out bit for
+    bit the same; on a GPU the moments live there too.
 
     Written out because creating torch's optimiser imports ``torch._dynamo``, about a second of every
     fresh ``apecli fit``; the arithmetic itself is a few tensor operations per parameter.
@@ -109,27 +115,30 @@ def train(
     seed: int,
     progress: EpochProgress | None = None,
     val_logits: Callable | None = None,
+    device: "torch.device | None" = None,
 ) -> TrainingRun:
     """Train ``parameters`` (torch tensors) of ``logits(x)`` as the module docstring says.
 
     ``val_logits(rows)``, if given, scores a slice of the validation images instead of
-    ``logits(val_features[rows])``: a model can keep there what no epoch changes."""
+    ``logits(val_features[rows])``: a model can keep there what no epoch changes. On ``device`` (where
+    the parameters and the tensors ``logits`` uses must be already), samples and labels are moved there;
+    the views and the order are drawn on the CPU, so they are the same on every device."""
     import torch
 
     if val_labels.shape[0] == 0:
         raise ApecliError("the validation split is empty; training chooses its epoch on it")
     generator = torch.Generator().manual_seed(seed)
-    samples_t = torch.from_numpy(samples)
-    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    val_x = torch.from_numpy(np.asarray(val_features, dtype=np.float32))
-    val_y = torch.from_numpy(np.asarray(val_labels, dtype=np.int64))
+    samples_t = torch.from_numpy(samples).to(device)
+    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+    val_x = torch.from_numpy(np.asarray(val_features, dtype=np.float32)).to(device)
+    val_y = torch.from_numpy(np.asarray(val_labels, dtype=np.int64)).to(device)
     count = labels_t.shape[0]
     optimiser = CosineAdamW(parameters, lr, eps, weight_decay, epochs * math.ceil(count / batch_size))
     best = (-1, -1.0, [p.detach().clone() for p in parameters])
     losses, accuracies = [], []
     for epoch in range(epochs):
-        view = torch.randint(samples_t.shape[0], (count,), generator=generator)
-        order = torch.randperm(count, generator=generator)
+        view = torch.randint(samples_t.shape[0], (count,), generator=generator).to(device)
+        order = torch.randperm(count, generator=generator).to(device)
         total = 0.0
         for start in range(0, count, batch_size):
             batch = order[start : start + batch_size]
@@ -149,4 +158,23 @@ def train(
             best = (epoch, accuracy, [p.detach().clone() for p in parameters])
         if progress is not None:
             progress(epoch + 1, epochs, losses[-1], accuracy)
-    return TrainingRun([p.numpy() for p in best[2]], best[0] + 1, best[1], np.array(losses), np.array(accuracies))
+    return TrainingRun([p.cpu().numpy() for p in best[2]], best[0] + 1, best[1], np.array(losses), np.array(accuracies))
+
+
+@contextlib.contextmanager
+def reproducible(device: "torch.device") -> Iterator[None]:
+    """Deterministic kernels while training on a GPU, so that a fit run twice gives the same parameters:
+    CUDA's defaults sum ``index_add`` (the cache logits) and ``index_select``'s gradient with atomics, in
+    no fixed order. Nothing changes on the CPU, whose kernels are deterministic already."""
+    import torch
+
+    if device.type != "cuda":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)

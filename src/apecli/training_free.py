@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int], None]
 DIVERGENCE_EPSILON = 1e-6
 BLOCK_BYTES = 128 << 20  # working memory per block of images: image × key arrays never exceed it
+DEVICE_BLOCK_BYTES = 1 << 30  # the same on a GPU, where fewer, larger blocks keep it busy
 EXACT_EVERY = 8  # the search's kernel is an exp at every 8th β, a product by exp(−Δβ(1 − a)) between
 
 
@@ -107,15 +108,21 @@ class SearchResult:
         return int((self.correct == self.correct.max()).sum())
 
 
-def products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ bᵀ`` in float64, through torch's BLAS. numpy's BLAS keeps its own threads spinning for a
-    while after each product, on the cores that the torch operations between products need: a search
-    that took its affinities from numpy block by block ran 1.5× slower."""
+def products(a: np.ndarray, b: np.ndarray, device: "torch.device | None" = None) -> np.ndarray:
+    """``a @ bᵀ`` in float64, through torch's BLAS (on ``device``, returned to the CPU). numpy's BLAS keeps
+    its own threads spinning for a while after each product, on the cores that the torch operations
+    between products need: a search that took its affinities from numpy block by block ran 1.5× slower."""
+    return product_tensor(a, b, device).cpu().numpy()
+
+
+def product_tensor(a: np.ndarray, b: "np.ndarray | torch.Tensor", device: "torch.device | None" = None) -> "torch.Tensor":
+    """``a @ bᵀ`` in float64 as a tensor on ``device`` (the CPU by default); ``b`` may be there already."""
     import torch
 
-    a = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
-    b = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64))
-    return (a @ b.T).numpy()
+    a = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(device)
+    if not isinstance(b, torch.Tensor):
+        b = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64))
+    return a @ b.to(device).T
 
 
 def renormalised(x: np.ndarray, channels: np.ndarray) -> np.ndarray:
@@ -220,28 +227,48 @@ def search(
     labels: np.ndarray,
     grid: SearchGrid,
     progress: Progress | None = None,
-    chunk_bytes: int = BLOCK_BYTES,
+    chunk_bytes: int | None = None,
+    device: "torch.device | str | None" = None,
 ) -> SearchResult:
-    """Correct predictions of every (β, α, γ) of the grid on ``x``, computed as the module docstring says."""
+    """Correct predictions of every (β, α, γ) of the grid on ``x``, computed as the module docstring says,
+    on ``device`` (the CPU by default; a CUDA GPU computes the same float64 arithmetic)."""
+    device = search_device(device)
     value_weights = np.exp(tri.divergence.reshape(tri.num_classes, tri.shots, 1) * grid.gammas)  # C × K × G
+    keys = product_keys(tri.refined_keys, device)
 
-    def affinity(rows: slice) -> np.ndarray:
-        return tri.affinity(x[rows]).reshape(-1, tri.num_classes, tri.shots)
+    def affinity(rows: slice):  # tri.affinity, computed where the search runs
+        return product_tensor(renormalised(x[rows], tri.channels), keys, device).view(-1, tri.num_classes, tri.shots)
 
-    correct = count_grid(tri.zero_shot_logits(x), affinity, value_weights, labels, grid.betas, grid.alphas,
-                         progress, chunk_bytes)
+    correct = count_grid(100.0 * products(x, tri.classifier, device), affinity, value_weights, labels, grid.betas,
+                         grid.alphas, progress, chunk_bytes, device)
     return SearchResult(correct, x.shape[0], grid)
+
+
+def search_device(device: "torch.device | str | None") -> "torch.device":
+    """The device a search runs on: the CPU unless told, checked (float64 is needed)."""
+    from apecli.devices import torch_device
+
+    return torch_device("cpu" if device is None else str(device), float64=True)
+
+
+def product_keys(keys: np.ndarray, device: "torch.device") -> "torch.Tensor":
+    """Keys as float64 on ``device``, moved there once for all blocks of images (on the CPU, the same
+    memory as ``keys``)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float64)).to(device)
 
 
 def count_grid(
     zero_shot: np.ndarray,
-    affinity: Callable[[slice], np.ndarray],
+    affinity: Callable[[slice], "np.ndarray | torch.Tensor"],
     value_weights: np.ndarray,
     labels: np.ndarray,
     betas: np.ndarray,
     alphas: np.ndarray,
     progress: Progress | None = None,
-    chunk_bytes: int = BLOCK_BYTES,
+    chunk_bytes: int | None = None,
+    device: "torch.device | None" = None,
 ) -> np.ndarray:
     """Correct predictions of ``zero_shot + α · exp(−β(1 − affinity)) · values`` for every β, α and
     value-weight column g, as an array [β, α, g].
@@ -249,7 +276,9 @@ def count_grid(
     ``zero_shot`` is N × C; ``affinity(rows)`` gives the affinities of a slice of the N images,
     rows × C × K (the keys in class blocks), computed a block at a time so that no N × C·K array is held;
     ``value_weights`` is C × K × G, the weight of each key in each of G variants of the cache values
-    (γ, for APE). The α values must be positive.
+    (γ, for APE). The α values must be positive. It runs on ``device`` (the CPU by default), where
+    ``affinity`` may leave its tensors; ``chunk_bytes`` bounds the working memory of a block of images
+    (default: BLOCK_BYTES on the CPU, DEVICE_BLOCK_BYTES on a GPU).
 
     Per image of label t and class c, with margin m_c = R_fW[t] − R_fW[c] and slope s_c = H[t] − H[c]
     (H the cache logits), the image is classified correctly at α when m_c + α s_c > 0 for every c.
@@ -260,31 +289,35 @@ def count_grid(
     """
     import torch
 
+    device = torch.device("cpu") if device is None else device
+    if chunk_bytes is None:
+        chunk_bytes = BLOCK_BYTES if device.type == "cpu" else DEVICE_BLOCK_BYTES
     n, num_classes = zero_shot.shape
     shots, steps_g = value_weights.shape[1:]
     alphas = np.asarray(alphas, dtype=np.float64)
     if alphas.size and not alphas.min() > 0:
         raise ApecliError(f"the α values of a search must be positive, got {alphas.min()}")
-    inverse_alphas = torch.from_numpy(1.0 / alphas)
-    target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    zero_shot = torch.from_numpy(np.asarray(zero_shot, dtype=np.float64))
+    inverse_alphas = torch.from_numpy(1.0 / alphas).to(device)
+    target = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+    zero_shot = torch.from_numpy(np.asarray(zero_shot, dtype=np.float64)).to(device)
     margin = zero_shot.gather(1, target[:, None]) - zero_shot  # m_c = R_fW[t] − R_fW[c]
     margin.scatter_(1, target[:, None], 1.0)  # the true class never competes with itself (its slope is 0)
-    value_weights = torch.from_numpy(np.ascontiguousarray(np.moveaxis(value_weights, 2, 1), dtype=np.float64))  # C×G×K
+    value_weights = torch.from_numpy(np.ascontiguousarray(np.moveaxis(value_weights, 2, 1), dtype=np.float64))
+    value_weights = value_weights.to(device)  # C × G × K
     betas = np.asarray(betas, dtype=np.float64)
     step = float(betas[-1] - betas[0]) / (len(betas) - 1) if len(betas) > 1 else 0.0
     evenly_spaced = len(betas) > 2 and bool(np.allclose(np.diff(betas), step, rtol=1e-9, atol=0))
-    correct = torch.zeros((len(betas), len(alphas), steps_g), dtype=torch.int64)
+    correct = torch.zeros((len(betas), len(alphas), steps_g), dtype=torch.int64, device=device)
     rows = max(1, chunk_bytes // (8 * num_classes * 3 * (shots + steps_g)))
     chunks = range(0, n, rows)
     total_steps, done = len(chunks) * len(betas), 0
     # Buffers allocated once, for the largest chunk: fresh tensors of this size per chunk cost more in
     # page faults than a few β values of arithmetic.
-    per_key = [torch.empty(num_classes * shots * min(rows, n), dtype=torch.float64) for _ in range(3)]
-    per_class = [torch.empty(num_classes * steps_g * min(rows, n), dtype=torch.float64) for _ in range(3)]
+    per_key = [torch.empty(num_classes * shots * min(rows, n), dtype=torch.float64, device=device) for _ in range(3)]
+    per_class = [torch.empty(num_classes * steps_g * min(rows, n), dtype=torch.float64, device=device) for _ in range(3)]
     for start in chunks:
         block = slice(start, start + rows)
-        computed = torch.from_numpy(np.asarray(affinity(block), dtype=np.float64))
+        computed = torch.as_tensor(affinity(block), dtype=torch.float64, device=device)
         size = computed.shape[0]
         # Classes first, images last: C × K × n, so the cache logits are C products of G × K by K × n.
         affinity_block, kernel, step_ratio = (flat[: num_classes * shots * size].view(num_classes, shots, size)
@@ -315,13 +348,13 @@ def count_grid(
             if tied_class.numel():
                 tied_slope = slope[tied_class, :, tied_image]  # ties × G
                 loses = (tied_slope < 0) | ((tied_slope == 0) & tied_first[:, None])
-                never = torch.zeros((steps_g, size), dtype=torch.int64).index_add_(1, tied_image, loses.T.long())
+                never = torch.zeros((steps_g, size), dtype=torch.int64, device=device).index_add_(1, tied_image, loses.T.long())
                 hits &= (never == 0)[..., None]
             correct[b] += hits.sum(dim=1).T
             done += 1
             if progress is not None:
                 progress(done, total_steps)
-    return correct.numpy()
+    return correct.cpu().numpy()
 
 
 def search_loop(tri: TriEdge, x: np.ndarray, labels: np.ndarray, grid: SearchGrid) -> SearchResult:
@@ -366,8 +399,11 @@ class CacheModel:
 
         return by_blocks(x, keys.shape[0], compute)
 
-    def search(self, x: np.ndarray, labels: np.ndarray, grid: SearchGrid, progress: Progress | None = None) -> SearchResult:
-        """Correct predictions for every β and α of ``grid`` (its γ is ignored), as SearchResult[β, α, 0]."""
+    def search(self, x: np.ndarray, labels: np.ndarray, grid: SearchGrid, progress: Progress | None = None,
+               device: "torch.device | str | None" = None) -> SearchResult:
+        """Correct predictions for every β and α of ``grid`` (its γ is ignored), as SearchResult[β, α, 0],
+        on ``device`` (the CPU by default)."""
+        device = search_device(device)
         grid = SearchGrid((grid.scale[0], grid.scale[1], 0.0), (grid.steps[0], grid.steps[1], 1))
         num_classes = self.text.shape[0]
         order = np.argsort(self.key_labels, kind="stable")
@@ -375,7 +411,11 @@ class CacheModel:
         x = np.asarray(x, dtype=np.float64)
         keys = np.asarray(self.keys, dtype=np.float64)[order]
         weights = np.asarray(self.value_weights, dtype=np.float64)[order].reshape(num_classes, shots, 1)
-        zero_shot = 100.0 * products(x, self.text)
-        correct = count_grid(zero_shot, lambda rows: products(x[rows], keys).reshape(-1, num_classes, shots), weights, labels,
-                             grid.betas, grid.alphas, progress)
+        zero_shot = 100.0 * products(x, self.text, device)
+        on_device = product_keys(keys, device)
+
+        def affinity(rows: slice):
+            return product_tensor(x[rows], on_device, device).view(-1, num_classes, shots)
+
+        correct = count_grid(zero_shot, affinity, weights, labels, grid.betas, grid.alphas, progress, device=device)
         return SearchResult(correct, x.shape[0], grid)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -25,8 +25,11 @@ from apecli.errors import ApecliError
 from apecli.features import FeatureSet, load_features
 from apecli.presets import preset_for
 from apecli.refine import channel_criterion, top_channels
-from apecli.training import EpochProgress, train, training_samples
+from apecli.training import EpochProgress, reproducible, train, training_samples
 from apecli.training_free import CacheModel, class_sums
+
+if TYPE_CHECKING:
+    import torch
 
 KIND = "adapter"
 
@@ -106,6 +109,7 @@ class FitResult:
     val_accuracy: np.ndarray  # per epoch, percent
     trained_on_views: bool
     artifact: store.Artifact | None = None
+    device: str = "cpu"  # the type of device it trained on: a GPU's float32 rounds otherwise than the CPU's
 
     def summary(self) -> dict[str, Any]:
         settings = asdict(self.settings)
@@ -115,18 +119,25 @@ class FitResult:
             "best_epoch": self.best_epoch,
             "best_val_accuracy": self.best_val_accuracy,
             "trained_on_views": self.trained_on_views,
+            "device": self.device,
             "history": {"loss": self.loss.tolist(), "val_accuracy": self.val_accuracy.tolist()},
         }
 
 
 def fit(features: FeatureSet, settings: FitSettings = FitSettings(), progress: EpochProgress | None = None,
-        val_cache_bytes: int | None = None) -> FitResult:
-    """Train APE-T on a feature set's cache (its stored views when it has them, else its keys).
+        val_cache_bytes: int | None = None, device: "str | None" = None) -> FitResult:
+    """Train APE-T on a feature set's cache (its stored views when it has them, else its keys), on
+    ``device`` (``cpu`` by default; ``cuda`` trains with deterministic kernels, see
+    :func:`apecli.training.reproducible`).
 
     The validation images' products with the fixed keys are kept across epochs within
-    ``val_cache_bytes`` (default: :func:`val_cache_budget`); 0 recomputes them every epoch."""
+    ``val_cache_bytes`` (default: :func:`val_cache_budget`, of the device's memory); 0 recomputes them
+    every epoch."""
     import torch
 
+    from apecli.devices import torch_device
+
+    on = torch_device(device or "cpu")
     settings = settings.resolve(features)
     shots, cache = features.cache(settings.shots)
     val = features.split("val")
@@ -135,31 +146,38 @@ def fit(features: FeatureSet, settings: FitSettings = FitSettings(), progress: E
     channels = top_channels(channel_criterion(features.classifier, cache.keys, cache.labels, settings.weights), settings.k)
     samples, trained_on_views = training_samples(features, shots)
     torch.manual_seed(settings.seed)
-    text = torch.from_numpy(features.classifier.astype(np.float32))
-    keys = torch.from_numpy(cache.keys.astype(np.float32))
-    labels = torch.from_numpy(cache.labels.astype(np.int64))
-    selected = torch.from_numpy(channels)
-    residual = torch.zeros((features.num_classes, settings.k), requires_grad=True)
-    value_weights = torch.ones(labels.shape[0], requires_grad=True)
+    text = torch.from_numpy(features.classifier.astype(np.float32)).to(on)
+    keys = torch.from_numpy(cache.keys.astype(np.float32)).to(on)
+    labels = torch.from_numpy(cache.labels.astype(np.int64)).to(on)
+    selected = torch.from_numpy(channels).to(on)
+    residual = torch.zeros((features.num_classes, settings.k), device=on, requires_grad=True)
+    value_weights = torch.ones(labels.shape[0], device=on, requires_grad=True)
     alpha, beta = settings.init_alpha, settings.init_beta
 
     def model_logits(x, fixed=None):
         return adapted_logits(x, text, keys, labels, selected, residual, value_weights, alpha, beta, fixed)
 
     val_x = torch.from_numpy(np.ascontiguousarray(val.features, dtype=np.float32))
-    products = KeyProducts(val_x, keys, val_cache_bytes)
+    products = KeyProducts(val_x.to(on), keys, val_cache_bytes)
 
-    run = train([residual, value_weights], model_logits, samples, cache.labels, val_x.numpy(), val.labels,
-                epochs=settings.epochs, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay,
-                batch_size=settings.batch_size, seed=settings.seed, progress=progress,
-                val_logits=lambda rows: model_logits(val_x[rows], products(rows)))
+    with reproducible(on):
+        run = train([residual, value_weights], model_logits, samples, cache.labels, val_x.numpy(), val.labels,
+                    epochs=settings.epochs, lr=settings.lr, eps=settings.eps, weight_decay=settings.weight_decay,
+                    batch_size=settings.batch_size, seed=settings.seed, progress=progress,
+                    val_logits=lambda rows: model_logits(products.x[rows], products(rows)), device=on)
     adapter = Adapter(channels, run.parameters[0], run.parameters[1], shots)
-    return FitResult(adapter, settings, run.best_epoch, run.best_val_accuracy, run.loss, run.val_accuracy, trained_on_views)
+    return FitResult(adapter, settings, run.best_epoch, run.best_val_accuracy, run.loss, run.val_accuracy, trained_on_views,
+                     device=on.type)
 
 
-def val_cache_budget() -> int:
+def val_cache_budget(device: "torch.device | None" = None) -> int:
     """How many bytes of validation products APE-T's training keeps across epochs: a quarter of the
-    memory available now (Linux), at most 4 GiB (ImageNet's 50,000 × 16,000 products take 3.2 GB)."""
+    memory available now (Linux; a GPU's own free memory there), at most 4 GiB (ImageNet's
+    50,000 × 16,000 products take 3.2 GB)."""
+    if device is not None and device.type == "cuda":
+        import torch
+
+        return min(4 * 2**30, torch.cuda.mem_get_info(device)[0] // 4)
     try:
         with open("/proc/meminfo") as info:
             available = next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
@@ -174,7 +192,7 @@ class KeyProducts:
 
     def __init__(self, x, keys, budget: int | None = None) -> None:
         self.x, self.keys = x, keys
-        self.budget = val_cache_budget() if budget is None else budget
+        self.budget = val_cache_budget(x.device) if budget is None else budget
         self.kept: dict[tuple[int, int], object] = {}
         self.held = 0
 
@@ -239,5 +257,5 @@ def load_fit(source: str | Path | store.Artifact) -> tuple[FitResult, FeatureSet
         raise ApecliError(f"{artifact.path}: residual of shape {adapter.residual.shape} does not fit {features.name}")
     result = FitResult(adapter, FitSettings(**settings), int(meta["best_epoch"]), float(meta["best_val_accuracy"]),
                        artifact.read("history/loss"), artifact.read("history/val_accuracy"),
-                       bool(meta["trained_on_views"]), artifact)
+                       bool(meta["trained_on_views"]), artifact, str(meta.get("device", "cpu")))
     return result, features

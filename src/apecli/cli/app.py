@@ -15,8 +15,8 @@ from rich.table import Table
 from apecli import __version__, store
 from apecli.cli import progress
 from apecli.cli.io import console, emit, outline, reports_errors, resolve_input
-from apecli.cli.options import (DEFAULT_STORE, ClassNames, Dataset, Input, Json, Model, Shots, Store, StoreFolder,
-                                TextModel, TextPretrained, TextPrompts, TextRoot)
+from apecli.cli.options import (DEFAULT_STORE, ClassNames, ComputeDevice, Dataset, Input, Json, Model, Shots, Store,
+                                StoreFolder, TextModel, TextPretrained, TextPrompts, TextRoot)
 from apecli.errors import ApecliError
 
 app = typer.Typer(
@@ -249,6 +249,7 @@ def evaluate(
     search_step: Annotated[
         Optional[tuple[int, int, int]], typer.Option("--search-step", help="Steps of the β, α, γ grids.")
     ] = None,
+    device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
@@ -263,7 +264,7 @@ def evaluate(
     preset = preset_for(artifact.metadata.get("dataset"))
     grid = SearchGrid(tuple(search_scale or preset.search_scale), tuple(search_step or preset.search_step))
     with progress.steps(f"searching {grid.size:,} settings") as advance:
-        evaluation = evaluate_artifact(artifact, mode, shots, grid, advance)
+        evaluation = evaluate_artifact(artifact, mode, shots, grid, advance, device)
     stem = f"eval-{mode}" + (f"-{evaluation.shots}shot" if evaluation.shots else "")
     saved = save_evaluation(evaluation, [artifact], store.in_store(store_dir, evaluation.dataset, stem))
     _print_evaluation(evaluation.summary())
@@ -315,6 +316,7 @@ def fit(
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="α during training (default: the dataset's init α).")] = None,
     beta: Annotated[Optional[float], typer.Option("--beta", help="β during training (default: 1).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of view choice, shuffling and initialisation.")] = 1,
+    device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
@@ -327,7 +329,7 @@ def fit(
     if features.views(settings.shots) is None:
         console.print(f"no augmented views stored for {settings.shots} shots: training on the cache keys themselves")
     with progress.epochs(settings.epochs) as report:
-        result = train(features, settings, report)
+        result = train(features, settings, report, device=device)
     result = save_fit(result, features, store.in_store(
         store_dir, features.dataset, f"fit-{settings.shots}shot-k{settings.k}-seed{settings.seed}"))
     console.print(f"best validation accuracy {result.best_val_accuracy:.2f}% at epoch {result.best_epoch} "
@@ -342,6 +344,7 @@ def bench(
     shots: Annotated[str, typer.Option("--shots", help="Shot counts, comma-separated.")] = "1,2,4,8,16",
     modes: Annotated[str, typer.Option("--modes", help="Modes, comma-separated.")] = "zero-shot,tip-adapter,training-free,gda",
     out: Annotated[Path, typer.Option("--out", help="Folder for results.json, results.csv and the plot.")] = Path("results"),
+    device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
@@ -356,7 +359,7 @@ def bench(
         took = "done before" if skipped else f"{row['seconds']:7.1f} s"
         console.print(f"{took}  {row['dataset']} {row['shots']}-shot {row['mode']}: test {row['test_accuracy']:.2f}%")
 
-    rows = runner.run_bench(artifacts, counts, chosen, out, report)
+    rows = runner.run_bench(artifacts, counts, chosen, out, report, device)
     asked = {artifact.content_id for artifact in artifacts}  # the table and plot: this run's cells only
     current = [row for row in rows if row["content_id"] in asked and row["shots"] in counts]
     picture = runner.plot(current, chosen, out / "accuracy-vs-shots.png")

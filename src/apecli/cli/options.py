@@ -29,6 +29,11 @@ Store = Annotated[
 StoreFolder = Annotated[
     Optional[Path], typer.Argument(help="Store folder (default: --store, ./caches or $APECLI_STORE).", show_default=False)
 ]
+ComputeDevice = Annotated[
+    str,
+    typer.Option("--device", help="Where searches and training run: cpu, cuda or cuda:N (float64 searches; a GPU's "
+                 "float32 training rounds otherwise than the CPU's)."),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the artifact path.")]
 Shots = Annotated[Optional[int], typer.Option("--shots", help="Shot count of the cache to use (default: the largest stored).", min=1)]
 Dataset = Annotated[

@@ -1,0 +1,107 @@
+"""The training-free search and APE-T's training on a GPU, against the same on the CPU, at ImageNet's shape.
+
+ImageNet's protocol: C = 1000 classes, K = 16 shots, D = 1024 (RN50), k = 500 refined channels, 50,000
+validation images, the grid of 200 × 20 × 5 = 20,000 settings, APE-T with 10 stored views per training
+image. Baseline, in the same run and measured first: the same computation on the CPU (``--device cpu``,
+apecli's default), with all the machine's cores.
+
+- Search: both devices over the first --betas β values of the 200, which must count the same correct
+  predictions in every setting (float64 on both); then the device alone over the whole grid (its time
+  only: the CPU's whole grid takes minutes, see benchmarks/imagenet_scale.py --betas 200).
+- Fit: --epochs epochs of APE-T on each device from the same features and seed. A GPU's float32 rounds
+  otherwise than the CPU's, so the histories are compared, not required equal.
+
+Each device is warmed up first on a small search and fit, so that CUDA's start-up is not timed.
+
+    python benchmarks/device_speed.py [--device cuda] [--images 50000] [--betas 16] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from apecli.features import LabelledFeatures
+from apecli.synthetic import synthetic_features
+from apecli.training_free import SearchGrid, TriEdge, search
+from apecli.training_required import FitSettings, fit
+from imagenet_scale import GRID, generated
+
+
+def timed(run):
+    start = time.perf_counter()
+    result = run()
+    return result, time.perf_counter() - start
+
+
+def imagenet_fit_features(images: int):
+    """ImageNet's shape for APE-T (as benchmarks/fit_imagenet.py makes it): 16 shots × 1000 classes with
+    10 views each, and ``images`` validation images."""
+    features = synthetic_features(num_classes=1000, dim=1024, shots=(16,), val_per_class=2, test_per_class=1, views=10,
+                                  image_noise=4.0, text_noise=1.5, view_noise=4.0, dataset="imagenet")
+    val = features.split("val")
+    rows = np.random.default_rng(1).integers(0, val.labels.shape[0], images)
+    return replace(features, splits={**features.splits, "val": LabelledFeatures(val.features[rows], val.labels[rows])})
+
+
+def warm_up(device: str) -> None:
+    small = synthetic_features(num_classes=10, dim=64, shots=(4,), val_per_class=5, test_per_class=1, views=2)
+    _, cache = small.cache(4)
+    val = small.split("val")
+    search(TriEdge.build(small.classifier, cache.keys, cache.labels, np.arange(32)), val.features, val.labels,
+           SearchGrid((7.0, 7.0, 1.0), (4, 4, 2)), device=device)
+    fit(small, FitSettings(epochs=1, k=32), device=device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="the device measured against the CPU (cuda, cuda:1, …)")
+    parser.add_argument("--images", type=int, default=50_000, help="validation images")
+    parser.add_argument("--betas", type=int, default=16, help="β values of the 200 that both devices search")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of each fit (ImageNet's default is 20)")
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else args.device
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads; device {args.device}: {name}")
+    for device in ("cpu", args.device):
+        warm_up(device)
+
+    text, keys, key_labels, x, labels = generated(args.images)
+    tri = TriEdge.build(text, keys, key_labels, np.arange(500))  # which 500 channels does not change the cost
+    head = SearchGrid((0.1 + args.betas * (GRID.scale[0] - 0.1) / GRID.steps[0], *GRID.scale[1:]),
+                      (args.betas, *GRID.steps[1:]))
+    print(f"search: C=1000, K=16, D=1024, k=500, {args.images:,} images")
+    on_cpu, cpu_seconds = timed(lambda: search(tri, x, labels, head))
+    print(f"  cpu (baseline), {head.size:,} settings ({args.betas} β): {cpu_seconds:.2f} s", flush=True)
+    on_device, device_seconds = timed(lambda: search(tri, x, labels, head, device=args.device))
+    differ = int((on_cpu.correct != on_device.correct).sum())
+    print(f"  {args.device}, the same {head.size:,} settings: {device_seconds:.2f} s; settings counted differently: "
+          f"{differ} of {head.size:,}; ratio {cpu_seconds / device_seconds:.1f}x", flush=True)
+    whole, whole_seconds = timed(lambda: search(tri, x, labels, GRID, device=args.device))
+    print(f"  {args.device}, the whole grid ({GRID.size:,} settings): {whole_seconds:.2f} s, best {whole.accuracy:.2f}% "
+          f"at (β, α, γ) = ({whole.beta:.4g}, {whole.alpha:.4g}, {whole.gamma:.4g})", flush=True)
+
+    features = imagenet_fit_features(args.images)
+    settings = FitSettings(epochs=args.epochs)
+    print(f"fit: C=1000, K=16, D=1024, 10 views, {args.images:,} validation images, {args.epochs} epochs")
+    cpu_fit, cpu_fit_seconds = timed(lambda: fit(features, settings))
+    print(f"  cpu (baseline): {cpu_fit_seconds:.1f} s, {cpu_fit_seconds / args.epochs:.1f} s per epoch", flush=True)
+    device_fit, device_fit_seconds = timed(lambda: fit(features, settings, device=args.device))
+    print(f"  {args.device}: {device_fit_seconds:.1f} s, {device_fit_seconds / args.epochs:.1f} s per epoch; "
+          f"ratio {cpu_fit_seconds / device_fit_seconds:.1f}x")
+    loss_gap = np.abs(cpu_fit.loss - device_fit.loss).max() / np.abs(cpu_fit.loss).max()
+    print(f"  validation accuracy per epoch: cpu {np.round(cpu_fit.val_accuracy, 3).tolist()}, "
+          f"{args.device} {np.round(device_fit.val_accuracy, 3).tolist()}; largest relative loss difference "
+          f"{loss_gap:.1e}; largest residual difference {np.abs(cpu_fit.adapter.residual - device_fit.adapter.residual).max():.1e}")
+    if differ:
+        raise SystemExit("the searches counted differently")
+
+
+if __name__ == "__main__":
+    main()
