@@ -130,7 +130,13 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     samples_t = torch.from_numpy(samples).to(device)
     labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
-    val_x = torch.from_numpy(np.asarray(val_features, dtype=np.float32)).to(device)
+    score = val_logits
+    if score is None:  # else the model scores its own copy of the images, already on the device
+        val_x = torch.from_numpy(np.asarray(val_features, dtype=np.float32)).to(device)
+
+        def score(rows: slice):
+            return logits(val_x[rows])
+
     val_y = torch.from_numpy(np.asarray(val_labels, dtype=np.int64)).to(device)
     count = labels_t.shape[0]
     optimiser = CosineAdamW(parameters, lr, eps, weight_decay, epochs * math.ceil(count / batch_size))
@@ -149,7 +155,6 @@ def train(
             total += float(loss.detach()) * batch.shape[0]
         with torch.no_grad():  # in blocks of images: the image × key products of a large split stay small
             blocks = [slice(start, start + VAL_BLOCK) for start in range(0, val_y.shape[0], VAL_BLOCK)]
-            score = val_logits or (lambda rows: logits(val_x[rows]))
             hits = sum(int((score(block).argmax(dim=1) == val_y[block]).sum()) for block in blocks)
             accuracy = 100.0 * hits / val_y.shape[0]
         losses.append(total / count)
