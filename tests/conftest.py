@@ -13,14 +13,17 @@ from apecli.synthetic import coop_caltech, tiny_model_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REAL_FEATURES = Path(__file__).resolve().parents[2] / "shared" / "real-features"
+# The real CLIP features: ../shared/real-features beside the project, or a copy named by APECLI_REAL_FEATURES
+# (a machine the project is copied to without its surroundings).
+REAL_FEATURES = Path(os.environ.get("APECLI_REAL_FEATURES") or Path(__file__).resolve().parents[2] / "shared" / "real-features")
 
 
 def real_dataset(name: str) -> Path:
     """The folder of one real-feature set, or skip the test with the reason."""
     folder = REAL_FEATURES / name
     if not (folder / "keys_16shots.pt").is_file():
-        pytest.skip(f"real features not found at {folder} (they live in ../shared/real-features beside the project)")
+        pytest.skip(f"real features not found at {folder} (they live in ../shared/real-features beside the project, "
+                    "or where APECLI_REAL_FEATURES says)")
     return folder
 
 
