@@ -53,9 +53,10 @@ def test_the_cpu_and_auto_without_a_gpu():
 def test_a_search_refuses_a_device_without_float64():
     with pytest.raises(ApecliError, match="'mps' has no float64"):
         torch_device("mps", float64=True)
+    data = features()
+    val = data.split("val")
     with pytest.raises(ApecliError, match="'mps' has no float64"):
-        search(TriEdge.build(*cache_of(features())), features().split("val").features, features().split("val").labels,
-               GRID, device="mps")
+        search(TriEdge.build(*cache_of(data)), val.features, val.labels, GRID, device="mps")
 
 
 def cache_of(feature_set):
