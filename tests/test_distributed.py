@@ -62,6 +62,19 @@ def test_two_processes_make_the_single_process_store(setup):
     assert not list((setup / "two" / "caltech101").glob(".extract-*"))
 
 
+def test_processes_that_take_another_seeds_evaluation_features_make_the_single_process_store(setup):
+    for store in ("one", "two"):
+        first = _run(setup, store, 1)
+        assert first.returncode == 0, first.stderr
+    single = _run(setup, "one", 1, "--seed", "2")
+    assert single.returncode == 0, single.stderr
+    double = _run(setup, "two", 2, "--seed", "2")
+    assert double.returncode == 0, double.stderr
+    assert "validation and test features: those of" in double.stderr
+    assert Path(single.stdout.strip()).name == Path(double.stdout.strip()).name  # same content id
+    assert not list((setup / "two" / "caltech101").glob(".extract-*"))
+
+
 def test_an_interrupted_run_resumes_across_processes(setup, interrupt_encoder):
     import torch
 

@@ -93,6 +93,76 @@ def test_a_second_run_reuses_without_the_encoder(tiny, caltech, tmp_path, monkey
     assert again.artifact.path == first.artifact.path and messages == [f"already extracted: {first.artifact.path}"]
 
 
+def _count_encoded(monkeypatch) -> dict[str, int]:
+    """How many images (views counted one by one) the encoder is given from now on."""
+    from apecli.encoder import Encoder
+
+    original, seen = Encoder.start_encoding, {"images": 0}
+
+    def start_encoding(self, batch):
+        seen["images"] += batch.shape[0]
+        return original(self, batch)
+
+    monkeypatch.setattr(Encoder, "start_encoding", start_encoding)
+    return seen
+
+
+def test_another_seed_takes_the_validation_and_test_features_of_the_first(tiny, caltech, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    dataset = read_coop("caltech101", caltech)
+    first = extract(dataset, tiny, tmp_path / "s", SETTINGS)
+    encoded, messages = _count_encoded(monkeypatch), []
+    second = extract(dataset, tiny, tmp_path / "s", replace(SETTINGS, seed=2), say=messages.append)
+    assert encoded["images"] == 3 * 4 * 3  # classes × shots × views: the training images alone
+    assert f"validation and test features: those of {first.artifact.path} (the same images, model and transform)" in messages
+    assert second.caches[4].paths.tolist() != first.caches[4].paths.tolist()
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(second.split(split).features, first.split(split).features)
+        assert second.split(split).paths.tolist() == first.split(split).paths.tolist()
+    provenance = second.provenance
+    assert provenance["evaluation_features_from"]["content_id"] == first.artifact.content_id
+    assert provenance["evaluation_features_from"]["software"] == first.provenance["software"]
+    assert provenance["evaluation_request_id"] == first.provenance["evaluation_request_id"]
+    assert provenance["request_id"] != first.provenance["request_id"] and provenance["seed"] == 2
+    monkeypatch.undo()
+    alone = extract(dataset, tiny, tmp_path / "alone", replace(SETTINGS, seed=2))  # what encoding everything gives
+    assert "evaluation_features_from" not in alone.provenance
+    for shots in (1, 2, 4):
+        np.testing.assert_array_equal(second.caches[shots].keys, alone.caches[shots].keys)
+        np.testing.assert_array_equal(second.caches[shots].views, alone.caches[shots].views)
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(second.split(split).features, alone.split(split).features)
+    np.testing.assert_array_equal(second.classifier, alone.classifier)
+
+
+def test_features_of_another_model_decoder_or_skipping_rule_are_not_taken(tiny, caltech, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    dataset = read_coop("caltech101", caltech)
+    extract(dataset, tiny, tmp_path / "s", SETTINGS)
+    encoded = _count_encoded(monkeypatch)
+    training, evaluation = 3 * 4 * 3, 3 * 3 + 3 * 3
+    other = extract(dataset, EncoderSpec(tiny.model, "none", device="cpu"), tmp_path / "s", replace(SETTINGS, seed=2))
+    assert encoded["images"] == training + evaluation and "evaluation_features_from" not in other.provenance
+    skipping = extract(dataset, tiny, tmp_path / "s", replace(SETTINGS, seed=2, skip_bad=True))
+    assert encoded["images"] == 2 * (training + evaluation) and "evaluation_features_from" not in skipping.provenance
+
+
+def test_images_skipped_in_the_shared_splits_stay_listed(tiny, caltech, tmp_path):
+    from dataclasses import replace
+
+    dataset = read_coop("caltech101", caltech)
+    bad = dataset.splits["test"][2][0]
+    _corrupt(bad)
+    skipping = replace(SETTINGS, skip_bad=True)
+    first = extract(dataset, tiny, tmp_path / "s", skipping)
+    second = extract(dataset, tiny, tmp_path / "s", replace(skipping, seed=2))
+    assert second.provenance["evaluation_features_from"]["content_id"] == first.artifact.content_id
+    assert second.split("test").labels.shape == (8,)
+    assert [entry for entry in second.provenance["skipped"] if entry["split"] == "test"] == first.provenance["skipped"]
+
+
 def test_another_model_is_never_mixed_with_old_features(tiny, caltech, tmp_path):
     first = extract(read_coop("caltech101", caltech), tiny, tmp_path / "s", SETTINGS)
     random_weights = EncoderSpec(tiny.model, "none", device="cpu")

@@ -69,6 +69,18 @@ def barrier(ranks: Ranks) -> None:
             dist.barrier()
 
 
+def agree(ranks: Ranks, value):
+    """Rank 0's ``value`` on every process (any picklable value): one decision for all, where each
+    process looking for itself might see the store at another moment."""
+    if ranks.world <= 1:
+        return value
+    import torch.distributed as dist
+
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)  # NCCL: through the GPU join() chose
+    return shared[0]
+
+
 def leave(ranks: Ranks) -> None:
     if ranks.world > 1:
         import torch.distributed as dist

@@ -14,6 +14,9 @@
    features are L2-normalised. The text classifier and the provenance join them in one artifact.
 
 Running the same request again finds the artifact it made and returns it without encoding anything.
+A request that differs from a stored one only in its few-shot draw (shot counts, seed, views: the
+protocol's seeds) takes that one's validation and test features as they are, and encodes its training
+images alone.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 
 from apecli import store
 from apecli.datasets import ImageDataset
-from apecli.distributed import Ranks, barrier, owns
+from apecli.distributed import Ranks, agree, barrier, owns
 from apecli.encoder import Encoder, EncoderSpec, load_encoder
 from apecli.errors import ApecliError
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures, load_features, save_features
@@ -80,6 +83,19 @@ class Plan:
 def request_id(dataset: ImageDataset, encoder: dict[str, Any], settings: ExtractSettings,
                templates: Sequence[str], prompts: dict[str, list[str]] | None) -> str:
     """A hash of everything that decides the features: model, weights, images, split, protocol."""
+    # the few-shot draw: nothing of it in a test set's features
+    return _request_hash(dataset, encoder, settings, templates, prompts, few_shot=not dataset.test_only)
+
+
+def evaluation_request_id(dataset: ImageDataset, encoder: dict[str, Any], settings: ExtractSettings,
+                          templates: Sequence[str], prompts: dict[str, list[str]] | None) -> str:
+    """A hash of what decides the validation and test features and the text: the request without its
+    few-shot draw, so feature sets that differ only in their seed, shots or views share it."""
+    return _request_hash(dataset, encoder, settings, templates, prompts, few_shot=False)
+
+
+def _request_hash(dataset: ImageDataset, encoder: dict[str, Any], settings: ExtractSettings,
+                  templates: Sequence[str], prompts: dict[str, list[str]] | None, few_shot: bool) -> str:
     digest = hashlib.sha256()
     listing = {split: [[str(path), label] for path, label in entries] for split, entries in dataset.splits.items()}
     request = {
@@ -87,7 +103,7 @@ def request_id(dataset: ImageDataset, encoder: dict[str, Any], settings: Extract
         "split_file": dataset.split_file_sha256, "skip_bad": settings.skip_bad, "templates": list(templates),
         "prompts": prompts or {}, "decode": settings.decode,
     }
-    if not dataset.test_only:  # the few-shot draw: nothing of it in a test set's features
+    if few_shot:
         request.update(shots=sorted(settings.shots), seed=settings.seed, views=settings.views)
     digest.update(json.dumps(request, sort_keys=True).encode())
     return digest.hexdigest()[:16]
@@ -255,19 +271,24 @@ def _load_chunks(files: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def _encode_all(encoder: Encoder, chosen: Plan, work: Path, settings: ExtractSettings,
-                progress: SplitProgress | None, ranks: Ranks) -> None:
-    """Encode every split's chunks this process owns."""
+                progress: SplitProgress | None, ranks: Ranks, evaluation: bool = True) -> None:
+    """Encode every split's chunks this process owns (the training images alone unless ``evaluation``)."""
     if chosen.train:
         encode_chunks(encoder, "train", chosen.train, settings.views, work, settings, progress, ranks)
-    for split, entries in chosen.evaluation.items():
+    for split, entries in chosen.evaluation.items() if evaluation else ():
         if split == "test" and entries is chosen.evaluation.get("val"):
             continue  # ImageNet: one split serves both
         encode_chunks(encoder, split, [path for path, _ in entries], 0, work, settings, progress, ranks)
 
 
-def _assemble(chosen: Plan, work: Path, settings: ExtractSettings) -> tuple[np.ndarray | None, dict[str, LabelledFeatures]]:
-    """Every split's features from the saved chunks."""
+def _assemble(chosen: Plan, work: Path, settings: ExtractSettings, shared: FeatureSet | None = None
+              ) -> tuple[np.ndarray | None, dict[str, LabelledFeatures]]:
+    """Every split's features from the saved chunks; validation and test from ``shared`` when given
+    (a feature set of the same evaluation request), with the images it skipped there."""
     train = _load_chunks(_chunk_files(work, "train", len(chosen.train), settings))[0] if chosen.train else None
+    if shared is not None:
+        chosen.skipped.extend(entry for entry in shared.provenance.get("skipped", []) if entry["split"] in chosen.evaluation)
+        return train, {split: shared.split(split) for split in chosen.evaluation}
     evaluated: dict[str, LabelledFeatures] = {}
     for split, entries in chosen.evaluation.items():
         if split == "test" and entries is chosen.evaluation.get("val"):
@@ -301,15 +322,16 @@ def software_versions() -> dict[str, str]:
     return found
 
 
-def find_extracted(store_dir: Path, dataset: str, request: str) -> store.Artifact | None:
-    """The features artifact an identical request already wrote, if any."""
+def find_extracted(store_dir: Path, dataset: str, request: str, key: str = "request_id") -> store.Artifact | None:
+    """The features artifact an identical request already wrote, if any (``key``: which of its
+    provenance's request hashes to compare, ``request_id`` or ``evaluation_request_id``)."""
     folder = Path(store_dir) / dataset
     for candidate in sorted(folder.glob("features-*.h5")) if folder.is_dir() else []:
         try:
             artifact = store.open_artifact(candidate, ["features"])
         except ApecliError:
             continue
-        if artifact.metadata.get("provenance", {}).get("request_id") == request:
+        if artifact.metadata.get("provenance", {}).get(key) == request:
             return artifact
     return None
 
@@ -329,11 +351,16 @@ def extract(
     Under torchrun, pass this process's :class:`Ranks`: every process encodes its own chunks, and
     rank 0 assembles and returns the artifact (the others return None).
     """
-    request = request_id(dataset, spec.identity(), settings, dataset.templates, prompts)
+    identity = spec.identity()
+    request = request_id(dataset, identity, settings, dataset.templates, prompts)
     existing = find_extracted(store_dir, dataset.name, request)
     if existing is not None:
         say(f"already extracted: {existing.path}")
         return load_features(existing) if ranks.leader else None
+    evaluation_request = evaluation_request_id(dataset, identity, settings, dataset.templates, prompts)
+    shared = None if dataset.test_only else find_extracted(store_dir, dataset.name, evaluation_request,
+                                                           "evaluation_request_id")
+    shared_path = agree(ranks, None if shared is None else str(shared.path))  # every rank skips, or none
     work = Path(store_dir) / dataset.name / f".extract-{request}"
     chosen = plan(dataset, settings)
     encoder = load_encoder(spec)
@@ -344,21 +371,27 @@ def extract(
     with store.exclusive(work / f".lock-{ranks.rank}", f"another apecli extract is running this request in "
                          f"{work}; when it ends, run this again to reuse its features"):
         say(f"extracting into {work} (an interrupted run resumes from there)")
+        if shared_path is not None:
+            say(f"validation and test features: those of {shared_path} (the same images, model and transform)")
         try:
-            _encode_all(encoder, chosen, work, settings, progress, ranks)
+            _encode_all(encoder, chosen, work, settings, progress, ranks, evaluation=shared_path is None)
         except ApecliError:
             shutil.rmtree(work, ignore_errors=True)  # bad input: leave nothing behind
             raise
         barrier(ranks)  # every chunk is saved
         if not ranks.leader:
             return None
-        return _save_extracted(dataset, encoder, chosen, work, settings, request, decoder, prompts, store_dir)
+        shared_features = None if shared_path is None else load_features(store.open_artifact(shared_path, ["features"]))
+        return _save_extracted(dataset, encoder, chosen, work, settings, (request, evaluation_request), decoder, prompts,
+                               store_dir, shared_features)
 
 
 def _save_extracted(dataset: ImageDataset, encoder: Encoder, chosen: Plan, work: Path, settings: ExtractSettings,
-                    request: str, decoder: str | None, prompts: dict[str, list[str]] | None, store_dir: Path) -> FeatureSet:
-    """Rank 0: the saved chunks, the text classifier and the provenance as one features artifact."""
-    train, evaluated = _assemble(chosen, work, settings)
+                    requests: tuple[str, str], decoder: str | None, prompts: dict[str, list[str]] | None,
+                    store_dir: Path, shared: FeatureSet | None = None) -> FeatureSet:
+    """Rank 0: the saved chunks (and ``shared``'s validation and test features), the text classifier and
+    the provenance as one features artifact."""
+    train, evaluated = _assemble(chosen, work, settings, shared)
     caches = {}
     if train is not None:
         keys, views = _normalise(train.mean(axis=1)), _normalise(train).transpose(1, 0, 2)  # V × N × D
@@ -366,13 +399,17 @@ def _save_extracted(dataset: ImageDataset, encoder: Encoder, chosen: Plan, work:
         caches = {k: FewShotCache(keys[index], chosen.train_labels[index], np.ascontiguousarray(views[:, index]),
                                   train_paths[index]) for k, index in ((k, np.array(i)) for k, i in chosen.first.items())}
     provenance = {
-        "source": "extract", "request_id": request, "dataset": dataset.name, "root": str(dataset.root.resolve()),
+        "source": "extract", "request_id": requests[0], "evaluation_request_id": requests[1], "dataset": dataset.name,
+        "root": str(dataset.root.resolve()),
         "split_file": str(dataset.split_file) if dataset.split_file else None,
         "split_file_sha256": dataset.split_file_sha256, "seed": settings.seed, "shots": sorted(caches),
         "views": settings.views, "decode": settings.decode, "jpeg_decoder": decoder, "templates": list(dataset.templates),
         "prompted_classes": len(prompts or {}),
         "skipped": chosen.skipped, "notes": list(dataset.notes), "software": software_versions(),
     }
+    if shared is not None:  # which feature set, and what computed them: the software may have changed since
+        provenance["evaluation_features_from"] = {"content_id": shared.artifact.content_id,
+                                                  "software": shared.provenance.get("software", {})}
     features = FeatureSet(dataset.class_names, encoder.text_classifier(dataset.class_names, dataset.templates, prompts),
                           caches, evaluated, dataset.name, encoder.describe(), provenance)
     saved = save_features(features, store.in_store(store_dir, dataset.name, "features"))
