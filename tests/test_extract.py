@@ -511,6 +511,30 @@ def test_extract_names_its_jpeg_decoder_or_stops_before_encoding(tiny, caltech, 
     assert not (tmp_path / "other" / "caltech101").exists() or not any((tmp_path / "other" / "caltech101").iterdir())
 
 
+def test_another_seed_records_the_decoder_of_the_features_it_takes_and_needs_none(tiny, caltech, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from apecli import images
+
+    dataset = read_coop("caltech101", caltech)
+    settings = replace(SETTINGS, decode="gpu", shots=(1,), views=1)
+    images.jpeg_decoder.cache_clear()
+    first = extract(dataset, tiny, tmp_path / "store", settings)
+
+    def missing():
+        raise ModuleNotFoundError("No module named 'torchcodec'")
+
+    monkeypatch.setattr(images, "DECODERS", (("torchcodec", missing),))  # no JPEG decoder works now
+    images.jpeg_decoder.cache_clear()
+    try:
+        second = extract(dataset, tiny, tmp_path / "store", replace(settings, seed=2))
+    finally:
+        images.jpeg_decoder.cache_clear()
+    assert second.provenance["evaluation_features_from"]["content_id"] == first.artifact.content_id
+    assert second.provenance["jpeg_decoder"] == first.provenance["jpeg_decoder"]
+    assert second.provenance["jpeg_decoder"].startswith("torchcodec ")
+
+
 def test_a_batch_crosses_from_a_loader_worker_as_one_tensor(tmp_path):
     """However many images a batch holds, a loader worker sends them stacked: one shared-memory segment."""
     import torch

@@ -361,29 +361,31 @@ def extract(
     shared = None if dataset.test_only else find_extracted(store_dir, dataset.name, evaluation_request,
                                                            "evaluation_request_id")
     shared_path = agree(ranks, None if shared is None else str(shared.path))  # every rank skips, or none
+    shared = None if shared_path is None else store.open_artifact(shared_path, ["features"])
     work = Path(store_dir) / dataset.name / f".extract-{request}"
     chosen = plan(dataset, settings)
     encoder = load_encoder(spec)
-    # refused here, before any work, where the device path cannot serve this encoder
-    decoder = device_decoder(encoder).name if settings.decode == "gpu" else None
+    if shared is not None:  # its validation and test images were decoded by its decoder
+        decoder = shared.metadata.get("provenance", {}).get("jpeg_decoder")
+    else:  # refused here, before any work, where the device path cannot serve this encoder
+        decoder = device_decoder(encoder).name if settings.decode == "gpu" else None
     work.mkdir(parents=True, exist_ok=True)
     # two runs of one request would encode the same chunks, and the first to end would remove the folder
     with store.exclusive(work / f".lock-{ranks.rank}", f"another apecli extract is running this request in "
                          f"{work}; when it ends, run this again to reuse its features"):
         say(f"extracting into {work} (an interrupted run resumes from there)")
-        if shared_path is not None:
-            say(f"validation and test features: those of {shared_path} (the same images, model and transform)")
+        if shared is not None:
+            say(f"validation and test features: those of {shared.path} (the same images, model and transform)")
         try:
-            _encode_all(encoder, chosen, work, settings, progress, ranks, evaluation=shared_path is None)
+            _encode_all(encoder, chosen, work, settings, progress, ranks, evaluation=shared is None)
         except ApecliError:
             shutil.rmtree(work, ignore_errors=True)  # bad input: leave nothing behind
             raise
         barrier(ranks)  # every chunk is saved
         if not ranks.leader:
             return None
-        shared_features = None if shared_path is None else load_features(store.open_artifact(shared_path, ["features"]))
         return _save_extracted(dataset, encoder, chosen, work, settings, (request, evaluation_request), decoder, prompts,
-                               store_dir, shared_features)
+                               store_dir, None if shared is None else load_features(shared))
 
 
 def _save_extracted(dataset: ImageDataset, encoder: Encoder, chosen: Plan, work: Path, settings: ExtractSettings,
