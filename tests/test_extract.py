@@ -136,6 +136,19 @@ def test_another_seed_takes_the_validation_and_test_features_of_the_first(tiny, 
     np.testing.assert_array_equal(second.classifier, alone.classifier)
 
 
+def test_ls_tells_the_seeds_apart(tiny, caltech, tmp_path):
+    from dataclasses import replace
+
+    dataset = read_coop("caltech101", caltech)
+    first = extract(dataset, tiny, tmp_path / "s", SETTINGS)
+    second = extract(dataset, tiny, tmp_path / "s", replace(SETTINGS, seed=3))
+    listed = runner.invoke(app, ["ls", str(tmp_path / "s")])
+    assert listed.exit_code == 0, listed.stderr
+    lines = {line.split("\t")[0]: line for line in listed.stdout.splitlines()}
+    assert "shots [1, 2, 4] (seed 1)" in lines[str(first.artifact.path)]
+    assert "shots [1, 2, 4] (seed 3)" in lines[str(second.artifact.path)]
+
+
 def test_features_of_another_model_decoder_or_skipping_rule_are_not_taken(tiny, caltech, tmp_path, monkeypatch):
     from dataclasses import replace
 

@@ -433,6 +433,9 @@ def _summary(artifact: store.Artifact) -> str:
     if artifact.kind == "features":
         model = meta.get("model", {})
         held = f"shots {meta.get('shots')}" if meta.get("shots") else "a test set only"
+        provenance = meta.get("provenance", {})
+        if meta.get("shots") and provenance.get("source") == "extract":  # which draw of the protocol's seeds
+            held += f" (seed {provenance.get('seed')})"
         return (f"{meta.get('num_classes')} classes × {meta.get('dim')} ch, {held}, "
                 f"model {model.get('name') or model.get('model') or 'unknown'}")
     if artifact.kind == "refinement":
