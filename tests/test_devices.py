@@ -20,7 +20,7 @@ from apecli.features import save_features
 from apecli.refine import select_channels
 from apecli.synthetic import synthetic_features
 from apecli.training import reproducible
-from apecli.training_free import SearchGrid, TriEdge, search, search_loop
+from apecli.training_free import BLOCK_BYTES, DEVICE_BLOCK_BYTES, SearchGrid, TriEdge, device_block_bytes, search, search_loop
 from apecli.training_required import FitSettings, fit, load_fit, save_fit
 
 from conftest import assert_one_line_error
@@ -165,3 +165,40 @@ def test_eval_fit_and_bench_run_on_the_cpu_device_by_default_and_say_so(stored, 
     rows = run("bench", str(stored), "--shots", "4", "--modes", "zero-shot,tip-adapter", "--out", str(tmp_path / "r"))["rows"]
     assert [row["device"] for row in rows] == ["cpu", "cpu"]
     assert "device" in (tmp_path / "r" / "results.csv").read_text().splitlines()[0].split(",")
+
+
+@pytest.mark.parametrize("free, block", [(80 << 30, DEVICE_BLOCK_BYTES), (400 << 20, 100 << 20), (1 << 20, BLOCK_BYTES // 8)])
+def test_a_gpu_search_block_fits_a_quarter_of_the_free_memory(monkeypatch, free, block):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
+    assert device_block_bytes(torch.device("cuda")) == block
+    assert device_block_bytes(torch.device("cpu")) == DEVICE_BLOCK_BYTES  # asked only of a GPU
+
+
+@pytest.mark.parametrize("failure, message", [
+    (MemoryError(), "out of memory; fewer images at a time (--batch-size), or a machine with more, would do"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"
+                                 "\nmore"),
+     "the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); a smaller --batch-size, another "
+     "process's memory freed, or --device cpu would do"),
+])
+def test_running_out_of_memory_is_one_line(stored, tmp_path, monkeypatch, failure, message):
+    import apecli.evaluate
+
+    def exhausted(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(apecli.evaluate, "evaluate_artifact", exhausted)
+    result = runner.invoke(app, ["eval", str(stored), "--store", str(tmp_path / "s")])
+    assert_one_line_error(result, message)
+    assert result.exit_code == 1
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(stored, tmp_path, monkeypatch):
+    import apecli.evaluate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(apecli.evaluate, "evaluate_artifact", broken)
+    result = runner.invoke(app, ["eval", str(stored), "--store", str(tmp_path / "s")])
+    assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug"

@@ -259,6 +259,16 @@ def product_keys(keys: np.ndarray, device: "torch.device") -> "torch.Tensor":
     return torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float64)).to(device)
 
 
+def device_block_bytes(device: "torch.device") -> int:
+    """The working memory of a block of images on a GPU: DEVICE_BLOCK_BYTES, or a quarter of the memory
+    free there when that is less (the block's buffers and products take about 1.5 times it)."""
+    import torch
+
+    if device.type != "cuda":
+        return DEVICE_BLOCK_BYTES
+    return max(BLOCK_BYTES // 8, min(DEVICE_BLOCK_BYTES, torch.cuda.mem_get_info(device)[0] // 4))
+
+
 def count_grid(
     zero_shot: np.ndarray,
     affinity: Callable[[slice], "np.ndarray | torch.Tensor"],
@@ -278,7 +288,7 @@ def count_grid(
     ``value_weights`` is C × K × G, the weight of each key in each of G variants of the cache values
     (γ, for APE). The α values must be positive. It runs on ``device`` (the CPU by default), where
     ``affinity`` may leave its tensors; ``chunk_bytes`` bounds the working memory of a block of images
-    (default: BLOCK_BYTES on the CPU, DEVICE_BLOCK_BYTES on a GPU).
+    (default: BLOCK_BYTES on the CPU, :func:`device_block_bytes` on a GPU).
 
     Per image of label t and class c, with margin m_c = R_fW[t] − R_fW[c] and slope s_c = H[t] − H[c]
     (H the cache logits), the image is classified correctly at α when m_c + α s_c > 0 for every c.
@@ -291,7 +301,7 @@ def count_grid(
 
     device = torch.device("cpu") if device is None else device
     if chunk_bytes is None:
-        chunk_bytes = BLOCK_BYTES if device.type == "cpu" else DEVICE_BLOCK_BYTES
+        chunk_bytes = BLOCK_BYTES if device.type == "cpu" else device_block_bytes(device)
     n, num_classes = zero_shot.shape
     shots, steps_g = value_weights.shape[1:]
     alphas = np.asarray(alphas, dtype=np.float64)

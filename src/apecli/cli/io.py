@@ -36,6 +36,17 @@ def reports_errors(command: Command) -> Command:
         except KeyboardInterrupt:
             typer.echo("apecli: interrupted", err=True)
             raise typer.Exit(130) from None
+        except MemoryError:
+            typer.echo("apecli: error: out of memory; fewer images at a time (--batch-size), or a machine with "
+                       "more, would do", err=True)
+            raise typer.Exit(1) from None
+        except RuntimeError as error:
+            if type(error).__name__ != "OutOfMemoryError":  # torch's, for a GPU's memory: torch need not be loaded
+                raise
+            reason = ". ".join(str(error).split("\n")[0].split(". ")[:2])  # "CUDA out of memory. Tried to allocate …"
+            typer.echo(f"apecli: error: the GPU ran out of memory ({reason}); a smaller --batch-size, another "
+                       "process's memory freed, or --device cpu would do", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
