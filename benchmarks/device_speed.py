@@ -22,15 +22,14 @@ import argparse
 import os
 import platform
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
 
-from apecli.features import LabelledFeatures
 from apecli.synthetic import synthetic_features
 from apecli.training_free import SearchGrid, TriEdge, search
 from apecli.training_required import FitSettings, fit
+from fit_imagenet import imagenet_features
 from imagenet_scale import GRID, generated
 
 
@@ -38,16 +37,6 @@ def timed(run):
     start = time.perf_counter()
     result = run()
     return result, time.perf_counter() - start
-
-
-def imagenet_fit_features(images: int):
-    """ImageNet's shape for APE-T (as benchmarks/fit_imagenet.py makes it): 16 shots × 1000 classes with
-    10 views each, and ``images`` validation images."""
-    features = synthetic_features(num_classes=1000, dim=1024, shots=(16,), val_per_class=2, test_per_class=1, views=10,
-                                  image_noise=4.0, text_noise=1.5, view_noise=4.0, dataset="imagenet")
-    val = features.split("val")
-    rows = np.random.default_rng(1).integers(0, val.labels.shape[0], images)
-    return replace(features, splits={**features.splits, "val": LabelledFeatures(val.features[rows], val.labels[rows])})
 
 
 def warm_up(device: str) -> None:
@@ -87,7 +76,7 @@ def main() -> None:
     print(f"  {args.device}, the whole grid ({GRID.size:,} settings): {whole_seconds:.2f} s, best {whole.accuracy:.2f}% "
           f"at (β, α, γ) = ({whole.beta:.4g}, {whole.alpha:.4g}, {whole.gamma:.4g})", flush=True)
 
-    features = imagenet_fit_features(args.images)
+    features = imagenet_features(args.images)
     settings = FitSettings(epochs=args.epochs)
     print(f"fit: C=1000, K=16, D=1024, 10 views, {args.images:,} validation images, {args.epochs} epochs")
     cpu_fit, cpu_fit_seconds = timed(lambda: fit(features, settings))

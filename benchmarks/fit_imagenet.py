@@ -27,16 +27,22 @@ from apecli.synthetic import synthetic_features
 from apecli.training_required import FitSettings, fit, val_cache_budget
 
 
+def imagenet_features(images: int):
+    """Generated features of ImageNet's shape for APE-T: 16 shots × 1000 classes with 10 views each, and
+    ``images`` validation images (drawn again from 2,000: the shape is what costs)."""
+    features = synthetic_features(num_classes=1000, dim=1024, shots=(16,), val_per_class=2, test_per_class=1, views=10,
+                                  image_noise=4.0, text_noise=1.5, view_noise=4.0, dataset="imagenet")
+    val = features.split("val")
+    rows = np.random.default_rng(1).integers(0, val.labels.shape[0], images)
+    return replace(features, splits={**features.splits, "val": LabelledFeatures(val.features[rows], val.labels[rows])})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each fit (ImageNet's default is 20)")
     parser.add_argument("--images", type=int, default=50_000, help="validation images")
     args = parser.parse_args()
-    features = synthetic_features(num_classes=1000, dim=1024, shots=(16,), val_per_class=2, test_per_class=1, views=10,
-                                  image_noise=4.0, text_noise=1.5, view_noise=4.0, dataset="imagenet")
-    val = features.split("val")
-    rows = np.random.default_rng(1).integers(0, val.labels.shape[0], args.images)  # images drawn again: same shape
-    features = replace(features, splits={**features.splits, "val": LabelledFeatures(val.features[rows], val.labels[rows])})
+    features = imagenet_features(args.images)
     settings = FitSettings(epochs=args.epochs)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"C=1000 K=16 D=1024, 10 views, {args.images:,} validation images, {args.epochs} epochs; "

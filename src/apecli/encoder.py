@@ -11,12 +11,13 @@ model's normalisation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -262,10 +263,23 @@ class Encoder:
         return np.stack(rows).astype(np.float32)
 
 
-def load_encoder(spec: EncoderSpec) -> Encoder:
-    """Build the model; a missing, offline or unloadable model ends in one clear error."""
+@contextlib.contextmanager
+def _open_clip_quiet() -> Iterator[None]:
+    """open_clip logs its failures before raising them, which apecli reports in one line of its own:
+    the root logger hears only critical messages meanwhile, and then what it heard before."""
     import logging
 
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        root.setLevel(before)
+
+
+def load_encoder(spec: EncoderSpec) -> Encoder:
+    """Build the model; a missing, offline or unloadable model ends in one clear error."""
     _bounded_hub_waits()
     import open_clip
 
@@ -298,12 +312,12 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
     import torch
 
     archive = pretrained is not None and is_openai_archive(Path(pretrained))
-    logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs its failures before raising them
     torch.manual_seed(0)  # random weights (--pretrained none) are the same in every run
     try:
-        model, _, eval_transform = open_clip.create_model_and_transforms(
-            name, pretrained=None if archive else pretrained, precision=spec.resolved_precision(),
-            device=spec.resolved_device(), force_quick_gelu=spec.forces_quick_gelu())
+        with _open_clip_quiet():
+            model, _, eval_transform = open_clip.create_model_and_transforms(
+                name, pretrained=None if archive else pretrained, precision=spec.resolved_precision(),
+                device=spec.resolved_device(), force_quick_gelu=spec.forces_quick_gelu())
         if archive:  # open_clip reads state dicts only: the archive's weights, by OpenAI's names (open_clip's too)
             _load_openai_archive(model, Path(pretrained), name)
     except ApecliError:
@@ -315,27 +329,21 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
                 f"cannot get pretrained weights '{pretrained}' for {name} (offline?): download them where there "
                 f"is a network, then pass --pretrained /path/to/checkpoint ({reason})") from None
         raise ApecliError(f"cannot build {name} with weights {weights}: {reason}") from None
-    finally:
-        logging.getLogger().setLevel(logging.WARNING)
     model.eval()
     return Encoder(spec, model, eval_transform, open_clip.get_tokenizer(name), name)
 
 
 def _load_with_files(spec: EncoderSpec) -> Encoder:
     """An ``hf-hub:`` or ``local-dir:`` model, its files already found by :func:`model_files`."""
-    import logging
-
     import open_clip
 
-    logging.getLogger().setLevel(logging.CRITICAL)
     try:
-        model, _, eval_transform = open_clip.create_model_and_transforms(
-            spec.model, precision=spec.resolved_precision(), device=spec.resolved_device())
-        tokenizer = open_clip.get_tokenizer(spec.model)
+        with _open_clip_quiet():
+            model, _, eval_transform = open_clip.create_model_and_transforms(
+                spec.model, precision=spec.resolved_precision(), device=spec.resolved_device())
+            tokenizer = open_clip.get_tokenizer(spec.model)
     except Exception as error:  # noqa: BLE001 - a damaged config or checkpoint
         raise ApecliError(f"cannot build {spec.model}: {str(error).splitlines()[0][:200]}") from None
-    finally:
-        logging.getLogger().setLevel(logging.WARNING)
     model.eval()
     return Encoder(spec, model, eval_transform, tokenizer, spec.model)
 
