@@ -191,8 +191,8 @@ def test_info_for_people_says_whether_an_artifact_is_usable(imported, store_dir)
 def test_the_outline_for_people_rounds_floats_and_cuts_long_lists():
     from apecli.cli.io import outline
 
-    assert outline({"alpha": 1.1350000000000002, "shots": list(range(20)), "nested": {"a": [0.1 + 0.2], "b": {}}}) == [
-        "alpha   1.135", "shots   [0, 1, 2, 3, 4, 5, 6, 7, … (20 in all)]", "nested", "  a  [0.3]", "  b  {}"]
+    assert outline({"alpha": 1.1350000000000002, "shots": list(range(20)), "nested": {"a": [0.1 + 0.2], "b": {}, "c": []}}) == [
+        "alpha   1.135", "shots   [0, 1, 2, 3, 4, 5, 6, 7, … (20 in all)]", "nested", "  a  [0.3]", "  b  none", "  c  none"]
 
 
 def test_demo_runs_offline_and_beats_zero_shot(tmp_path):

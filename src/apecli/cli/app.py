@@ -598,7 +598,7 @@ METHOD_NAMES = {"zero-shot": "zero-shot CLIP", "training-free": "APE", "training
 
 def _print_evaluation(result: dict) -> None:
     table = Table(title=f"{result['dataset'] or 'features'} · {result['mode']}"
-                  + (f" · {result['shots']} shots" if result.get("shots") else ""))
+                  + (f" · {result['shots']} shot{'s' if result['shots'] > 1 else ''}" if result.get("shots") else ""))
     for column in ("method", "val %", "test %", "chosen on validation"):
         table.add_column(column, justify="left" if column in ("method", "chosen on validation") else "right")
     table.add_row("zero-shot CLIP", f"{result['zero_shot_val_accuracy']:.2f}", f"{result['zero_shot_accuracy']:.2f}", "")

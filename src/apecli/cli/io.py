@@ -97,7 +97,8 @@ def _plain(value: Any) -> Any:
 
 def outline(value: Any, indent: int = 0, shown: int = 8) -> list[str]:
     """A nested mapping as indented ``key  value`` lines for people: floats to 10 significant digits,
-    lists past ``shown`` items cut short with their length (``--json`` keeps everything)."""
+    lists past ``shown`` items cut short with their length, empty values as "none" (``--json`` keeps
+    everything)."""
     lines = []
     pad = "  " * indent
     width = min(28, max((len(str(key)) for key in value), default=0))
@@ -111,6 +112,8 @@ def outline(value: Any, indent: int = 0, shown: int = 8) -> list[str]:
 
 
 def _brief(value: Any, shown: int) -> str:
+    if isinstance(value, (list, tuple, dict)) and not value:
+        return "none"
     if isinstance(value, float):
         return f"{value:.10g}"
     if isinstance(value, (list, tuple)):
@@ -118,6 +121,6 @@ def _brief(value: Any, shown: int) -> str:
         more = f", … ({len(value)} in all)" if len(value) > shown else ""
         return f"[{', '.join(items)}{more}]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{key}: {_brief(item, shown)}" for key, item in value.items()) + "}" if value else "{}"
+        return "{" + ", ".join(f"{key}: {_brief(item, shown)}" for key, item in value.items()) + "}"
     return str(value)
 
