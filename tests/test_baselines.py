@@ -106,3 +106,33 @@ def test_every_baseline_on_the_command_line(features, tmp_path, mode, keys):
     payload = json.loads(result.stdout)
     assert payload["mode"] == mode and keys <= {k for k, v in payload.items() if v is not None}
     assert 0 <= payload["test_accuracy"] <= 100
+
+
+@pytest.mark.parametrize("mode", ["tip-adapter", "tip-adapter-f", "gda", "proker"])
+def test_giving_the_chosen_values_reproduces_the_search(features, tmp_path, mode):
+    """The first best setting stays first when its own values are given: same accuracies, recorded as given."""
+    from apecli.evaluate import GIVEN
+
+    path = save_features(features, tmp_path / "f.h5").artifact.path
+    common = [str(path), "--mode", mode, "--search-step", "6", "5", "1", "--store", str(tmp_path / "s"), "--json"]
+    searched = json.loads(runner.invoke(app, ["eval", *common]).stdout)
+    options = [part for name in GIVEN[mode] for part in (f"--{name}", repr(searched[name]))]
+    result = runner.invoke(app, ["eval", *common, *options])
+    assert result.exit_code == 0, result.stderr
+    given = json.loads(result.stdout)
+    assert given["given"] == {name: searched[name] for name in GIVEN[mode]}
+    assert (given["val_accuracy"], given["test_accuracy"]) == (searched["val_accuracy"], searched["test_accuracy"])
+    assert {name: given[name] for name in ("alpha", "beta", "lambda") if name in searched} == \
+        {name: searched[name] for name in ("alpha", "beta", "lambda") if name in searched}
+    assert "given" in result.stderr  # the table says which values were not chosen on validation
+
+
+@pytest.mark.parametrize("mode, option", [("tip-adapter", "--gamma"), ("gda", "--beta"), ("proker", "--alpha"),
+                                          ("zero-shot", "--alpha")])
+def test_a_value_the_mode_does_not_have_is_refused(features, tmp_path, mode, option):
+    from conftest import assert_one_line_error
+
+    path = save_features(features, tmp_path / "f.h5").artifact.path
+    result = runner.invoke(app, ["eval", str(path), "--mode", mode, option, "1", "--store", str(tmp_path / "s")])
+    assert_one_line_error(result, f"mode {mode} has no {dict(alpha='α', beta='β', gamma='γ')[option[2:]]} to give")
+    assert not (tmp_path / "s").exists()

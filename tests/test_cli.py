@@ -64,6 +64,24 @@ def test_refine_then_eval_through_stdin(imported, store_dir):
     assert "APE" in evaluated.stderr  # the table goes to stderr
 
 
+def test_eval_with_given_values_scores_that_setting_alone(imported, store_dir):
+    refined = run("refine", imported, "--k", "10", "--store", store_dir).stdout.strip()
+    searched = json.loads(run("eval", refined, *SMALL_GRID, "--store", store_dir, "--json").stdout)
+    chosen = {name: searched[name] for name in ("alpha", "beta", "gamma")}
+    result = run("eval", refined, *SMALL_GRID, *[part for name, value in chosen.items() for part in (f"--{name}", repr(value))],
+                 "--store", store_dir, "--json")
+    assert result.exit_code == 0, result.stderr
+    given = json.loads(result.stdout)
+    assert given["grid_settings"] == 1 and given["given"] == chosen and given["settings_sharing_best"] == 1
+    assert (given["val_accuracy"], given["test_accuracy"]) == (searched["val_accuracy"], searched["test_accuracy"])
+    assert "given α=" in result.stderr  # the table says these were not chosen on validation
+    info = json.loads(run("info", given["artifact"], "--json").stdout)
+    assert info["metadata"]["given"] == chosen and info["shapes"]["search/val_correct"]["shape"] == [1, 1, 1]
+    # One value given, the others searched: β and γ chosen over their whole ranges, α as given.
+    half = json.loads(run("eval", refined, *SMALL_GRID, "--alpha", "2.5", "--store", store_dir, "--json").stdout)
+    assert half["alpha"] == 2.5 and half["given"] == {"alpha": 2.5} and half["grid_settings"] == 6 * 4
+
+
 def test_refine_json_lists_sorted_channels(imported, store_dir):
     result = run("refine", imported, "--k", "5", "--store", store_dir, "--json")
     assert result.exit_code == 0, result.stderr
@@ -121,6 +139,8 @@ def test_export_round_trips_the_import(small_features, tmp_path, store_dir):
         (["eval", "{features}", "--mode", "magic"], "unknown mode 'magic'"),
         (["refine", "{store}/absent.h5"], "absent.h5: no such file"),
         (["eval", "{features}", "--search-step", "0", "1", "1"], "search steps must be at least 1"),
+        (["eval", "{features}", "--alpha", "0"], "a given α must be finite and positive, got 0.0"),
+        (["eval", "{features}", "--mode", "tip-adapter", "--gamma", "1"], "mode tip-adapter has no γ to give; it takes α, β"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(imported, store_dir, args, message):

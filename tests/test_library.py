@@ -20,6 +20,9 @@ def test_the_readme_example(tmp_path):
     assert refinement.shots == 16 and refinement.k == 16
     assert result.val_accuracy >= result.zero_shot_val and 0 <= result.test_accuracy <= 100
     assert None not in (result.alpha, result.beta, result.gamma)
+    given = evaluate_training_free(features, refinement, apecli.default_grid(features).fixing(alpha=1.2))
+    assert given.alpha == 1.2 and given.search.correct.shape == (200, 1, 20)  # the dataset-less grid, α given
+    assert given.summary()["given"] == {"alpha": 1.2} and "given" not in result.summary()
 
 
 def test_the_core_library_leaves_typer_and_rich_alone():

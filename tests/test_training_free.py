@@ -216,3 +216,47 @@ def test_evaluation_reports_test_accuracy_at_the_chosen_setting(small_features):
 def test_grid_with_no_steps_is_refused():
     with pytest.raises(ApecliError, match="at least 1"):
         SearchGrid((7.0, 7.0, 1.0), (0, 20, 20))
+
+
+def test_given_values_replace_their_axis_and_the_others_keep_the_authors_values():
+    grid = SearchGrid((7.0, 7.0, 1.0), (200, 20, 20))
+    given = grid.fixing(alpha=1.5, gamma=0.25)
+    assert given.shape == (200, 1, 1) and given.size == 200 and given.given == {"alpha": 1.5, "gamma": 0.25}
+    assert given.alphas.tolist() == [1.5] and given.gammas.tolist() == [0.25]
+    # The searched axes are the authors' formulas, value for value.
+    assert given.betas.tolist() == [0.1 + i * (7.0 - 0.1) / 200 for i in range(200)]
+    assert grid.gammas.tolist() == [i * 1.0 / 20 for i in range(20)] and grid.given == {}
+    assert grid.fixing(beta=0.0).betas.tolist() == [0.0]  # β = 0: every key weighs the same
+
+
+@pytest.mark.parametrize("given, message", [({"alpha": 0.0}, "given α must be finite and positive"),
+                                            ({"beta": -1.0}, "given β must be finite and not negative"),
+                                            ({"gamma": float("nan")}, "given γ must be finite and not negative"),
+                                            ({"alpha": float("inf")}, "given α")])
+def test_given_values_outside_their_range_are_refused(given, message):
+    with pytest.raises(ApecliError, match=message):
+        SearchGrid((7.0, 7.0, 1.0), (3, 3, 3)).fixing(**given)
+
+
+def test_a_search_with_given_values_counts_what_the_whole_grid_counts_there():
+    from apecli.synthetic import synthetic_features
+
+    features = synthetic_features(num_classes=6, dim=16, shots=(3,), val_per_class=12, seed=8, text_noise=1.2)
+    _, cache = features.cache(3)
+    tri = TriEdge.build(features.classifier, cache.keys, cache.labels, np.arange(0, 16, 2))
+    val = features.split("val")
+    grid = SearchGrid((7.0, 20.0, 2.0), (12, 8, 4))  # 12 β values: the kernel is carried between exps
+    whole = search(tri, val.features, val.labels, grid)
+    assert len(np.unique(whole.correct)) > 5
+    b, a, g = 7, 3, 2  # a β reached by products in the whole search, computed by an exp when given
+    alone = search(tri, val.features, val.labels, grid.fixing(grid.betas[b], grid.alphas[a], grid.gammas[g]))
+    assert alone.correct.shape == (1, 1, 1) and alone.correct[0, 0, 0] == whole.correct[b, a, g]
+    assert (alone.beta, alone.alpha, alone.gamma) == (grid.betas[b], grid.alphas[a], grid.gammas[g])
+    np.testing.assert_array_equal(search(tri, val.features, val.labels, grid.fixing(alpha=grid.alphas[a])).correct,
+                                  whole.correct[:, a : a + 1, :])
+    loop = search_loop(tri, val.features, val.labels, grid.fixing(gamma=grid.gammas[g]))
+    np.testing.assert_array_equal(loop.correct, whole.correct[:, :, g : g + 1])
+    model = CacheModel(features.classifier, cache.keys, cache.labels, np.ones(cache.labels.shape[0]))
+    plain = model.search(val.features, val.labels, grid)
+    np.testing.assert_array_equal(model.search(val.features, val.labels, grid.fixing(beta=grid.betas[b])).correct,
+                                  plain.correct[b : b + 1])

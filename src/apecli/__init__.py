@@ -6,6 +6,7 @@ The library is usable without the command line::
     features = load_features("caches/caltech101/features-3f2a9c1d0b7e.h5")
     refinement = select_channels(features, k=500)
     result = evaluate_training_free(features, refinement)
+    given = evaluate_training_free(features, refinement, default_grid(features).fixing(alpha=1.2))  # β, γ searched
 
 APE-T, and a classifier for new images' features, go the same way::
 
@@ -23,7 +24,9 @@ __version__ = "0.1.0"
 from apecli.errors import ApecliError  # noqa: E402
 from apecli.features import FeatureSet, load_features, save_features  # noqa: E402
 from apecli.refine import Refinement, channel_criterion, select_channels  # noqa: E402
+from apecli.training_free import SearchGrid  # noqa: E402
 from apecli.evaluate import (  # noqa: E402
+    default_grid,
     evaluate_artifact,
     evaluate_training_free,
     evaluate_training_required,
@@ -43,7 +46,9 @@ __all__ = [
     "FeatureSet",
     "FitSettings",
     "Refinement",
+    "SearchGrid",
     "channel_criterion",
+    "default_grid",
     "evaluate_artifact",
     "evaluate_training_free",
     "evaluate_training_required",

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from apecli.errors import ApecliError
 from apecli.evaluate import Evaluation, default_grid, percent, scored
 from apecli.features import FeatureSet
 from apecli.training import EpochProgress, reproducible, train, training_samples
@@ -114,11 +115,13 @@ def gda_for(features: FeatureSet, shots: int) -> tuple[np.ndarray, np.ndarray, b
     return weights, bias, on_views
 
 
-def evaluate_gda(features: FeatureSet, shots: int | None = None) -> Evaluation:
-    """GDA: class means and a shared covariance from all stored views; α from a small grid."""
+def evaluate_gda(features: FeatureSet, shots: int | None = None, alpha: float | None = None) -> Evaluation:
+    """GDA: class means and a shared covariance from all stored views; α from a small grid, or ``alpha``."""
     shots, _ = features.cache(shots)
     weights, bias, on_views = gda_for(features, shots)
-    alphas = np.array(GDA_ALPHAS)
+    if alpha is not None and not 0 < alpha < float("inf"):
+        raise ApecliError(f"a given α must be finite and positive, got {alpha}")
+    alphas = np.array(GDA_ALPHAS if alpha is None else (float(alpha),))
 
     def correct(split: str, chosen: np.ndarray) -> np.ndarray:
         part = features.split(split)
@@ -133,7 +136,7 @@ def evaluate_gda(features: FeatureSet, shots: int | None = None) -> Evaluation:
     test_correct = int(correct("test", alphas[best : best + 1])[0])
     val_total = features.split("val").labels.shape[0]
     return scored("gda", features, shots, percent(int(val_correct[best]), val_total), test_correct,
-                  alpha=float(alphas[best]), trained_on_views=on_views)
+                  alpha=float(alphas[best]), trained_on_views=on_views, **({"given": {"alpha": float(alpha)}} if alpha is not None else {}))
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: Search
     """
     shots, _ = features.cache(shots)
     grid = grid or default_grid(features)
-    betas = SearchGrid(grid.scale, (PROKER_BETAS, 1, 1)).betas
+    betas = SearchGrid(grid.scale, (PROKER_BETAS, 1, 1), (grid.fixed[0], None, None)).betas
     lambdas = np.array(PROKER_LAMBDAS)
     regression = ProkerSupport.of(features, shots)
     support = regression.support
@@ -203,4 +206,5 @@ def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: Search
     predict = regression.predictor(betas[b], lambdas[l])
     test_correct = count_correct(predict(test.features.astype(np.float64)), test.labels)
     return scored("proker", features, shots, percent(int(val_correct[b, l]), val.labels.shape[0]), test_correct,
-                  beta=float(betas[b]), **{"lambda": float(lambdas[l])})
+                  beta=float(betas[b]), **{"lambda": float(lambdas[l])},
+                  **({"given": {"beta": float(grid.fixed[0])}} if grid.fixed[0] is not None else {}))

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 KIND = "evaluation"
 MODES = ("zero-shot", "training-free", "training-required", "tip-adapter", "tip-adapter-f", "gda", "proker")
+# The hyperparameters each mode chooses on validation that a user may give instead (SearchGrid.fixed).
+GIVEN = {"zero-shot": (), "training-free": ("alpha", "beta", "gamma"), "training-required": ("alpha", "beta"),
+         "tip-adapter": ("alpha", "beta"), "tip-adapter-f": ("alpha", "beta"), "gda": ("alpha",), "proker": ("beta",)}
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class Evaluation:
             result["settings_sharing_best"] = self.search.ties
             result["search_scale"] = list(self.search.grid.scale)
             result["search_step"] = list(self.search.grid.steps)
+            if self.search.grid.given:
+                result["given"] = self.search.grid.given
         if self.channels is not None:
             result["k"] = int(self.channels.shape[0])
         result.update(self.extra)
@@ -186,7 +191,9 @@ def evaluate_artifact(
     """Evaluate a features, refinement or adapter artifact in ``mode``.
 
     Training-free on a features artifact refines first, with the dataset's default k and weights; every
-    mode on a refinement uses the cache it was made from; training-required needs an adapter. ``device``
+    mode on a refinement uses the cache it was made from; training-required needs an adapter. Values
+    fixed in ``grid`` (:meth:`SearchGrid.fixing`) replace the search of their axis; a mode refuses one it
+    does not have (GIVEN). ``device``
     (the CPU by default) runs the searches of the modes that have one, and Tip-Adapter-F's training;
     zero-shot, GDA and ProKeR compute on the CPU.
     """
@@ -200,6 +207,13 @@ def evaluate_artifact(
         from apecli.devices import torch_device
 
         torch_device(device)  # a mistyped device is refused by every mode, even one that computes on the CPU
+    given = grid.given if grid is not None else {}
+    unknown = [name for name in given if name not in GIVEN[mode]]
+    if unknown:
+        symbols = {"alpha": "α", "beta": "β", "gamma": "γ"}
+        takes = ", ".join(symbols[name] for name in GIVEN[mode])
+        raise ApecliError(f"mode {mode} has no {symbols[unknown[0]]} to give"
+                          + (f"; it takes {takes}" if takes else "; it chooses nothing on validation"))
     if (mode == "training-required") != (artifact.kind == "adapter"):
         raise ApecliError(
             f"{artifact.path}: mode training-required evaluates a fitted adapter (from apecli fit), and only it"
@@ -229,7 +243,7 @@ def evaluate_artifact(
         if mode == "tip-adapter-f":
             return baselines.evaluate_tip_adapter_f(features, shots, grid, device=device)
         if mode == "gda":
-            return baselines.evaluate_gda(features, shots)
+            return baselines.evaluate_gda(features, shots, given.get("alpha"))
         return baselines.evaluate_proker(features, shots, grid, progress)
     if refinement is None:
         refinement = select_channels(features, shots=shots)

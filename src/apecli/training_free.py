@@ -23,7 +23,7 @@ picks the same predictions as evaluating every setting one by one (:func:`search
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -42,35 +42,64 @@ EXACT_EVERY = 8  # the search's kernel is an exp at every 8th β, a product by e
 
 @dataclass(frozen=True)
 class SearchGrid:
-    """The search scales (upper ends) and step counts of β, α and γ."""
+    """The search scales (upper ends) and step counts of β, α and γ, and the values given instead of
+    searched (``fixed``, in the same order; None where searched)."""
 
     scale: tuple[float, float, float]
     steps: tuple[int, int, int]
+    fixed: tuple[float | None, float | None, float | None] = (None, None, None)
 
     def __post_init__(self) -> None:
-        if len(self.scale) != 3 or len(self.steps) != 3:
+        if len(self.scale) != 3 or len(self.steps) != 3 or len(self.fixed) != 3:
             raise ApecliError("a search grid needs three scales and three step counts (β, α, γ)")
         if min(self.steps) < 1:
             raise ApecliError(f"search steps must be at least 1, got {tuple(self.steps)}")
         if not all(0 <= scale < float("inf") for scale in self.scale):  # then every β and α is positive: a
             # negative α would flip the cache's vote
             raise ApecliError(f"search scales must be finite and not negative, got {tuple(self.scale)}")
+        for symbol, value, smallest in zip("βαγ", self.fixed, (0.0, None, 0.0)):
+            if value is None:
+                continue
+            usable = 0 < value < float("inf") if smallest is None else smallest <= value < float("inf")
+            if not usable:
+                raise ApecliError(f"a given {symbol} must be finite and {'positive' if smallest is None else 'not negative'},"
+                                  f" got {value}")
+
+    def fixing(self, beta: float | None = None, alpha: float | None = None, gamma: float | None = None) -> "SearchGrid":
+        """This grid with the given values fixed (each one replaces its axis); None leaves an axis searched."""
+        return replace(self, fixed=(beta, alpha, gamma))
+
+    def _values(self, axis: int, start: float) -> np.ndarray:
+        if self.fixed[axis] is not None:
+            return np.array([float(self.fixed[axis])])
+        top, steps = self.scale[axis], self.steps[axis]
+        return np.array([i * (top - start) / steps + start for i in range(steps)])
 
     @property
     def betas(self) -> np.ndarray:
-        return np.array([i * (self.scale[0] - 0.1) / self.steps[0] + 0.1 for i in range(self.steps[0])])
+        return self._values(0, 0.1)
 
     @property
     def alphas(self) -> np.ndarray:
-        return np.array([i * (self.scale[1] - 0.1) / self.steps[1] + 0.1 for i in range(self.steps[1])])
+        return self._values(1, 0.1)
 
     @property
     def gammas(self) -> np.ndarray:
-        return np.array([i * self.scale[2] / self.steps[2] for i in range(self.steps[2])])
+        return self._values(2, 0.0)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """How many values of β, α and γ the search tries."""
+        return tuple(1 if value is not None else steps for value, steps in zip(self.fixed, self.steps))
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.steps))
+        return int(np.prod(self.shape))
+
+    @property
+    def given(self) -> dict[str, float]:
+        """The fixed values by name (alpha, beta, gamma), for the record."""
+        return {name: float(value) for name, value in zip(("beta", "alpha", "gamma"), self.fixed) if value is not None}
 
 
 @dataclass(frozen=True)
@@ -376,7 +405,7 @@ def search_loop(tri: TriEdge, x: np.ndarray, labels: np.ndarray, grid: SearchGri
     affinity = torch.from_numpy(tri.affinity(x))
     one_hot = torch.eye(tri.num_classes, dtype=torch.float64)[torch.from_numpy(tri.key_labels)]
     divergence = torch.from_numpy(tri.divergence)[:, None]
-    correct = np.zeros(grid.steps, dtype=np.int64)
+    correct = np.zeros(grid.shape, dtype=np.int64)
     for b, beta in enumerate(grid.betas):
         for a, alpha in enumerate(grid.alphas):
             for g, gamma in enumerate(grid.gammas):
@@ -414,7 +443,7 @@ class CacheModel:
         """Correct predictions for every β and α of ``grid`` (its γ is ignored), as SearchResult[β, α, 0],
         on ``device`` (the CPU by default)."""
         device = search_device(device)
-        grid = SearchGrid((grid.scale[0], grid.scale[1], 0.0), (grid.steps[0], grid.steps[1], 1))
+        grid = SearchGrid((grid.scale[0], grid.scale[1], 0.0), (grid.steps[0], grid.steps[1], 1), (*grid.fixed[:2], None))
         num_classes = self.text.shape[0]
         order = np.argsort(self.key_labels, kind="stable")
         shots = order.shape[0] // num_classes

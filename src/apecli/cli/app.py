@@ -249,11 +249,17 @@ def evaluate(
     search_step: Annotated[
         Optional[tuple[int, int, int]], typer.Option("--search-step", help="Steps of the β, α, γ grids.")
     ] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Use this α instead of searching it (APE, APE-T, "
+                                                   "Tip-Adapter(-F), GDA).", show_default=False)] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", help="Use this β instead of searching it (APE, APE-T, "
+                                                  "Tip-Adapter(-F), ProKeR).", show_default=False)] = None,
+    gamma: Annotated[Optional[float], typer.Option("--gamma", help="Use this γ instead of searching it (APE).",
+                                                   show_default=False)] = None,
     device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
-    """Evaluate on test with hyperparameters searched on validation; print the accuracies."""
+    """Evaluate on test with hyperparameters searched on validation (or given); print the accuracies."""
     from apecli.evaluate import MODES, evaluate_artifact, save_evaluation
     from apecli.presets import preset_for
     from apecli.training_free import SearchGrid
@@ -262,8 +268,9 @@ def evaluate(
         raise ApecliError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
     artifact = resolve_input(source, store_dir, ["adapter"] if mode == "training-required" else ["refinement", "features"])
     preset = preset_for(artifact.metadata.get("dataset"))
-    grid = SearchGrid(tuple(search_scale or preset.search_scale), tuple(search_step or preset.search_step))
-    with progress.steps(f"searching {grid.size:,} settings") as advance:
+    grid = SearchGrid(tuple(search_scale or preset.search_scale), tuple(search_step or preset.search_step)).fixing(
+        beta, alpha, gamma)
+    with progress.steps(f"searching {grid.size:,} setting{'s' if grid.size != 1 else ''}") as advance:
         evaluation = evaluate_artifact(artifact, mode, shots, grid, advance, device)
     stem = f"eval-{mode}" + (f"-{evaluation.shots}shot" if evaluation.shots else "")
     saved = save_evaluation(evaluation, [artifact], store.in_store(store_dir, evaluation.dataset, stem))
@@ -603,12 +610,14 @@ def _print_evaluation(result: dict) -> None:
         table.add_column(column, justify="left" if column in ("method", "chosen on validation") else "right")
     table.add_row("zero-shot CLIP", f"{result['zero_shot_val_accuracy']:.2f}", f"{result['zero_shot_accuracy']:.2f}", "")
     if result["mode"] != "zero-shot":
-        chosen = [f"{symbol}={result[key]:.4g}" for key, symbol in
-                  (("alpha", "α"), ("beta", "β"), ("gamma", "γ"), ("lambda", "λ")) if result.get(key) is not None]
+        settings = [(key, f"{symbol}={result[key]:.4g}") for key, symbol in
+                    (("alpha", "α"), ("beta", "β"), ("gamma", "γ"), ("lambda", "λ")) if result.get(key) is not None]
+        chosen = [text for key, text in settings if key not in result.get("given", {})]
         if "best_epoch" in result:
             chosen.append(f"epoch {result['best_epoch']}/{result['epochs']}")
+        given = [text for key, text in settings if key in result.get("given", {})]
         table.add_row(METHOD_NAMES[result["mode"]], f"{result['val_accuracy']:.2f}", f"{result['test_accuracy']:.2f}",
-                      " ".join(chosen))
+                      "; ".join(part for part in (" ".join(chosen), "given " * bool(given) + " ".join(given)) if part))
     console.print(table)
 
 
