@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 
-from apecli.errors import ApecliError
 from apecli.evaluate import Evaluation, default_grid, percent, scored
 from apecli.features import FeatureSet
 from apecli.training import EpochProgress, reproducible, train, training_samples
@@ -115,13 +114,13 @@ def gda_for(features: FeatureSet, shots: int) -> tuple[np.ndarray, np.ndarray, b
     return weights, bias, on_views
 
 
-def evaluate_gda(features: FeatureSet, shots: int | None = None, alpha: float | None = None) -> Evaluation:
-    """GDA: class means and a shared covariance from all stored views; α from a small grid, or ``alpha``."""
+def evaluate_gda(features: FeatureSet, shots: int | None = None, grid: SearchGrid | None = None) -> Evaluation:
+    """GDA: class means and a shared covariance from all stored views; α from a small grid, or the α
+    ``grid`` fixes (GDA has no other value to search)."""
     shots, _ = features.cache(shots)
     weights, bias, on_views = gda_for(features, shots)
-    if alpha is not None and not 0 < alpha < float("inf"):
-        raise ApecliError(f"a given α must be finite and positive, got {alpha}")
-    alphas = np.array(GDA_ALPHAS if alpha is None else (float(alpha),))
+    given = {"alpha": grid.given["alpha"]} if grid is not None and "alpha" in grid.given else {}
+    alphas = np.array((given["alpha"],) if given else GDA_ALPHAS)
 
     def correct(split: str, chosen: np.ndarray) -> np.ndarray:
         part = features.split(split)
@@ -136,7 +135,7 @@ def evaluate_gda(features: FeatureSet, shots: int | None = None, alpha: float | 
     test_correct = int(correct("test", alphas[best : best + 1])[0])
     val_total = features.split("val").labels.shape[0]
     return scored("gda", features, shots, percent(int(val_correct[best]), val_total), test_correct,
-                  alpha=float(alphas[best]), trained_on_views=on_views, **({"given": {"alpha": float(alpha)}} if alpha is not None else {}))
+                  alpha=float(alphas[best]), trained_on_views=on_views, **({"given": given} if given else {}))
 
 
 @dataclass(frozen=True)
@@ -207,4 +206,4 @@ def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: Search
     test_correct = count_correct(predict(test.features.astype(np.float64)), test.labels)
     return scored("proker", features, shots, percent(int(val_correct[b, l]), val.labels.shape[0]), test_correct,
                   beta=float(betas[b]), **{"lambda": float(lambdas[l])},
-                  **({"given": {"beta": float(grid.fixed[0])}} if grid.fixed[0] is not None else {}))
+                  **({"given": {"beta": grid.given["beta"]}} if "beta" in grid.given else {}))

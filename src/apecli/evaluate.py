@@ -193,9 +193,8 @@ def evaluate_artifact(
     Training-free on a features artifact refines first, with the dataset's default k and weights; every
     mode on a refinement uses the cache it was made from; training-required needs an adapter. Values
     fixed in ``grid`` (:meth:`SearchGrid.fixing`) replace the search of their axis; a mode refuses one it
-    does not have (GIVEN). ``device``
-    (the CPU by default) runs the searches of the modes that have one, and Tip-Adapter-F's training;
-    zero-shot, GDA and ProKeR compute on the CPU.
+    does not have (GIVEN). ``device`` (the CPU by default) runs the searches of the modes that have one,
+    and Tip-Adapter-F's training; zero-shot, GDA and ProKeR compute on the CPU.
     """
     from apecli.features import load_features
     from apecli.refine import load_refinement, select_channels
@@ -243,7 +242,7 @@ def evaluate_artifact(
         if mode == "tip-adapter-f":
             return baselines.evaluate_tip_adapter_f(features, shots, grid, device=device)
         if mode == "gda":
-            return baselines.evaluate_gda(features, shots, given.get("alpha"))
+            return baselines.evaluate_gda(features, shots, grid)
         return baselines.evaluate_proker(features, shots, grid, progress)
     if refinement is None:
         refinement = select_channels(features, shots=shots)

@@ -269,7 +269,7 @@ def evaluate(
     artifact = resolve_input(source, store_dir, ["adapter"] if mode == "training-required" else ["refinement", "features"])
     preset = preset_for(artifact.metadata.get("dataset"))
     grid = SearchGrid(tuple(search_scale or preset.search_scale), tuple(search_step or preset.search_step)).fixing(
-        beta, alpha, gamma)
+        beta=beta, alpha=alpha, gamma=gamma)
     with progress.steps(f"searching {grid.size:,} setting{'s' if grid.size != 1 else ''}") as advance:
         evaluation = evaluate_artifact(artifact, mode, shots, grid, advance, device)
     stem = f"eval-{mode}" + (f"-{evaluation.shots}shot" if evaluation.shots else "")
