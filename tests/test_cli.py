@@ -75,6 +75,9 @@ def test_eval_with_given_values_scores_that_setting_alone(imported, store_dir):
     assert given["grid_settings"] == 1 and given["given"] == chosen and given["settings_sharing_best"] == 1
     assert (given["val_accuracy"], given["test_accuracy"]) == (searched["val_accuracy"], searched["test_accuracy"])
     assert "given α=" in result.stderr  # the table says these were not chosen on validation
+    listed = dict(line.split("\t", 1) for line in run("ls", store_dir).stdout.splitlines())  # path → the rest
+    assert listed[given["artifact"]].endswith(f", given α={chosen['alpha']:.4g} β={chosen['beta']:.4g} γ={chosen['gamma']:.4g}")
+    assert "given" not in listed[searched["artifact"]]
     info = json.loads(run("info", given["artifact"], "--json").stdout)
     assert info["metadata"]["given"] == chosen and info["shapes"]["search/val_correct"]["shape"] == [1, 1, 1]
     # One value given, the others searched: β and γ chosen over their whole ranges, α as given.

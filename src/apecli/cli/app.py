@@ -434,6 +434,9 @@ def _csv_field(text: str) -> str:
 ARTIFACT_KINDS = ("features", "refinement", "adapter", "evaluation", "transfer")
 
 
+SYMBOLS = {"alpha": "α", "beta": "β", "gamma": "γ", "lambda": "λ"}  # the hyperparameters, as tables print them
+
+
 def _summary(artifact: store.Artifact) -> str:
     """One line on what an artifact holds."""
     meta = artifact.metadata
@@ -452,7 +455,9 @@ def _summary(artifact: store.Artifact) -> str:
     if artifact.kind == "transfer":
         return f"{meta.get('mode')} on " + ", ".join(f"{t.get('dataset')} {t.get('test_accuracy', 0):.2f}%"
                                                      for t in meta.get("targets", []))
-    return f"{meta.get('mode')}, val {meta.get('val_accuracy', 0):.2f}%, test {meta.get('test_accuracy', 0):.2f}%"
+    given = " ".join(f"{symbol}={meta['given'][name]:.4g}" for name, symbol in SYMBOLS.items() if name in meta.get("given", {}))
+    return (f"{meta.get('mode')}, val {meta.get('val_accuracy', 0):.2f}%, test {meta.get('test_accuracy', 0):.2f}%"
+            + (f", given {given}" if given else ""))
 
 
 @app.command("ls")
@@ -610,8 +615,7 @@ def _print_evaluation(result: dict) -> None:
         table.add_column(column, justify="left" if column in ("method", "chosen on validation") else "right")
     table.add_row("zero-shot CLIP", f"{result['zero_shot_val_accuracy']:.2f}", f"{result['zero_shot_accuracy']:.2f}", "")
     if result["mode"] != "zero-shot":
-        settings = [(key, f"{symbol}={result[key]:.4g}") for key, symbol in
-                    (("alpha", "α"), ("beta", "β"), ("gamma", "γ"), ("lambda", "λ")) if result.get(key) is not None]
+        settings = [(key, f"{symbol}={result[key]:.4g}") for key, symbol in SYMBOLS.items() if result.get(key) is not None]
         chosen = [text for key, text in settings if key not in result.get("given", {})]
         if "best_epoch" in result:
             chosen.append(f"epoch {result['best_epoch']}/{result['epochs']}")
