@@ -57,13 +57,10 @@ class SearchGrid:
         if not all(0 <= scale < float("inf") for scale in self.scale):  # then every β and α is positive: a
             # negative α would flip the cache's vote
             raise ApecliError(f"search scales must be finite and not negative, got {tuple(self.scale)}")
-        for symbol, value, smallest in zip("βαγ", self.fixed, (0.0, None, 0.0)):
-            if value is None:
-                continue
-            usable = 0 < value < float("inf") if smallest is None else smallest <= value < float("inf")
-            if not usable:
-                raise ApecliError(f"a given {symbol} must be finite and {'positive' if smallest is None else 'not negative'},"
-                                  f" got {value}")
+        for symbol, value, positive in zip("βαγ", self.fixed, (False, True, False)):  # α = 0 is zero-shot CLIP
+            if value is not None and not ((0 < value if positive else 0 <= value) and value < float("inf")):
+                raise ApecliError(f"a given {symbol} must be finite and {'positive' if positive else 'not negative'}, "
+                                  f"got {value}")
 
     def fixing(self, beta: float | None = None, alpha: float | None = None, gamma: float | None = None) -> "SearchGrid":
         """This grid with the given values fixed (each one replaces its axis); None leaves an axis searched."""
