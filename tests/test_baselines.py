@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from apecli import baselines
 from apecli.cli import app
+from apecli.errors import ApecliError
 from apecli.features import save_features
 from apecli.synthetic import synthetic_features
 from apecli.training_free import CacheModel, SearchGrid, count_correct
@@ -43,6 +44,17 @@ def test_tip_adapter_f_trains_the_keys(features):
     assert result.extra["trained_on_views"] and 1 <= result.extra["best_epoch"] <= 5
     again = baselines.evaluate_tip_adapter_f(features, grid=GRID, settings=baselines.TipAdapterFSettings(epochs=5, lr=1e-2))
     assert (again.alpha, again.beta, again.test_accuracy) == (result.alpha, result.beta, result.test_accuracy)
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(lr=float("nan")), "lr must be finite and positive, got nan"),
+    (dict(weight_decay=-0.1), "weight decay must be finite and not negative, got -0.1"),
+    (dict(batch_size=0), "batch size must be at least 1, got 0"),
+    (dict(seed=-3), "a seed must be between 0 and 4294967295, got -3"),
+])
+def test_tip_adapter_f_settings_are_checked(given, message):
+    with pytest.raises(ApecliError, match=f"^{message}$"):
+        baselines.TipAdapterFSettings(**given)
 
 
 def test_gda_head_follows_its_formula():

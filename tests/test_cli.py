@@ -143,6 +143,12 @@ def test_export_round_trips_the_import(small_features, tmp_path, store_dir):
         (["refine", "{store}/absent.h5"], "absent.h5: no such file"),
         (["eval", "{features}", "--search-step", "0", "1", "1"], "search steps must be at least 1"),
         (["eval", "{features}", "--alpha", "0"], "a given α must be finite and positive, got 0.0"),
+        (["refine", "{features}", "--w", "nan", "1"], "the criterion weight w0 must be finite and not negative, got nan"),
+        (["refine", "{features}", "--w", "0", "0"], "the criterion weights w0 and w1 must not both be zero"),
+        (["fit", "{features}", "--w", "1", "inf"], "the criterion weight w1 must be finite and not negative, got inf"),
+        (["fit", "{features}", "--weight-decay", "nan"], "weight decay must be finite and not negative, got nan"),
+        (["fit", "{features}", "--alpha", "-1"], "α during training must be finite and positive, got -1.0"),
+        (["fit", "{features}", "--seed", "-1"], "a seed must be between 0 and 4294967295, got -1"),
         (["eval", "{features}", "--mode", "tip-adapter", "--gamma", "1"], "mode tip-adapter has no γ to give; it takes α, β"),
     ],
 )

@@ -375,6 +375,8 @@ def test_command_line_refusals(tiny, caltech, tmp_path):
     assert_one_line_error(runner.invoke(app, base + ["--dataset", "caltech101", "--root", str(caltech), "--shots", "1,x"]),
                           "--shots takes comma-separated integers")
     assert_one_line_error(runner.invoke(app, base + ["--dataset", "dtd", "--root", str(caltech)]), "no dtd dataset here")
+    assert_one_line_error(runner.invoke(app, base + ["--dataset", "caltech101", "--root", str(caltech), "--seed", "-1"]),
+                          "a seed must be between 0 and 4294967295, got -1")
     assert_one_line_error(runner.invoke(app, ["extract", "--dataset", "caltech101", "--root", str(caltech), "--model",
                                               tiny.model, "--pretrained", str(tmp_path / "gone.pt"), "--shots", "1"]),
                           "gone.pt: no such checkpoint file")

@@ -207,8 +207,20 @@ def test_fit_settings_are_checked():
     features = weak_text(0, num_classes=4, shots=(2,))
     with pytest.raises(ApecliError, match="epochs must be at least 1"):
         FitSettings(epochs=0).resolve(features)
-    with pytest.raises(ApecliError, match="lr and eps must be positive"):
-        FitSettings(lr=-1.0).resolve(features)
+    refusals = [
+        (dict(lr=-1.0), "lr must be finite and positive, got -1.0"),
+        (dict(eps=float("inf")), "eps must be finite and positive, got inf"),
+        (dict(weight_decay=float("nan")), "weight decay must be finite and not negative, got nan"),
+        (dict(init_alpha=0.0), "α during training must be finite and positive, got 0.0"),
+        (dict(init_beta=-1.0), "β during training must be finite and not negative, got -1.0"),
+        (dict(seed=2**32), "a seed must be between 0 and 4294967295, got 4294967296"),
+        (dict(weights=(float("nan"), 1.0)), "the criterion weight w0 must be finite and not negative, got nan"),
+    ]
+    for given, message in refusals:  # each setting alone, so that no other check speaks first
+        with pytest.raises(ApecliError, match=f"^{message}$"):
+            settings = FitSettings(**given).resolve(features)
+            fit(features, replace(settings, epochs=1))
+    FitSettings(weight_decay=0.0, init_beta=0.0, seed=2**32 - 1).resolve(features)  # the edges are allowed
 
 
 def test_validation_in_blocks_gives_the_same_history(monkeypatch):

@@ -20,7 +20,7 @@ import numpy as np
 
 from apecli.evaluate import Evaluation, default_grid, percent, scored
 from apecli.features import FeatureSet
-from apecli.training import EpochProgress, reproducible, train, training_samples
+from apecli.training import EpochProgress, check_training, reproducible, train, training_samples
 from apecli.training_free import (CacheModel, Progress, SearchGrid, by_blocks, class_sums, count_correct, row_blocks,
                                   search_device, softmax)
 
@@ -58,6 +58,10 @@ class TipAdapterFSettings:
     alpha: float = 1.0
     beta: float = 1.0
     seed: int = 1
+
+    def __post_init__(self) -> None:
+        check_training(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, eps=self.eps,
+                       weight_decay=self.weight_decay, alpha=self.alpha, beta=self.beta, seed=self.seed)
 
 
 def evaluate_tip_adapter_f(features: FeatureSet, shots: int | None = None, grid: SearchGrid | None = None,

@@ -37,7 +37,7 @@ from apecli import store
 from apecli.datasets import ImageDataset
 from apecli.distributed import Ranks, agree, barrier, owns
 from apecli.encoder import Encoder, EncoderSpec, load_encoder
-from apecli.errors import ApecliError
+from apecli.errors import ApecliError, check_seed
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures, load_features, save_features
 from apecli.images import Batch, PilImages, RawBytes, decode_on_device, device_decoder, readable
 
@@ -67,6 +67,7 @@ class ExtractSettings:
                 raise ApecliError(f"{name.replace('_', ' ')} must be at least 1")
         if self.workers < 0:
             raise ApecliError("workers must not be negative")
+        check_seed(self.seed)
 
 
 @dataclass(frozen=True)

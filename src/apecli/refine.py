@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from apecli import store
-from apecli.errors import ApecliError
+from apecli.errors import ApecliError, check_value
 from apecli.features import FeatureSet, load_features
 from apecli.presets import preset_for
 
@@ -59,6 +59,12 @@ def channel_criterion(
     ``classifier`` is C × D (one text row per class); ``keys`` (M × D) with ``key_labels`` (M,) join
     each class's pool; with ``keys=None`` the pools hold the text vectors alone.
     """
+    if len(weights) != 2:
+        raise ApecliError(f"the criterion takes two weights, w0 and w1, got {len(weights)}")
+    for name, weight in zip(("w0", "w1"), weights):
+        check_value(f"the criterion weight {name}", weight)
+    if not any(weights):  # a zero criterion would keep the first k channels, whatever they hold
+        raise ApecliError("the criterion weights w0 and w1 must not both be zero")
     text = np.asarray(classifier, dtype=np.float64)
     num_classes = text.shape[0]
     if num_classes < 2:

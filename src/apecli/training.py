@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from apecli.errors import ApecliError
+from apecli.errors import ApecliError, check_seed, check_value
 from apecli.features import FeatureSet
 
 if TYPE_CHECKING:
@@ -87,6 +87,20 @@ class CosineAdamW:
         # lr_t = lr_0 (1 + cos(π t / T)) / 2, carried from step to step as torch's scheduler carries it
         t, total = self.steps, self.total_steps
         self.lr = (1 + math.cos(math.pi * t / total)) / (1 + math.cos(math.pi * (t - 1) / total)) * self.lr
+
+
+def check_training(*, epochs: int, batch_size: int, lr: float, eps: float, weight_decay: float, alpha: float,
+                   beta: float, seed: int) -> None:
+    """One clear error for a training setting out of range (APE-T's and Tip-Adapter-F's alike)."""
+    for name, value in (("epochs", epochs), ("batch size", batch_size)):
+        if value < 1:
+            raise ApecliError(f"{name} must be at least 1, got {value}")
+    check_value("lr", lr, positive=True)
+    check_value("eps", eps, positive=True)
+    check_value("weight decay", weight_decay)
+    check_value("α during training", alpha, positive=True)
+    check_value("β during training", beta)
+    check_seed(seed)
 
 
 def training_samples(features: FeatureSet, shots: int) -> tuple[np.ndarray, bool]:

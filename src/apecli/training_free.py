@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from apecli.errors import ApecliError
+from apecli.errors import ApecliError, check_value
 
 if TYPE_CHECKING:
     import torch
@@ -58,9 +58,8 @@ class SearchGrid:
             # negative α would flip the cache's vote
             raise ApecliError(f"search scales must be finite and not negative, got {tuple(self.scale)}")
         for symbol, value, positive in zip("βαγ", self.fixed, (False, True, False)):  # α = 0 is zero-shot CLIP
-            if value is not None and not ((0 < value if positive else 0 <= value) and value < float("inf")):
-                raise ApecliError(f"a given {symbol} must be finite and {'positive' if positive else 'not negative'}, "
-                                  f"got {value}")
+            if value is not None:
+                check_value(f"a given {symbol}", value, positive)
 
     def fixing(self, beta: float | None = None, alpha: float | None = None, gamma: float | None = None) -> "SearchGrid":
         """This grid with the given values fixed (each one replaces its axis); None leaves an axis searched."""

@@ -25,7 +25,7 @@ from apecli.errors import ApecliError
 from apecli.features import FeatureSet, load_features
 from apecli.presets import preset_for
 from apecli.refine import channel_criterion, top_channels
-from apecli.training import EpochProgress, reproducible, train, training_samples
+from apecli.training import EpochProgress, check_training, reproducible, train, training_samples
 from apecli.training_free import CacheModel, class_sums
 
 if TYPE_CHECKING:
@@ -67,11 +67,9 @@ class FitSettings:
         )
         if not 1 <= resolved.k <= features.dim:
             raise ApecliError(f"k must be between 1 and the feature width {features.dim}, got {resolved.k}")
-        for name in ("epochs", "batch_size"):
-            if getattr(resolved, name) < 1:
-                raise ApecliError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(resolved, name)}")
-        if not resolved.lr > 0 or not resolved.eps > 0 or resolved.weight_decay < 0:
-            raise ApecliError("lr and eps must be positive and weight decay not negative")
+        check_training(epochs=resolved.epochs, batch_size=resolved.batch_size, lr=resolved.lr, eps=resolved.eps,
+                       weight_decay=resolved.weight_decay, alpha=resolved.init_alpha, beta=resolved.init_beta,
+                       seed=resolved.seed)
         return resolved
 
 
