@@ -114,6 +114,10 @@ def test_refusals(two_stores, tmp_path):
     with pytest.raises(ApecliError, match="holds no few-shot cache \\(a test set only: score an evaluated model on it with"):
         bench.run_bench(test_set, [1], ["zero-shot"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    (tmp_path / "out").write_text("notes")
+    with pytest.raises(ApecliError, match="out: is a file; the results go to a folder"):
+        bench.run_bench(artifacts, [1], ["zero-shot"], tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "notes"
 
 
 def test_bench_on_the_command_line(two_stores, tmp_path):

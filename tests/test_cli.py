@@ -131,6 +131,10 @@ def test_export_round_trips_the_import(small_features, tmp_path, store_dir):
         assert sorted(a.files) == sorted(b.files)
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name])
+    (tmp_path / "folder").mkdir()
+    result = run("export", artifact, "--out", tmp_path / "folder", "--store", store_dir)
+    assert_one_line_error(result, "folder: is a folder; give the path of a file to write")
+    assert list((tmp_path / "folder").iterdir()) == [] and no_partial_files(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import pytest
 from apecli import store
 from apecli.errors import ApecliError
 from apecli.features import load_features, save_features
+from apecli.files import replacing
 from apecli.refine import load_refinement, save_refinement, select_channels
 
 from conftest import no_partial_files
@@ -267,3 +268,18 @@ def test_gc_keeps_what_may_only_be_out_of_reach(small_features, tmp_path):
 
     (tmp_path / "elsewhere").rename(drive / "a")  # mounted again
     assert store.stale_reason(outside) is None and store.stale_reason(grandchild) is None
+
+
+def test_a_whole_file_write_replaces_or_leaves_the_file_as_it_was(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), replacing(path) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("killed")
+    assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]
+    with replacing(path) as temporary:
+        temporary.write_text("new")
+        assert path.read_text() == "old"  # nothing shows until the block ends
+    assert path.read_text() == "new" and sorted(tmp_path.iterdir()) == [path]
+    with pytest.raises(ApecliError, match="is a folder; give the path of a file to write"), replacing(tmp_path):
+        pass

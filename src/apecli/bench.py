@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from apecli import store
 from apecli.errors import ApecliError
 from apecli.evaluate import MODES, Evaluation, evaluate_artifact
 from apecli.features import TEST_SET_HINT
+from apecli.files import replacing
 
 COLUMNS = ("dataset", "model", "shots", "mode", "val_accuracy", "test_accuracy", "zero_shot_accuracy", "alpha",
            "beta", "gamma", "lambda", "best_epoch", "seconds", "device", "features", "content_id")
@@ -70,9 +70,8 @@ def read_results(out: Path) -> list[dict[str, Any]]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    with replacing(path) as temporary:
+        temporary.write_text(text)
 
 
 def write_results(out: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -121,6 +120,8 @@ def run_bench(
         missing = sorted(set(shots) - set(held))
         if missing:
             raise ApecliError(f"{artifact.path}: has no {missing[0]}-shot cache (it holds {', '.join(map(str, held))} shots)")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ApecliError(f"{out}: is a file; the results go to a folder")
     rows = read_results(out)
     done = {(row["content_id"], row["shots"], row["mode"]): row for row in rows}
     for artifact in artifacts:
@@ -231,8 +232,9 @@ def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], path: Path) -> Pa
     axes.flat[0].legend(fontsize=8)
     figure.tight_layout()
     path = Path(path)
-    temporary = path.parent / f".{path.stem}.{os.getpid()}.tmp.png"
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    os.replace(temporary, path)
+    try:
+        with replacing(path) as temporary:
+            figure.savefig(temporary, dpi=110, format="png")
+    finally:
+        plt.close(figure)
     return path

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ from apecli.distributed import Ranks, agree, barrier, owns
 from apecli.encoder import Encoder, EncoderSpec, load_encoder
 from apecli.errors import ApecliError, check_seed
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures, load_features, save_features
+from apecli.files import replacing
 from apecli.images import Batch, PilImages, RawBytes, decode_on_device, device_decoder, readable
 
 SplitProgress = Callable[[str, int, int], None]  # split, images done, images in the split
@@ -252,10 +252,8 @@ def _save_chunk(file: Path, indices: range, results: dict[int, tuple[np.ndarray 
     features = np.stack([results[i][0] if results[i][0] is not None else np.full(shape, np.nan, np.float32)
                          for i in indices]) if shape is not None else np.zeros((len(indices), 0), np.float32)
     errors = np.array([results[i][1] for i in indices], dtype=str)
-    temporary = file.parent / f".{file.name}.{os.getpid()}.tmp"
-    with open(temporary, "wb") as handle:
+    with replacing(file) as temporary, open(temporary, "wb") as handle:
         np.savez(handle, features=features, errors=errors)
-    os.replace(temporary, file)
 
 
 def _load_chunks(files: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from apecli.errors import ApecliError
-from apecli.store import file_sha256
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures
+from apecli.files import replacing
 from apecli.presets import canonical_name
+from apecli.store import file_sha256
 
 if TYPE_CHECKING:
     from apecli.encoder import EncoderSpec
@@ -336,12 +337,6 @@ def export_npz(features: FeatureSet, out: str | os.PathLike[str], shots: int | N
         arrays[f"{split}_features"], arrays[f"{split}_labels"] = part.features, part.labels
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.parent / f".{out.name}.{os.getpid()}.tmp"
-    try:
-        with open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(temporary, out)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with replacing(out) as temporary, open(temporary, "wb") as handle:
+        np.savez(handle, **arrays)
     return out

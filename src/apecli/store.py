@@ -23,6 +23,7 @@ import numpy as np
 
 from apecli import __version__
 from apecli.errors import ApecliError
+from apecli.files import replacing
 
 FORMAT_NAME = "apecli"
 FORMAT_VERSION = (1, 0)
@@ -132,30 +133,24 @@ def write_artifact(
                 return existing
         except ApecliError:
             pass  # replaced below
-    temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with h5py.File(temporary, "w") as handle:
-            handle.attrs["format"] = FORMAT_NAME
-            handle.attrs["format_version"] = "%d.%d" % FORMAT_VERSION
-            handle.attrs["kind"] = kind
-            handle.attrs["content_id"] = cid
-            handle.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            handle.attrs["writer"] = f"apecli {__version__}"
-            handle.attrs["metadata"] = _dumps(metadata)
-            handle.attrs["parents"] = _dumps([ref.to_json() for ref in refs])
-            for name, value in arrays.items():
-                array = np.asarray(value)
-                if array.dtype.kind in "US":
-                    dataset = handle.create_dataset(name, data=array.astype(object), dtype=h5py.string_dtype())
-                    dataset.attrs["encoding-type"] = "string-array"
-                else:
-                    dataset = handle.create_dataset(name, data=array)
-                    dataset.attrs["encoding-type"] = "array"
-                dataset.attrs["encoding-version"] = ENCODING_VERSION
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with replacing(path) as temporary, h5py.File(temporary, "w") as handle:
+        handle.attrs["format"] = FORMAT_NAME
+        handle.attrs["format_version"] = "%d.%d" % FORMAT_VERSION
+        handle.attrs["kind"] = kind
+        handle.attrs["content_id"] = cid
+        handle.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        handle.attrs["writer"] = f"apecli {__version__}"
+        handle.attrs["metadata"] = _dumps(metadata)
+        handle.attrs["parents"] = _dumps([ref.to_json() for ref in refs])
+        for name, value in arrays.items():
+            array = np.asarray(value)
+            if array.dtype.kind in "US":
+                dataset = handle.create_dataset(name, data=array.astype(object), dtype=h5py.string_dtype())
+                dataset.attrs["encoding-type"] = "string-array"
+            else:
+                dataset = handle.create_dataset(name, data=array)
+                dataset.attrs["encoding-type"] = "array"
+            dataset.attrs["encoding-version"] = ENCODING_VERSION
     return open_artifact(path)
 
 
