@@ -87,8 +87,28 @@ def test_bad_files_are_named_or_skipped(extracted, tmp_path):
         predict([good, bad], evaluation, device="cpu")
     predictions, skipped = predict([good, bad], evaluation, device="cpu", skip_bad=True)
     assert [p.path for p in predictions] == [str(good)] and skipped[0]["path"] == str(bad)
-    with pytest.raises(ApecliError, match="absent.jpg: no such file"):
+    with pytest.raises(ApecliError, match="absent.jpg: no such file or folder"):
         predict([tmp_path / "absent.jpg"], evaluation, device="cpu")
+    (tmp_path / "empty" / "below").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no image")
+    with pytest.raises(ApecliError, match="empty: a folder with no image files"):
+        predict([tmp_path / "empty"], evaluation, device="cpu")
+
+
+def test_a_folder_stands_for_its_image_files(extracted, tmp_path):
+    evaluation = _evaluation(extracted, "zero-shot", tmp_path)
+    images = [Path(p) for p in extracted.split("test").paths[:3]]
+    folder = tmp_path / "photos"
+    (folder / "b").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    copies = [folder / "b" / "one.JPG", folder / "two.png", folder / ".hidden" / "three.jpg"]
+    for image, copy in zip(images, copies):
+        copy.write_bytes(image.read_bytes())  # the suffix names no format: the decoder reads the bytes
+    (folder / "readme.txt").write_text("not an image")
+    predictions, _ = predict([folder, images[2]], evaluation, device="cpu")
+    assert [p.path for p in predictions] == [str(copies[0]), str(copies[1]), str(images[2])]
+    alone, _ = predict(images[:2], evaluation, device="cpu")
+    assert [p.probabilities for p in predictions[:2]] == [p.probabilities for p in alone]
 
 
 def test_imported_features_cannot_predict(tmp_path):

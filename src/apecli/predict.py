@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from apecli import store
+from apecli.datasets import IMAGE_SUFFIXES
 from apecli.errors import ApecliError
 from apecli.features import FeatureSet, load_features
 from apecli.training_free import CacheModel, TriEdge, softmax
@@ -134,6 +135,24 @@ def encoder_spec(features: FeatureSet, device: str, folder: Path):
     return spec
 
 
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The files to classify: each file as given, and for each folder the image files in it and in the
+    folders below (by suffix, sorted by path; hidden ones left out)."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise ApecliError(f"{path}: a folder with no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ApecliError(f"{path}: no such file or folder")
+    return files
+
+
 def predict(
     paths: Sequence[Path],
     evaluation: store.Artifact,
@@ -144,7 +163,8 @@ def predict(
     skip_bad: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[list[Prediction], list[dict[str, str]]]:
-    """Top-``top`` labels and probabilities of each image; unreadable images fail, or are listed with ``skip_bad``."""
+    """Top-``top`` labels and probabilities of each image (a folder stands for its image files, see
+    :func:`image_files`); unreadable images fail, or are listed with ``skip_bad``."""
     from apecli.encoder import load_encoder
     from apecli.extract import ExtractSettings, encode_split
 
@@ -152,9 +172,7 @@ def predict(
         raise ApecliError(f"--top must be at least 1, got {top}")
     if not paths:
         raise ApecliError("no images to classify")
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise ApecliError(f"{missing[0]}: no such file")
+    paths = image_files(paths)
     model = load_classifier(evaluation)
     features = model.features
     with tempfile.TemporaryDirectory() as folder:

@@ -395,7 +395,7 @@ def _integers(text: str, option: str) -> tuple[int, ...]:
 @app.command()
 @reports_errors
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files to classify.", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(help="Image files to classify, or folders of them.", show_default=False)],
     model_artifact: Annotated[
         Optional[Path], typer.Option("--model-artifact", help="An evaluation artifact (default: the newest in the store).")
     ] = None,
