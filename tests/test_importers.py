@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from apecli.errors import ApecliError
+from apecli.features import load_features
 from apecli.importers import export_npz, import_npz, import_tip_adapter
 from apecli.synthetic import synthetic_features
 
-from conftest import real_dataset, write_npz
+from conftest import assert_one_line_error, real_dataset, write_npz
 
 
 def write_tip_adapter(folder: Path, features, *, text_name: str = "text.pt") -> Path:
@@ -74,6 +75,23 @@ def test_a_folder_with_one_evaluation_split_uses_it_for_both(small_features, tmp
         import_tip_adapter(folder, folder / "text.pt")
 
 
+def test_unnormalised_keys_are_refused_or_normalised_on_the_command_line(small_features, tmp_path):
+    from typer.testing import CliRunner
+
+    from apecli.cli import app
+
+    folder = write_tip_adapter(tmp_path / "cache", small_features)
+    torch.save(torch.load(folder / "keys_4shots.pt") * 5, folder / "keys_4shots.pt")  # as encoded, before normalising
+    command = ["import", "tip-adapter", str(folder), "--text-weights", str(folder / "text.pt"), "--store", str(tmp_path / "store")]
+    assert_one_line_error(CliRunner().invoke(app, command), "4-shot cache keys are not L2-normalised", "--normalise")
+    assert not (tmp_path / "store").exists()
+    result = CliRunner().invoke(app, [*command, "--normalise"])
+    assert result.exit_code == 0, result.stderr
+    assert "note: rows L2-normalised at import (4-shot cache keys: norms were" in result.stderr
+    keys = load_features(result.stdout.strip()).cache(4)[1].keys.astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1.0, atol=1e-3)  # float16, as imported
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -131,6 +149,11 @@ def test_npz_import_export_round_trips_exactly(small_features, tmp_path):
         (lambda a: a.update(test_features=a["test_features"] * np.nan), "NaN"),
         (lambda a: a.update(cache_labels=np.r_[a["cache_labels"][:-1], 0]), "between 3 and 5 keys"),
         (lambda a: a.update(val_labels=a["val_labels"][:-1]), "labels for"),
+        (lambda a: a.update(val_features=a["val_features"][:0], val_labels=a["val_labels"][:0]),
+         "the val split holds no images"),
+        (lambda a: a["cache_keys"].__setitem__((slice(2, 4),), 0.0), "cache keys: 2 row\\(s\\) of zeros \\(the first: row 2\\)"),
+        (lambda a: a.update(test_features=a["test_features"] * 2.0),
+         "test features are not L2-normalised \\(row norms from 2 to 2\\); import them with --normalise"),
     ],
 )
 def test_bad_npz_files_are_refused(small_features, tmp_path, change, message):
@@ -140,6 +163,24 @@ def test_bad_npz_files_are_refused(small_features, tmp_path, change, message):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ApecliError, match=message):
         import_npz(tmp_path / "bad.npz")
+
+
+def test_normalise_divides_every_row_by_its_norm_and_says_so(small_features, tmp_path):
+    with np.load(write_npz(tmp_path / "good.npz", small_features, shots=4)) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    rng = np.random.default_rng(0)
+    scaled = dict(arrays, cache_keys=arrays["cache_keys"] * rng.uniform(0.2, 30.0, (arrays["cache_keys"].shape[0], 1)),
+                  val_features=arrays["val_features"] * 7.0)
+    np.savez(tmp_path / "raw.npz", **scaled)
+    features = import_npz(tmp_path / "raw.npz", normalise=True)
+    for before, after in [(scaled["cache_keys"], features.cache(4)[1].keys), (scaled["val_features"], features.split("val").features),
+                          (arrays["test_features"], features.split("test").features), (arrays["text_weights"].T, features.classifier)]:
+        expected = before / np.linalg.norm(before.astype(np.float64), axis=1, keepdims=True)
+        assert after.dtype == before.dtype
+        np.testing.assert_allclose(after, expected, rtol=1e-6)
+    notes = features.provenance["notes"]
+    assert [note.split(" (")[1].split(":")[0] for note in notes] == ["4-shot cache keys", "val features"]
+    assert import_npz(tmp_path / "good.npz", normalise=True).provenance.get("notes") is None  # nothing to do: unchanged
 
 
 def test_truncated_npz_is_refused(small_features, tmp_path):

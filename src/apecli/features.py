@@ -119,6 +119,8 @@ class FeatureSet:
                     )
                 arrays.append((f"{shots}-shot views", cache.views, None))
         for split, part in sorted(self.splits.items()):
+            if part.features.shape[0] == 0:
+                raise ApecliError(f"the {split} split holds no images")
             arrays.append((f"{split} features", part.features, part.labels))
         for what, array, labels in arrays:
             if not np.issubdtype(array.dtype, np.floating):
@@ -129,6 +131,10 @@ class FeatureSet:
                 )
             if not np.isfinite(array).all():
                 raise ApecliError(f"{what} contain NaN or infinite values")
+            zero = np.flatnonzero(~np.any(array.reshape(-1, width) != 0, axis=1))
+            if zero.size:  # no direction: the cosine similarities every method takes are undefined for it
+                raise ApecliError(f"{what}: {zero.size} row(s) of zeros (the first: row {zero[0]}), "
+                                  "which no encoder gives")
             if labels is not None:
                 _check_labels(what, labels, array.shape[-2], names)
         for shots, cache in self.caches.items():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 CUPL_TEXT_WEIGHTS = "text_weights_cupl_t.pt"
 NPZ_REQUIRED = ("text_weights", "cache_keys", "cache_labels", "val_features", "val_labels", "test_features", "test_labels")
+UNIT_TOLERANCE = 0.01  # how far from 1 an imported row's L2 norm may be: float16 storage moves it by about 5e-4
 
 
 def _load_tensor(path: Path) -> np.ndarray:
@@ -149,11 +150,13 @@ def import_tip_adapter(
     model: str | None = None,
     shots: Sequence[int] | None = None,
     texts: ClassTexts | None = None,
+    normalise: bool = False,
 ) -> FeatureSet:
     """Read an APE / Tip-Adapter cache folder: every shot count in it, or those of ``shots``.
 
     The text classifier is ``text_weights``, else ``texts`` (computed by :func:`class_texts`, whose
-    encoder is then recorded as the features' model), else the folder's ``text_weights_cupl_t.pt``."""
+    encoder is then recorded as the features' model), else the folder's ``text_weights_cupl_t.pt``.
+    Rows must be L2-normalised; ``normalise`` divides each row by its norm instead (see :func:`unit_rows`)."""
     folder = Path(directory)
     if not folder.is_dir():
         raise ApecliError(f"{folder}: no such folder")
@@ -244,7 +247,7 @@ def import_tip_adapter(
     if computed is not None:
         provenance["text"] = computed.provenance()
         names, recorded = computed.class_names, computed.model_record(model)
-    return FeatureSet(
+    return unit_rows(FeatureSet(
         class_names=names,
         classifier=np.ascontiguousarray(text.T),
         caches=caches,
@@ -252,15 +255,16 @@ def import_tip_adapter(
         dataset=canonical_name(dataset),
         model=recorded,
         provenance=provenance,
-    ).validate()
+    ).validate(), normalise)
 
 
 def import_npz(
     file: str | os.PathLike[str], dataset: str | None = None, model: str | None = None,
-    texts: ClassTexts | None = None,
+    texts: ClassTexts | None = None, normalise: bool = False,
 ) -> FeatureSet:
     """Read a plain ``.npz`` of features (see the module docstring for its arrays); ``texts`` (from
-    :func:`class_texts`) stands in for a ``text_weights`` it lacks."""
+    :func:`class_texts`) stands in for a ``text_weights`` it lacks. Rows must be L2-normalised;
+    ``normalise`` divides each row by its norm instead (see :func:`unit_rows`)."""
     path = Path(file)
     if not path.is_file():
         raise ApecliError(f"{path}: no such file")
@@ -316,9 +320,44 @@ def import_npz(
         provenance=provenance,
     )
     try:
-        return features.validate()
+        return unit_rows(features.validate(), normalise)
     except ApecliError as error:
         raise ApecliError(f"{path}: {error}") from None
+
+
+def unit_rows(features: FeatureSet, normalise: bool = False) -> FeatureSet:
+    """``features`` once every row (text classifier, keys, views, split features) is of unit L2 norm,
+    as every method assumes. Where a row is more than ``UNIT_TOLERANCE`` away from it, ``normalise``
+    divides every row by its norm (in float64, kept in its own dtype) and the provenance says so;
+    without it, that is refused. Features already of unit norm are returned as they are."""
+    def scaled(array: np.ndarray | None) -> np.ndarray | None:
+        if array is None:
+            return None
+        rows = array.astype(np.float64)
+        return (rows / np.linalg.norm(rows, axis=-1, keepdims=True)).astype(array.dtype)
+
+    parts = [("text classifier", features.classifier)]
+    for shots, cache in sorted(features.caches.items()):
+        parts += [(f"{shots}-shot cache keys", cache.keys)] + ([(f"{shots}-shot views", cache.views)] if cache.views is not None else [])
+    parts += [(f"{split} features", part.features) for split, part in sorted(features.splits.items())]
+    ranges = {what: (float(norms.min()), float(norms.max())) for what, array in parts
+              if (norms := np.sqrt(np.einsum("...d,...d->...", array, array, dtype=np.promote_types(array.dtype, np.float32)))).size}
+    off = [(what, low, high) for what, (low, high) in ranges.items() if max(1 - low, high - 1) > UNIT_TOLERANCE]
+    if not off:
+        return features
+    if not normalise:
+        what, low, high = off[0]
+        raise ApecliError(f"{what} are not L2-normalised (row norms from {low:.3g} to {high:.3g}); import them with "
+                          "--normalise to divide each row by its norm")
+    notes = [f"rows L2-normalised at import ({what}: norms were {low:.3g} to {high:.3g})" for what, low, high in off]
+    return replace(
+        features,
+        classifier=scaled(features.classifier),
+        caches={shots: replace(cache, keys=scaled(cache.keys), views=scaled(cache.views))
+                for shots, cache in features.caches.items()},
+        splits={split: replace(part, features=scaled(part.features)) for split, part in features.splits.items()},
+        provenance={**features.provenance, "notes": [*features.provenance.get("notes", []), *notes]},
+    )
 
 
 def export_npz(features: FeatureSet, out: str | os.PathLike[str], shots: int | None = None) -> Path:

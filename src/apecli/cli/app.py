@@ -15,8 +15,8 @@ from rich.table import Table
 from apecli import __version__, store
 from apecli.cli import progress
 from apecli.cli.io import console, emit, outline, reports_errors, resolve_input
-from apecli.cli.options import (DEFAULT_STORE, ClassNames, ComputeDevice, Dataset, Input, Json, Model, Shots, Store,
-                                StoreFolder, TextModel, TextPretrained, TextPrompts, TextRoot)
+from apecli.cli.options import (DEFAULT_STORE, ClassNames, ComputeDevice, Dataset, Input, Json, Model, Normalise, Shots,
+                                Store, StoreFolder, TextModel, TextPretrained, TextPrompts, TextRoot)
 from apecli.errors import ApecliError
 
 app = typer.Typer(
@@ -80,6 +80,7 @@ def import_tip_adapter(
     pretrained: TextPretrained = "openai",
     root: TextRoot = None,
     prompts: TextPrompts = None,
+    normalise: Normalise = False,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
@@ -90,7 +91,7 @@ def import_tip_adapter(
     if text_model is not None and text_weights is not None:
         raise ApecliError("give --text-weights or --text-model, not both")
     texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts)
-    _save_imported(read(directory, text_weights, dataset, class_names, model, counts, texts), store_dir, as_json, texts)
+    _save_imported(read(directory, text_weights, dataset, class_names, model, counts, texts, normalise), store_dir, as_json, texts)
 
 
 @import_app.command("npz")
@@ -104,6 +105,7 @@ def import_npz(
     root: TextRoot = None,
     class_names: ClassNames = None,
     prompts: TextPrompts = None,
+    normalise: Normalise = False,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
@@ -111,7 +113,7 @@ def import_npz(
     from apecli.importers import import_npz as read
 
     texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts)
-    _save_imported(read(file, dataset, model, texts), store_dir, as_json, texts)
+    _save_imported(read(file, dataset, model, texts, normalise), store_dir, as_json, texts)
 
 
 def _class_texts(text_model: str | None, pretrained: str, dataset: str | None, root: Path | None,

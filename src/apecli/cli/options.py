@@ -52,4 +52,5 @@ TextRoot = Annotated[
     typer.Option("--root", envvar="APECLI_DATA", help="With --text-model: the CoOp datasets folder, for --dataset's class names."),
 ]
 TextPrompts = Annotated[Optional[Path], typer.Option("--prompts", help="With --text-model: CuPL-style JSON, class name → sentences.")]
+Normalise = Annotated[bool, typer.Option("--normalise", help="Divide each row by its L2 norm where rows are not of unit length (refused without it).")]
 
