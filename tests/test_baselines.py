@@ -25,6 +25,22 @@ def features():
                               text_noise=1.5, view_noise=1.0, views=4)
 
 
+def test_an_empty_validation_split_is_refused_by_the_searches(features):
+    from dataclasses import replace
+
+    from apecli.evaluate import evaluate_training_free
+    from apecli.features import LabelledFeatures
+    from apecli.refine import select_channels
+
+    val = features.split("val")
+    unchecked = replace(features, splits={**features.splits, "val": LabelledFeatures(val.features[:0], val.labels[:0])})
+    message = "the validation split is empty"
+    with pytest.raises(ApecliError, match=message):
+        baselines.evaluate_tip_adapter(unchecked, grid=GRID)
+    with pytest.raises(ApecliError, match=message):
+        evaluate_training_free(unchecked, select_channels(unchecked, k=16), GRID)
+
+
 def test_tip_adapter_search_equals_a_loop(features):
     result = baselines.evaluate_tip_adapter(features, grid=GRID)
     _, cache = features.cache(4)

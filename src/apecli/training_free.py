@@ -106,6 +106,10 @@ class SearchResult:
     total: int
     grid: SearchGrid
 
+    def __post_init__(self) -> None:
+        if self.total == 0:  # nothing to choose by: every setting would tie at 0 of 0
+            raise ApecliError("the validation split is empty; the search chooses its setting on it")
+
     @property
     def best_index(self) -> tuple[int, int, int]:
         flat = int(np.argmax(self.correct))  # first maximum in β, α, γ order
