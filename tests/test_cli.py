@@ -146,6 +146,8 @@ def test_export_round_trips_the_import(small_features, tmp_path, store_dir):
         (["eval", "{features}", "--mode", "magic"], "unknown mode 'magic'"),
         (["refine", "{store}/absent.h5"], "absent.h5: no such file"),
         (["eval", "{features}", "--search-step", "0", "1", "1"], "search steps must be at least 1"),
+        (["eval", "{features}", "--search-step", "100000", "100000", "100000"],
+         "a search of 1,000,000,000,000,000 settings is more than apecli runs (at most 100,000,000): fewer --search-step"),
         (["eval", "{features}", "--alpha", "0"], "a given α must be finite and positive, got 0.0"),
         (["refine", "{features}", "--w", "nan", "1"], "the criterion weight w0 must be finite and not negative, got nan"),
         (["refine", "{features}", "--w", "0", "0"], "the criterion weights w0 and w1 must not both be zero"),

@@ -175,7 +175,11 @@ def test_a_gpu_search_block_fits_a_quarter_of_the_free_memory(monkeypatch, free,
 
 
 @pytest.mark.parametrize("failure, message", [
-    (MemoryError(), "out of memory; fewer images at a time (--batch-size), or a machine with more, would do"),
+    (MemoryError(), "out of memory; fewer images at a time (--batch-size), a smaller search grid, or a machine with "
+                    "more would do"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 8000000000 bytes. Error code 12 (Cannot allocate memory)"),
+     "out of memory; fewer images at a time (--batch-size), a smaller search grid, or a machine with more would do"),
     (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"
                                  "\nmore"),
      "the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); a smaller --batch-size, another "

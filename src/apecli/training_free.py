@@ -23,6 +23,7 @@ picks the same predictions as evaluating every setting one by one (:func:`search
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
@@ -37,6 +38,7 @@ Progress = Callable[[int, int], None]
 DIVERGENCE_EPSILON = 1e-6
 BLOCK_BYTES = 128 << 20  # working memory per block of images: image × key arrays never exceed it
 DEVICE_BLOCK_BYTES = 1 << 30  # the same on a GPU, where fewer, larger blocks keep it busy
+MAX_SETTINGS = 10**8  # the largest search: its counts alone take 800 MB, and at Caltech101 scale it takes hours
 EXACT_EVERY = 8  # the search's kernel is an exp at every 8th β, a product by exp(−Δβ(1 − a)) between
 
 
@@ -60,6 +62,9 @@ class SearchGrid:
         for symbol, value, positive in zip("βαγ", self.fixed, (False, True, False)):  # α = 0 is zero-shot CLIP
             if value is not None:
                 check_value(f"a given {symbol}", value, positive)
+        if self.size > MAX_SETTINGS:
+            raise ApecliError(f"a search of {self.size:,} settings is more than apecli runs (at most {MAX_SETTINGS:,}): "
+                              "fewer --search-step")
 
     def fixing(self, beta: float | None = None, alpha: float | None = None, gamma: float | None = None) -> "SearchGrid":
         """This grid with the given values fixed (each one replaces its axis); None leaves an axis searched."""
@@ -90,7 +95,7 @@ class SearchGrid:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)
 
     @property
     def given(self) -> dict[str, float]:

@@ -18,6 +18,8 @@ from apecli.errors import ApecliError
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 Command = TypeVar("Command", bound=Callable[..., Any])
+OUT_OF_MEMORY = ("out of memory; fewer images at a time (--batch-size), a smaller search grid, or a machine with more "
+                 "would do")
 
 
 def reports_errors(command: Command) -> Command:
@@ -37,10 +39,12 @@ def reports_errors(command: Command) -> Command:
             typer.echo("apecli: interrupted", err=True)
             raise typer.Exit(130) from None
         except MemoryError:
-            typer.echo("apecli: error: out of memory; fewer images at a time (--batch-size), or a machine with "
-                       "more, would do", err=True)
+            typer.echo(f"apecli: error: {OUT_OF_MEMORY}", err=True)
             raise typer.Exit(1) from None
         except RuntimeError as error:
+            if "DefaultCPUAllocator: can't allocate memory" in str(error):  # torch's MemoryError
+                typer.echo(f"apecli: error: {OUT_OF_MEMORY}", err=True)
+                raise typer.Exit(1) from None
             if type(error).__name__ != "OutOfMemoryError":  # torch's, for a GPU's memory: torch need not be loaded
                 raise
             reason = ". ".join(str(error).split("\n")[0].split(". ")[:2])  # "CUDA out of memory. Tried to allocate …"
