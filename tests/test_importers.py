@@ -35,6 +35,7 @@ def test_tip_adapter_folder_imports_every_shot_count(small_features, tmp_path):
     folder = write_tip_adapter(tmp_path / "cache", small_features)
     imported = import_tip_adapter(folder, folder / "text.pt", "Caltech-101")
     assert imported.shots == (1, 4) and imported.dataset == "caltech101"
+    assert imported.class_names[:2] == ("class_0", "class_1") and imported.provenance["class_names"] == "placeholders"
     np.testing.assert_array_equal(imported.caches[4].labels, small_features.caches[4].labels)
     np.testing.assert_array_equal(imported.caches[4].keys, small_features.caches[4].keys.astype(np.float16))
     assert imported.classifier.shape == (6, 32) and imported.classifier.dtype == np.float16
@@ -131,6 +132,7 @@ def test_not_a_cache_folder(tmp_path):
 def test_npz_import_export_round_trips_exactly(small_features, tmp_path):
     first = write_npz(tmp_path / "in.npz", small_features, shots=4)
     imported = import_npz(first, "dtd")
+    assert "class_names" not in imported.provenance  # the file names them
     second = export_npz(imported, tmp_path / "out.npz")
     with np.load(first) as a, np.load(second) as b:
         assert sorted(a.files) == sorted(b.files)

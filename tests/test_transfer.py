@@ -102,6 +102,25 @@ def test_targets_that_cannot_meet_the_model_are_refused(source, tmp_path):
         transfer(evaluation, [])
 
 
+def test_unnamed_classes_are_matched_by_position_and_only_between_equal_counts(source, tmp_path):
+    from apecli.importers import PLACEHOLDERS
+
+    evaluation = evaluated(source, "zero-shot", tmp_path)
+    unnamed = lambda features, name: save_features(  # noqa: E731  as an import without class names records them
+        replace(features, class_names=tuple(f"class_{i}" for i in range(features.num_classes)),
+                provenance={**features.provenance, "class_names": PLACEHOLDERS}), tmp_path / name)
+    subset = unnamed(load_features(shifted(source, tmp_path).artifact), "subset.h5")
+    with pytest.raises(ApecliError, match="subset.h5: its classes are unnamed .* so the 3 classes of the target cannot "
+                                          "be matched to the model's 6: import it with --class-names"):
+        transfer(evaluation, [subset.artifact])
+    whole = unnamed(replace(source, caches={}, dataset="shifted", splits={"test": source.split("test")}), "whole.h5")
+    said = []
+    [result] = transfer(evaluation, [whole.artifact], said.append)
+    assert said == [f"warning: {whole.artifact.path}: its classes are unnamed (imported without class names): "
+                    "matched by position"]
+    assert result.accuracy == evaluation.metadata["test_accuracy"]  # the same images, class for class
+
+
 def test_unrecorded_encoders_are_said_not_checked(source, tmp_path):
     evaluation = evaluated(source, "zero-shot", tmp_path)
     bare = shifted(source, tmp_path, model={}, name="bare.h5")

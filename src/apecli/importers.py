@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 CUPL_TEXT_WEIGHTS = "text_weights_cupl_t.pt"
 NPZ_REQUIRED = ("text_weights", "cache_keys", "cache_labels", "val_features", "val_labels", "test_features", "test_labels")
+PLACEHOLDERS = "placeholders"  # provenance["class_names"] of an import that named no class: class_0, class_1, …
 UNIT_TOLERANCE = 0.01  # how far from 1 an imported row's L2 norm may be: float16 storage moves it by about 5e-4
 
 
@@ -247,6 +248,8 @@ def import_tip_adapter(
     if computed is not None:
         provenance["text"] = computed.provenance()
         names, recorded = computed.class_names, computed.model_record(model)
+    elif class_names is None:
+        provenance["class_names"] = PLACEHOLDERS
     return unit_rows(FeatureSet(
         class_names=names,
         classifier=np.ascontiguousarray(text.T),
@@ -303,8 +306,10 @@ def import_npz(
     provenance: dict[str, Any] = {"source": "npz", "path": str(path.resolve()), "files": {path.name: file_sha256(path)}}
     if texts is not None:
         provenance["text"] = texts.provenance()
+    if names is None:
+        provenance["class_names"] = PLACEHOLDERS
     features = FeatureSet(
-        class_names=tuple(str(n) for n in names) if names is not None else tuple(f"class_{i}" for i in range(num_classes)),
+        class_names=tuple(str(n) for n in names) if names is not None else _class_names(num_classes, None),
         classifier=np.ascontiguousarray(text.T),
         caches={shots: FewShotCache(_as_features(arrays["cache_keys"], "cache_keys"), labels,
                                     None if views is None else _as_features(views, "cache_views"))},

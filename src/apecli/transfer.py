@@ -6,7 +6,8 @@ the model's. The model is
 the one its evaluation chose: text classifier, cache, channels and hyperparameters, all from the
 source (nothing is searched on the target). A target that holds a subset of the source's classes
 (ImageNet-A and -R hold 200 of ImageNet's 1,000) is scored over those classes only: the prediction is
-the best of their scores. Classes are matched by name. Source and target must come from the same
+the best of their scores. Classes are matched by name (by position, between equal class counts, where
+an import named none). Source and target must come from the same
 encoder, which is checked where both record it.
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 from apecli import store
 from apecli.errors import ApecliError
 from apecli.features import FeatureSet, load_features
+from apecli.importers import PLACEHOLDERS
 from apecli.predict import Classifier, load_classifier
 from apecli.training_free import row_blocks
 
@@ -77,6 +79,14 @@ def check_compatible(source: FeatureSet, target: FeatureSet) -> tuple[np.ndarray
             source.model.get("precision") != target.model.get("precision"):
         warnings.append(f"{target.name}: encoded in {target.model.get('precision')}, the model's features in "
                         f"{source.model.get('precision')}")
+    unnamed = [part.name for part in (source, target) if part.provenance.get("class_names") == PLACEHOLDERS]
+    if unnamed:  # class_0, class_1, …: their names say nothing, their positions may
+        if target.num_classes != source.num_classes:
+            raise ApecliError(f"{unnamed[0]}: its classes are unnamed (imported without class names), so the "
+                              f"{target.num_classes} classes of the target cannot be matched to the model's "
+                              f"{source.num_classes}: import it with --class-names")
+        warnings.append(f"{unnamed[0]}: its classes are unnamed (imported without class names): matched by position")
+        return np.arange(target.num_classes), warnings
     index = {name: i for i, name in enumerate(source.class_names)}
     missing = [name for name in target.class_names if name not in index]
     if missing:
