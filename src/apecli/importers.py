@@ -343,10 +343,15 @@ def unit_rows(features: FeatureSet, normalise: bool = False) -> FeatureSet:
 
     parts = [("text classifier", features.classifier)]
     for shots, cache in sorted(features.caches.items()):
-        parts += [(f"{shots}-shot cache keys", cache.keys)] + ([(f"{shots}-shot views", cache.views)] if cache.views is not None else [])
+        parts.append((f"{shots}-shot cache keys", cache.keys))
+        if cache.views is not None:
+            parts.append((f"{shots}-shot views", cache.views))
     parts += [(f"{split} features", part.features) for split, part in sorted(features.splits.items())]
-    ranges = {what: (float(norms.min()), float(norms.max())) for what, array in parts
-              if (norms := np.sqrt(np.einsum("...d,...d->...", array, array, dtype=np.promote_types(array.dtype, np.float32)))).size}
+    ranges = {}
+    for what, array in parts:  # in float32 at least: float16 squares would lose the tolerance's digits
+        norms = np.sqrt(np.einsum("...d,...d->...", array, array, dtype=np.promote_types(array.dtype, np.float32)))
+        if norms.size:
+            ranges[what] = (float(norms.min()), float(norms.max()))
     off = [(what, low, high) for what, (low, high) in ranges.items() if max(1 - low, high - 1) > UNIT_TOLERANCE]
     if not off:
         return features

@@ -91,7 +91,8 @@ def import_tip_adapter(
     if text_model is not None and text_weights is not None:
         raise ApecliError("give --text-weights or --text-model, not both")
     texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts)
-    _save_imported(read(directory, text_weights, dataset, class_names, model, counts, texts, normalise), store_dir, as_json, texts)
+    features = read(directory, text_weights, dataset, class_names, model, counts, texts, normalise)
+    _save_imported(features, store_dir, as_json, texts)
 
 
 @import_app.command("npz")
