@@ -127,6 +127,7 @@ def test_bench_on_the_command_line(two_stores, tmp_path):
     payload = json.loads(result.stdout)
     assert len(payload["rows"]) == 12 and payload["artifact"].endswith("results.json")
     assert "Average" in result.stderr and "APE-T" in result.stderr
+    assert "test accuracy (%), 1 shot\n" in result.stderr and "test accuracy (%), 4 shots\n" in result.stderr
     assert (tmp_path / "out" / "accuracy-vs-shots.png").is_file()
     only_beta = runner.invoke(app, ["bench", str(two_stores / "beta"), "--shots", "4", "--modes", "zero-shot",
                                     "--out", str(tmp_path / "out")])

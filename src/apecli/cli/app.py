@@ -374,7 +374,7 @@ def bench(
     current = [row for row in rows if row["content_id"] in asked and row["shots"] in counts]
     picture = runner.plot(current, chosen, out / "accuracy-vs-shots.png")
     for count in counts:
-        table = Table(title=f"test accuracy (%), {count} shots")
+        table = Table(title=f"test accuracy (%), {count} shot{'s' if count > 1 else ''}")
         table.add_column("dataset")
         for mode in chosen:
             table.add_column(METHOD_NAMES.get(mode, mode), justify="right")
@@ -454,7 +454,7 @@ def _summary(artifact: store.Artifact) -> str:
     if artifact.kind == "refinement":
         return f"k={meta.get('k')} of the {meta.get('shots')}-shot cache, w={meta.get('weights')}"
     if artifact.kind == "adapter":
-        return f"APE-T, {meta.get('shots')} shots, best epoch {meta.get('best_epoch')}, val {meta.get('best_val_accuracy', 0):.2f}%"
+        return f"APE-T, {meta.get('shots')}-shot, best epoch {meta.get('best_epoch')}, val {meta.get('best_val_accuracy', 0):.2f}%"
     if artifact.kind == "transfer":
         return f"{meta.get('mode')} on " + ", ".join(f"{t.get('dataset')} {t.get('test_accuracy', 0):.2f}%"
                                                      for t in meta.get("targets", []))
