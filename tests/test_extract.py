@@ -322,9 +322,20 @@ def test_own_folders_and_csv_lists(tmp_path):
     listed = read_image_list(tmp_path / "list.csv")
     assert listed.class_names == ("class_0", "class_1") and len(listed.splits["train"]) == 12
     assert listed.splits["val"][0][0] == tmp_path / "flat" / "class_0" / "8.jpg"
-    (tmp_path / "bad.csv").write_text("file,class\na.jpg,x\n")
-    with pytest.raises(ApecliError, match="needs a header with 'path' and 'label'"):
-        read_image_list(tmp_path / "bad.csv")
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode())  # a byte-order mark first
+    assert read_image_list(tmp_path / "excel.csv").splits == listed.splits
+    refusals = [
+        (b"file,class\na.jpg,x\n", "needs a header with 'path' and 'label'"),
+        (b"path,label\n", "lists no images"),
+        (b"path,label\na.jpg,x\nb.jpg\n", "bad.csv, line 3: needs a value in each of the columns path, label"),
+        (b"path,label,split\na.jpg,x,\n", "line 2: needs a value in each of the columns path, label, split"),
+        (b"path,label,split\na.jpg,x,tr\n", "unknown split values 'tr' \\(use train, val, test\\)"),
+        (b"path,label\n\xff.jpg,x\n", "bad.csv: not a readable UTF-8 CSV"),
+    ]
+    for content, message in refusals:
+        (tmp_path / "bad.csv").write_bytes(content)
+        with pytest.raises(ApecliError, match=message):
+            read_image_list(tmp_path / "bad.csv")
 
 
 def test_extract_refine_eval_on_the_command_line(tiny, caltech, tmp_path):

@@ -284,17 +284,28 @@ def read_image_list(csv_file: str | Path, seed: int = 1) -> ImageDataset:
     csv_file = Path(csv_file).expanduser().resolve()
     if not csv_file.is_file():
         raise ApecliError(f"{csv_file}: no such file")
-    with open(csv_file, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not {"path", "label"} <= set(rows[0]):
+    try:
+        with open(csv_file, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.DictReader(handle)
+            columns = set(reader.fieldnames or ())
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ApecliError(f"{csv_file}: not a readable UTF-8 CSV ({error})") from None
+    if not {"path", "label"} <= columns:
         raise ApecliError(f"{csv_file}: needs a header with 'path' and 'label' columns (and optionally 'split')")
+    needed = ("path", "label", "split") if "split" in columns else ("path", "label")
+    for line, row in enumerate(rows, start=2):
+        if not all(row.get(column) for column in needed):
+            raise ApecliError(f"{csv_file}, line {line}: needs a value in each of the columns {', '.join(needed)}")
+    if not rows:
+        raise ApecliError(f"{csv_file}: lists no images")
     names = sorted({row["label"] for row in rows})
     index = {name: i for i, name in enumerate(names)}
     resolve = lambda p: (csv_file.parent / p) if not Path(p).is_absolute() else Path(p)  # noqa: E731
-    if "split" in rows[0]:
+    if "split" in columns:
         bad = sorted({row["split"] for row in rows} - {"train", "val", "test"})
         if bad:
-            raise ApecliError(f"{csv_file}: unknown split values {', '.join(bad)} (use train, val, test)")
+            raise ApecliError(f"{csv_file}: unknown split values {', '.join(map(repr, bad))} (use train, val, test)")
         splits = {part: tuple((resolve(r["path"]), index[r["label"]]) for r in rows if r["split"] == part)
                   for part in ("train", "val", "test")}
         return ImageDataset(csv_file.stem, csv_file.parent, tuple(names), splits, split_file=csv_file)
