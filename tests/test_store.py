@@ -68,6 +68,15 @@ def test_a_newer_major_version_is_refused(small_features, tmp_path):
         load_features(tmp_path / "f.h5")
 
 
+def test_a_header_without_its_kind_or_content_id_is_refused(small_features, tmp_path):
+    for name in ("kind", "content_id"):
+        save_features(small_features, tmp_path / f"{name}.h5")
+        with h5py.File(tmp_path / f"{name}.h5", "a") as handle:
+            del handle.attrs[name]
+        with pytest.raises(ApecliError, match=f"{name}.h5: its header is damaged \\(no {name}\\)"):
+            store.open_artifact(tmp_path / f"{name}.h5")
+
+
 def test_a_newer_minor_version_is_read(small_features, tmp_path):
     save_features(small_features, tmp_path / "f.h5")
     with h5py.File(tmp_path / "f.h5", "a") as handle:

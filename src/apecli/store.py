@@ -184,6 +184,9 @@ def open_artifact(path: str | os.PathLike[str], kinds: Iterable[str] | None = No
             f"format {FORMAT_VERSION[0]}.x: upgrade apecli"
         )
     kind = _text(attrs.get("kind"))
+    missing = [name for name in ("kind", "content_id") if not _text(attrs.get(name, ""))]
+    if missing:
+        raise ApecliError(f"{path}: its header is damaged (no {' or '.join(missing)})")
     wanted = tuple(kinds) if kinds is not None else None
     if wanted is not None and kind not in wanted:
         raise ApecliError(f"{path}: is an artifact of kind '{kind}', expected {' or '.join(repr(k) for k in wanted)}")
