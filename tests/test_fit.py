@@ -158,6 +158,14 @@ def test_fit_then_eval_on_the_command_line(stored, tmp_path):
     result = json.loads(evaluated.stdout)
     assert result["mode"] == "training-required" and result["gamma"] is None
     assert result["best_epoch"] == payload["best_epoch"] and "APE-T" in evaluated.stderr
+    piped = runner.invoke(app, ["eval", "--search-step", "10", "10", "1", "--store", str(tmp_path / "s"), "--json"],
+                          input=fitted.stdout)  # no --mode: a fitted adapter is evaluated as APE-T
+    assert piped.exit_code == 0, piped.stderr
+    assert {key: json.loads(piped.stdout)[key] for key in ("mode", "test_accuracy")} == \
+        {"mode": "training-required", "test_accuracy": result["test_accuracy"]}
+    features_eval = runner.invoke(app, ["eval", str(stored), "--search-step", "4", "4", "2", "--store", str(tmp_path / "s"),
+                                        "--json"])
+    assert json.loads(features_eval.stdout)["mode"] == "training-free"
 
 
 def test_a_store_without_views_trains_on_the_keys_and_says_so(tmp_path):

@@ -242,9 +242,10 @@ def refine(
 def evaluate(
     source: Input = None,
     mode: Annotated[
-        str, typer.Option("--mode", help="zero-shot, training-free, training-required (a fitted adapter), "
-                                         "tip-adapter, tip-adapter-f, gda or proker.")
-    ] = "training-free",
+        Optional[str], typer.Option("--mode", help="zero-shot, training-free, training-required (a fitted adapter), "
+                                                   "tip-adapter, tip-adapter-f, gda or proker. Default: training-required "
+                                                   "for a fitted adapter, else training-free.", show_default=False)
+    ] = None,
     shots: Shots = None,
     search_scale: Annotated[
         Optional[tuple[float, float, float]], typer.Option("--search-scale", help="Upper ends of the β, α, γ grids.")
@@ -267,9 +268,11 @@ def evaluate(
     from apecli.presets import preset_for
     from apecli.training_free import SearchGrid
 
-    if mode not in MODES:
+    if mode is not None and mode not in MODES:
         raise ApecliError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
-    artifact = resolve_input(source, store_dir, ["adapter"] if mode == "training-required" else ["refinement", "features"])
+    kinds = {None: ["refinement", "features", "adapter"], "training-required": ["adapter"]}
+    artifact = resolve_input(source, store_dir, kinds.get(mode, ["refinement", "features"]))
+    mode = mode or ("training-required" if artifact.kind == "adapter" else "training-free")
     preset = preset_for(artifact.metadata.get("dataset"))
     grid = SearchGrid(tuple(search_scale or preset.search_scale), tuple(search_step or preset.search_step)).fixing(
         beta=beta, alpha=alpha, gamma=gamma)
