@@ -40,7 +40,8 @@ def test_every_cell_once_then_skipped(two_stores, tmp_path, monkeypatch):
     with open(tmp_path / "out" / "results.csv") as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == 16 and set(table[0]) >= {"dataset", "model", "shots", "mode", "val_accuracy", "test_accuracy",
-                                                  "alpha", "beta", "gamma", "seconds"}
+                                                  "test_class_accuracy", "alpha", "beta", "gamma", "seconds"}
+    assert all(0 <= float(row["test_class_accuracy"]) <= 100 for row in table)
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == rows
 
     monkeypatch.setattr(bench, "_evaluate", lambda *a: pytest.fail("a finished cell ran again"))

@@ -260,3 +260,10 @@ def test_a_search_with_given_values_counts_what_the_whole_grid_counts_there():
     plain = model.search(val.features, val.labels, grid)
     np.testing.assert_array_equal(model.search(val.features, val.labels, grid.fixing(beta=grid.betas[b])).correct,
                                   plain.correct[b : b + 1])
+
+
+def test_the_mean_class_accuracy_weighs_every_class_present_alike():
+    from apecli.evaluate import class_accuracy
+
+    assert class_accuracy(np.array([0, 0, 0, 0]), np.array([0, 0, 0, 1])) == 50.0  # overall 75 %
+    assert class_accuracy(np.array([0, 1, 2]), np.array([0, 0, 2])) == 75.0  # class 1 holds no test image

@@ -65,6 +65,10 @@ def test_a_model_tested_on_its_own_features_scores_its_own_test_accuracy(source,
     [result] = transfer(evaluation, [source.artifact])
     assert result.total == source.split("test").labels.shape[0]
     assert result.accuracy == pytest.approx(evaluation.metadata["test_accuracy"], abs=1e-12)
+    np.testing.assert_array_equal(result.predictions, evaluation.read("test/predictions"))  # image by image
+    labels = source.split("test").labels
+    per_class = [np.mean(evaluation.read("test/predictions")[labels == c] == c) for c in range(source.num_classes)]
+    assert evaluation.metadata["test_class_accuracy"] == pytest.approx(100 * np.mean(per_class), abs=1e-12)
     model, x = load_classifier(evaluation), source.split("test").features.astype(np.float64)
     np.testing.assert_allclose(model.probabilities(x).sum(axis=1), 1.0, rtol=1e-9)
     if mode == "proker":  # decisions come from its regression's raw values, which may be negative

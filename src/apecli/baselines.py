@@ -21,7 +21,7 @@ import numpy as np
 from apecli.evaluate import Evaluation, default_grid, percent, scored
 from apecli.features import FeatureSet
 from apecli.training import EpochProgress, check_training, reproducible, train, training_samples
-from apecli.training_free import (CacheModel, Progress, SearchGrid, by_blocks, class_sums, count_correct, row_blocks,
+from apecli.training_free import (CacheModel, Progress, SearchGrid, by_blocks, class_sums, predicted, row_blocks,
                                   search_device, softmax)
 
 GDA_ALPHAS = tuple(10.0**i for i in range(-4, 5))
@@ -41,8 +41,8 @@ def evaluate_tip_adapter(features: FeatureSet, shots: int | None = None, grid: S
     shots, model = _plain_cache(features, shots)
     val, test = features.split("val"), features.split("test")
     result = model.search(val.features, val.labels, grid or default_grid(features), progress, device=on)
-    correct = count_correct(model.logits(test.features, result.alpha, result.beta), test.labels)
-    return scored("tip-adapter", features, shots, result.accuracy, correct, result, alpha=result.alpha, beta=result.beta,
+    chosen = predicted(model.logits(test.features, result.alpha, result.beta))
+    return scored("tip-adapter", features, shots, result.accuracy, chosen, result, alpha=result.alpha, beta=result.beta,
                   device=on.type)
 
 
@@ -90,8 +90,8 @@ def evaluate_tip_adapter_f(features: FeatureSet, shots: int | None = None, grid:
                     seed=settings.seed, progress=progress, device=on)
     model = CacheModel(features.classifier, run.parameters[0], plain.key_labels, plain.value_weights)
     result = model.search(val.features, val.labels, grid or default_grid(features), device=on)
-    correct = count_correct(model.logits(test.features, result.alpha, result.beta), test.labels)
-    return scored("tip-adapter-f", features, shots, result.accuracy, correct, result, learned={"keys": run.parameters[0]},
+    chosen = predicted(model.logits(test.features, result.alpha, result.beta))
+    return scored("tip-adapter-f", features, shots, result.accuracy, chosen, result, learned={"keys": run.parameters[0]},
                   alpha=result.alpha, beta=result.beta, best_epoch=run.best_epoch, epochs=settings.epochs,
                   trained_on_views=on_views, device=on.type)
 
@@ -126,19 +126,17 @@ def evaluate_gda(features: FeatureSet, shots: int | None = None, grid: SearchGri
     given = {"alpha": grid.given["alpha"]} if grid is not None and "alpha" in grid.given else {}
     alphas = np.array((given["alpha"],) if given else GDA_ALPHAS)
 
-    def correct(split: str, chosen: np.ndarray) -> np.ndarray:
-        part = features.split(split)
-        x = part.features.astype(np.float64)
+    def predictions(split: str, chosen: np.ndarray) -> np.ndarray:  # one row per α
+        x = features.split(split).features.astype(np.float64)
         zero_shot = 100.0 * x @ features.classifier.astype(np.float64).T
         head = x @ weights.T + bias
-        predictions = np.argmax(zero_shot[None] + chosen[:, None, None] * head[None], axis=2)
-        return (predictions == part.labels[None]).sum(axis=1)
+        return np.argmax(zero_shot[None] + chosen[:, None, None] * head[None], axis=2)
 
-    val_correct = correct("val", alphas)
+    val = features.split("val")
+    val_correct = (predictions("val", alphas) == val.labels[None]).sum(axis=1)
     best = int(np.argmax(val_correct))  # first of the best
-    test_correct = int(correct("test", alphas[best : best + 1])[0])
-    val_total = features.split("val").labels.shape[0]
-    return scored("gda", features, shots, percent(int(val_correct[best]), val_total), test_correct,
+    return scored("gda", features, shots, percent(int(val_correct[best]), val.labels.shape[0]),
+                  predictions("test", alphas[best : best + 1])[0],
                   alpha=float(alphas[best]), trained_on_views=on_views, **({"given": given} if given else {}))
 
 
@@ -207,7 +205,7 @@ def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: Search
             progress(b + 1, len(betas))
     b, l = np.unravel_index(int(np.argmax(val_correct)), val_correct.shape)
     predict = regression.predictor(betas[b], lambdas[l])
-    test_correct = count_correct(predict(test.features.astype(np.float64)), test.labels)
-    return scored("proker", features, shots, percent(int(val_correct[b, l]), val.labels.shape[0]), test_correct,
+    chosen = predicted(predict(test.features.astype(np.float64)))
+    return scored("proker", features, shots, percent(int(val_correct[b, l]), val.labels.shape[0]), chosen,
                   beta=float(betas[b]), **{"lambda": float(lambdas[l])},
                   **({"given": {"beta": grid.given["beta"]}} if "beta" in grid.given else {}))

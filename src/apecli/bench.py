@@ -22,8 +22,9 @@ from apecli.evaluate import MODES, Evaluation, evaluate_artifact
 from apecli.features import TEST_SET_HINT
 from apecli.files import replacing
 
-COLUMNS = ("dataset", "model", "shots", "mode", "val_accuracy", "test_accuracy", "zero_shot_accuracy", "alpha",
-           "beta", "gamma", "lambda", "best_epoch", "seconds", "device", "features", "content_id")
+COLUMNS = ("dataset", "model", "shots", "mode", "val_accuracy", "test_accuracy", "test_class_accuracy",
+           "zero_shot_accuracy", "alpha", "beta", "gamma", "lambda", "best_epoch", "seconds", "device", "features",
+           "content_id")
 CellProgress = Callable[[dict[str, Any], bool], None]  # the row, and whether it was already done
 
 
@@ -91,8 +92,8 @@ def _row(artifact: store.Artifact, shots: int, mode: str, evaluation: Evaluation
         "model": _model_name(artifact),
         "shots": shots,
         "mode": mode,
-        **{key: summary.get(key) for key in ("val_accuracy", "test_accuracy", "zero_shot_accuracy", "alpha", "beta",
-                                             "gamma", "lambda", "best_epoch")},
+        **{key: summary.get(key) for key in ("val_accuracy", "test_accuracy", "test_class_accuracy", "zero_shot_accuracy",
+                                             "alpha", "beta", "gamma", "lambda", "best_epoch")},
         "seconds": round(seconds, 3),
         "device": summary.get("device", "cpu"),  # where the cell's search (and training) ran
         "features": str(artifact.path),

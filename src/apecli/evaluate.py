@@ -18,7 +18,7 @@ from apecli.errors import ApecliError
 from apecli.features import FeatureSet
 from apecli.presets import preset_for
 from apecli.refine import Refinement
-from apecli.training_free import Progress, SearchGrid, SearchResult, TriEdge, count_correct, search, search_device
+from apecli.training_free import Progress, SearchGrid, SearchResult, TriEdge, predicted, search, search_device
 
 if TYPE_CHECKING:
     from apecli.training_required import FitResult
@@ -48,6 +48,8 @@ class Evaluation:
     search: SearchResult | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     learned: dict[str, np.ndarray] = field(default_factory=dict)  # parameters a prediction needs (stored)
+    test_predictions: np.ndarray | None = None  # the predicted class of each test image (stored)
+    test_class_accuracy: float | None = None  # the mean over the test split's classes of their accuracy, percent
 
     def summary(self) -> dict[str, Any]:
         """The JSON-ready results (accuracies in percent)."""
@@ -63,6 +65,8 @@ class Evaluation:
             "zero_shot_accuracy": self.zero_shot_test,
             "zero_shot_val_accuracy": self.zero_shot_val,
         }
+        if self.test_class_accuracy is not None:
+            result["test_class_accuracy"] = self.test_class_accuracy
         if self.search is not None:
             result["grid_settings"] = self.search.grid.size
             result["settings_sharing_best"] = self.search.ties
@@ -80,33 +84,48 @@ def percent(correct: int, total: int) -> float:
     return 100.0 * correct / total if total else float("nan")
 
 
+def class_accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """The mean over the classes present in ``labels`` of each one's accuracy, in percent."""
+    present, index = np.unique(labels, return_inverse=True)
+    hits = np.bincount(index, weights=(predictions == labels).astype(np.float64), minlength=present.size)
+    return float(100.0 * np.mean(hits / np.bincount(index, minlength=present.size)))
+
+
 def _zero_shot(features: FeatureSet, split: str) -> float:
     part = features.split(split)
-    logits = 100.0 * part.features.astype(np.float64) @ features.classifier.astype(np.float64).T
-    return percent(count_correct(logits, part.labels), part.labels.shape[0])
+    return percent(int((_zero_shot_predictions(features, split) == part.labels).sum()), part.labels.shape[0])
+
+
+def _zero_shot_predictions(features: FeatureSet, split: str) -> np.ndarray:
+    x = features.split(split).features.astype(np.float64)
+    return predicted(100.0 * x @ features.classifier.astype(np.float64).T)
 
 
 def scored(
     mode: str,
     features: FeatureSet,
-    shots: int,
+    shots: int | None,
     val_accuracy: float,
-    test_correct: int,
+    test_predictions: np.ndarray,
     search: SearchResult | None = None,
     channels: np.ndarray | None = None,
     learned: dict[str, np.ndarray] | None = None,
     **chosen: Any,
 ) -> Evaluation:
-    """The evaluation of a method that chose its settings on validation and hit ``test_correct`` on test.
+    """The evaluation of a method that chose its settings on validation and predicted ``test_predictions``
+    (one class per test image) on test.
 
     ``chosen`` holds the chosen α, β, γ and anything else worth reporting (λ, the best epoch, …).
     """
-    test = features.split("test")
+    labels = features.split("test").labels
+    test_predictions = np.asarray(test_predictions, dtype=np.int64)
     known = {key: chosen.pop(key) for key in ("alpha", "beta", "gamma") if key in chosen}
     return Evaluation(mode=mode, dataset=features.dataset, zero_shot_val=_zero_shot(features, "val"),
                       zero_shot_test=_zero_shot(features, "test"), val_accuracy=val_accuracy,
-                      test_accuracy=percent(test_correct, test.labels.shape[0]), shots=shots, channels=channels,
-                      search=search, extra=chosen, learned=learned or {}, **known)
+                      test_accuracy=percent(int((test_predictions == labels).sum()), labels.shape[0]), shots=shots,
+                      channels=channels, search=search, extra=chosen, learned=learned or {},
+                      test_predictions=test_predictions, test_class_accuracy=class_accuracy(test_predictions, labels),
+                      **known)
 
 
 def default_grid(features: FeatureSet) -> SearchGrid:
@@ -116,8 +135,7 @@ def default_grid(features: FeatureSet) -> SearchGrid:
 
 def evaluate_zero_shot(features: FeatureSet) -> Evaluation:
     """CLIP's zero-shot accuracy: the argmax of 100 · f Wᵀ."""
-    val, test = _zero_shot(features, "val"), _zero_shot(features, "test")
-    return Evaluation("zero-shot", features.dataset, val, test, val, test)
+    return scored("zero-shot", features, None, _zero_shot(features, "val"), _zero_shot_predictions(features, "test"))
 
 
 def evaluate_training_free(
@@ -140,7 +158,7 @@ def evaluate_training_free(
         raise ApecliError(f"{features.name}: the validation split is empty")
     result = search(tri, val.features, val.labels, grid, progress, device=on)
     logits = tri.logits(test.features, result.alpha, result.beta, result.gamma)
-    return scored("training-free", features, shots, result.accuracy, count_correct(logits, test.labels), result,
+    return scored("training-free", features, shots, result.accuracy, predicted(logits), result,
                   channels=refinement.channels, alpha=result.alpha, beta=result.beta, gamma=result.gamma,
                   device=on.type)
 
@@ -158,7 +176,7 @@ def evaluate_training_required(
     val, test = features.split("val"), features.split("test")
     result = model.search(val.features, val.labels, grid, progress, device=on)
     logits = model.logits(test.features, result.alpha, result.beta)
-    return scored("training-required", features, adapter.shots, result.accuracy, count_correct(logits, test.labels),
+    return scored("training-required", features, adapter.shots, result.accuracy, predicted(logits),
                   result, channels=adapter.channels, alpha=result.alpha, beta=result.beta, best_epoch=fitted.best_epoch,
                   epochs=fitted.settings.epochs, trained_on_views=fitted.trained_on_views, device=on.type)
 
@@ -177,6 +195,8 @@ def save_evaluation(
         arrays["search/gammas"] = evaluation.search.grid.gammas
     for name, value in evaluation.learned.items():
         arrays[f"learned/{name}"] = value
+    if evaluation.test_predictions is not None:
+        arrays["test/predictions"] = evaluation.test_predictions
     return store.write_artifact(destination, KIND, arrays, evaluation.summary(), parents)
 
 

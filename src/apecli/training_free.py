@@ -250,9 +250,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+def predicted(logits: np.ndarray) -> np.ndarray:
+    """The top-1 class of each row; of equal logits the first class is the prediction."""
+    return np.argmax(logits, axis=1)
+
+
 def count_correct(logits: np.ndarray, labels: np.ndarray) -> int:
-    """Top-1 hits; of equal logits the first class is the prediction."""
-    return int((np.argmax(logits, axis=1) == labels).sum())
+    """Top-1 hits (see :func:`predicted`)."""
+    return int((predicted(logits) == labels).sum())
 
 
 def search(
