@@ -167,6 +167,14 @@ def test_bad_input_is_one_line_and_writes_nothing(imported, store_dir, args, mes
     assert sorted(store_dir.rglob("*")) == before and no_partial_files(store_dir)
 
 
+def test_a_dataset_name_that_is_no_folder_name_is_refused(small_features, tmp_path, store_dir):
+    file = write_npz(tmp_path / "a.npz", small_features, shots=4)
+    for name in ("../outside", "two/parts", ".hidden"):
+        assert_one_line_error(run("import", "npz", file, "--dataset", name, "--store", store_dir),
+                              f"dataset name '{name}' is not a folder name the store can use")
+    assert not (tmp_path / "outside").exists() and not store_dir.exists()
+
+
 def test_empty_stdin_is_an_error(store_dir):
     assert_one_line_error(run("refine", "--store", store_dir, input=""), "no artifact path on stdin")
 

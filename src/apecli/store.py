@@ -102,8 +102,13 @@ def content_id(kind: str, arrays: Mapping[str, np.ndarray], metadata: Mapping[st
 
 
 def in_store(store: str | os.PathLike[str], dataset: str | None, stem: str) -> Callable[[str], Path]:
-    """A destination in the store folder: ``STORE/DATASET/STEM-ID.h5``, named by the content id."""
-    return lambda cid: Path(store) / (dataset or "unnamed") / f"{stem}-{cid[:12]}.h5"
+    """A destination in the store folder: ``STORE/DATASET/STEM-ID.h5``, named by the content id. A dataset
+    name that is not one visible folder name (a path, '..', a hidden name) is refused."""
+    folder = dataset or "unnamed"
+    if folder.startswith(".") or any(mark in folder for mark in ("/", "\\", "\0")):
+        raise ApecliError(f"dataset name '{dataset}' is not a folder name the store can use: give one without "
+                          "'/', '\\' or a leading '.'")
+    return lambda cid: Path(store) / folder / f"{stem}-{cid[:12]}.h5"
 
 
 def write_artifact(
