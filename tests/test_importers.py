@@ -102,6 +102,8 @@ def test_unnormalised_keys_are_refused_or_normalised_on_the_command_line(small_f
         (lambda f: torch.save(torch.zeros(64, 24), f / "keys_4shots.pt"), "64-channel keys, but val_f.pt has 32"),
         (lambda f: torch.save(torch.tensor([0, 1, 99] * 16), f / "val_l.pt"), "labels out of range"),
         (lambda f: torch.save({"a": torch.zeros(2)}, f / "test_f.pt"), "holds a dict"),
+        (lambda f: torch.save(torch.load(f / "text.pt").T.contiguous(), f / "text.pt"),
+         "text.pt: shape \\(6, 32\\), expected \\(D=32 channels, C classes\\); it holds C × D: transpose it"),
     ],
 )
 def test_damaged_tip_adapter_folders_are_refused(small_features, tmp_path, damage, message):
@@ -151,6 +153,8 @@ def test_npz_import_export_round_trips_exactly(small_features, tmp_path):
         (lambda a: a.update(test_features=a["test_features"] * np.nan), "NaN"),
         (lambda a: a.update(cache_labels=np.r_[a["cache_labels"][:-1], 0]), "between 3 and 5 keys"),
         (lambda a: a.update(val_labels=a["val_labels"][:-1]), "labels for"),
+        (lambda a: a.update(text_weights=a["text_weights"].T), "text_weights of shape \\(6, 32\\), expected \\(D=32 "
+         "channels, C classes\\); it holds C × D: transpose it"),
         (lambda a: a.update(val_features=a["val_features"][:0], val_labels=a["val_labels"][:0]),
          "the val split holds no images"),
         (lambda a: a["cache_keys"].__setitem__((slice(2, 4),), 0.0), "cache keys: 2 row\\(s\\) of zeros \\(the first: row 2\\)"),

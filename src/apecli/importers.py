@@ -206,7 +206,8 @@ def import_tip_adapter(
     if computed is not None:
         computed.check_width(dim, "the cache's features")
     if text.ndim != 2 or text.shape[0] != dim:
-        raise ApecliError(f"{text_path}: shape {tuple(text.shape)}, expected (D={dim} channels, C classes)")
+        raise ApecliError(f"{text_path}: shape {tuple(text.shape)}, expected (D={dim} channels, C classes)"
+                          + _transposed_hint(text.shape, dim))
     num_classes = text.shape[1]
     keys_of = {count: _as_features(_load_tensor(folder / f"keys_{count}shots.pt"), f"{folder}/keys_{count}shots.pt")
                for count in shot_counts}
@@ -261,6 +262,10 @@ def import_tip_adapter(
     ).validate(), normalise)
 
 
+def _transposed_hint(shape: tuple[int, ...], width: int) -> str:
+    return "; it holds C × D: transpose it" if len(shape) == 2 and shape[1] == width != shape[0] else ""
+
+
 def import_npz(
     file: str | os.PathLike[str], dataset: str | None = None, model: str | None = None,
     texts: ClassTexts | None = None, normalise: bool = False,
@@ -288,8 +293,10 @@ def import_npz(
         if "class_names" in arrays and tuple(map(str, arrays["class_names"])) != texts.class_names:
             raise ApecliError(f"{path}: its class_names differ from those the text was computed from")
     text = np.ascontiguousarray(texts.classifier.T) if texts is not None else _as_features(arrays["text_weights"], "text_weights")
-    if text.ndim != 2:
-        raise ApecliError(f"{path}: text_weights of shape {text.shape}, expected (D, C)")
+    width = np.shape(arrays["val_features"])[-1] if np.ndim(arrays["val_features"]) == 2 else text.shape[0]
+    if text.ndim != 2 or text.shape[0] != width:
+        raise ApecliError(f"{path}: text_weights of shape {text.shape}, expected (D={width} channels, C classes)"
+                          + _transposed_hint(text.shape, width))
     num_classes = text.shape[1]
     labels = _as_labels(arrays["cache_labels"], "cache_labels")
     counts = np.bincount(labels[labels >= 0], minlength=num_classes) if labels.size else np.zeros(1, int)
