@@ -111,6 +111,7 @@ class FeatureSet:
         width = self.dim
         arrays: list[tuple[str, np.ndarray, np.ndarray | None]] = [("text classifier", self.classifier, None)]
         for shots, cache in sorted(self.caches.items()):
+            _check_rows(f"{shots}-shot cache keys", cache.keys, width)
             arrays.append((f"{shots}-shot cache keys", cache.keys, cache.labels))
             if cache.views is not None:
                 if cache.views.ndim != 3 or cache.views.shape[1:] != cache.keys.shape:
@@ -119,6 +120,7 @@ class FeatureSet:
                     )
                 arrays.append((f"{shots}-shot views", cache.views, None))
         for split, part in sorted(self.splits.items()):
+            _check_rows(f"{split} features", part.features, width)
             if part.features.shape[0] == 0:
                 raise ApecliError(f"the {split} split holds no images")
             arrays.append((f"{split} features", part.features, part.labels))
@@ -175,6 +177,11 @@ def mismatch_warnings(features: FeatureSet) -> list[str]:
             warnings.append(f"by {what}, the validation images are classified at chance ({100 * accuracy:.1f}%, "
                             f"chance {100 * chance:.1f}%): the two may come from different encoders (a stale cache?)")
     return warnings
+
+
+def _check_rows(what: str, array: np.ndarray, width: int) -> None:
+    if array.ndim != 2:
+        raise ApecliError(f"{what} have shape {array.shape}, expected (rows, {width} channels)")
 
 
 def _check_labels(what: str, labels: np.ndarray, rows: int, num_classes: int) -> None:
