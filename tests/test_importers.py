@@ -155,6 +155,9 @@ def test_npz_import_export_round_trips_exactly(small_features, tmp_path):
         (lambda a: a.update(val_labels=a["val_labels"][:-1]), "labels for"),
         (lambda a: a.update(text_weights=a["text_weights"].T), "text_weights of shape \\(6, 32\\), expected \\(D=32 "
          "channels, C classes\\); it holds C × D: transpose it"),
+        (lambda a: a.update(class_names=a["class_names"][:2]), "class_names of shape \\(2,\\), expected one name for each "
+         "of the 6 classes"),
+        (lambda a: a.update(text_weights=a["text_weights"][:0]), "text classifier has shape \\(6, 0\\)"),
         (lambda a: a.update(val_features=np.float32(3.0)), "val features have shape \\(\\), expected \\(rows, 32 channels\\)"),
         (lambda a: a.update(cache_keys=a["cache_keys"].ravel()), "4-shot cache keys have shape \\(768,\\), expected"),
         (lambda a: a.update(val_features=a["val_features"][:0], val_labels=a["val_labels"][:0]),

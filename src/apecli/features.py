@@ -102,7 +102,7 @@ class FeatureSet:
     def validate(self) -> "FeatureSet":
         """Check shapes, widths, labels and values; raise one clear error for the first problem."""
         names = len(self.class_names)
-        if self.classifier.ndim != 2 or self.classifier.shape[0] != names:
+        if self.classifier.ndim != 2 or self.classifier.shape[0] != names or self.classifier.shape[1] == 0:
             raise ApecliError(
                 f"text classifier has shape {self.classifier.shape}, expected ({names} classes, D channels)"
             )

@@ -310,6 +310,9 @@ def import_npz(
     shots = int(counts.max())
     views = arrays.get("cache_views")
     names = texts.class_names if texts is not None else arrays.get("class_names")
+    if names is not None and (np.ndim(names) != 1 or len(names) != num_classes):
+        raise ApecliError(f"{path}: class_names of shape {np.shape(names)}, expected one name for each of the "
+                          f"{num_classes} classes")
     provenance: dict[str, Any] = {"source": "npz", "path": str(path.resolve()), "files": {path.name: file_sha256(path)}}
     if texts is not None:
         provenance["text"] = texts.provenance()
