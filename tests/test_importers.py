@@ -158,8 +158,9 @@ def test_npz_import_export_round_trips_exactly(small_features, tmp_path):
         (lambda a: a.update(class_names=a["class_names"][:2]), "class_names of shape \\(2,\\), expected one name for each "
          "of the 6 classes"),
         (lambda a: a.update(text_weights=a["text_weights"][:0]), "text classifier has shape \\(6, 0\\)"),
-        (lambda a: a.update(val_features=np.float32(3.0)), "val features have shape \\(\\), expected \\(rows, 32 channels\\)"),
-        (lambda a: a.update(cache_keys=a["cache_keys"].ravel()), "4-shot cache keys have shape \\(768,\\), expected"),
+        (lambda a: a.update(val_features=np.float32(3.0)), "val_features: of shape \\(\\), expected 2 dimensions"),
+        (lambda a: a.update(cache_keys=a["cache_keys"].ravel()), "cache_keys: of shape \\(768,\\), expected 2 dimensions"),
+        (lambda a: a.update(cache_views=a["cache_views"][0]), "cache_views: of shape \\(24, 32\\), expected 3 dimensions"),
         (lambda a: a.update(val_features=a["val_features"][:0], val_labels=a["val_labels"][:0]),
          "the val split holds no images"),
         (lambda a: a["cache_keys"].__setitem__((slice(2, 4),), 0.0), "cache keys: 2 row\\(s\\) of zeros \\(the first: row 2\\)"),
@@ -192,6 +193,17 @@ def test_normalise_divides_every_row_by_its_norm_and_says_so(small_features, tmp
     notes = features.provenance["notes"]
     assert [note.split(" (")[1].split(":")[0] for note in notes] == ["4-shot cache keys", "val features"]
     assert import_npz(tmp_path / "good.npz", normalise=True).provenance.get("notes") is None  # nothing to do: unchanged
+
+
+def test_a_feature_set_checks_that_its_features_are_tables_of_rows(small_features):
+    from dataclasses import replace
+
+    from apecli.features import LabelledFeatures
+
+    test = small_features.split("test")
+    flat = replace(small_features, splits={**small_features.splits, "test": LabelledFeatures(test.features.ravel(), test.labels)})
+    with pytest.raises(ApecliError, match="test features have shape \\(1920,\\), expected \\(rows, 32 channels\\)"):
+        flat.validate()
 
 
 def test_truncated_npz_is_refused(small_features, tmp_path):

@@ -53,9 +53,12 @@ def _load_tensor(path: Path) -> np.ndarray:
     return value.detach().cpu().numpy()
 
 
-def _as_features(array: np.ndarray, what: str) -> np.ndarray:
+def _as_features(array: np.ndarray, what: str, ndim: int = 2) -> np.ndarray:
+    """``array`` when it holds floating-point features in ``ndim`` dimensions (rows × channels by default)."""
     if not np.issubdtype(array.dtype, np.floating):
         raise ApecliError(f"{what}: of type {array.dtype}, expected floating-point features")
+    if array.ndim != ndim:
+        raise ApecliError(f"{what}: of shape {array.shape}, expected {ndim} dimensions")
     return array
 
 
@@ -322,7 +325,7 @@ def import_npz(
         class_names=tuple(str(n) for n in names) if names is not None else _class_names(num_classes, None),
         classifier=np.ascontiguousarray(text.T),
         caches={shots: FewShotCache(_as_features(arrays["cache_keys"], "cache_keys"), labels,
-                                    None if views is None else _as_features(views, "cache_views"))},
+                                    None if views is None else _as_features(views, "cache_views", 3))},
         splits={
             split: LabelledFeatures(
                 _as_features(arrays[f"{split}_features"], f"{split}_features"),
