@@ -292,3 +292,19 @@ def test_a_whole_file_write_replaces_or_leaves_the_file_as_it_was(tmp_path):
     assert path.read_text() == "new" and sorted(tmp_path.iterdir()) == [path]
     with pytest.raises(ApecliError, match="is a folder; give the path of a file to write"), replacing(tmp_path):
         pass
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda views: views[:, :-1], r"4-shot views have shape \(10, 23, 32\), expected \(V ≥ 1, 24, 32\)"),
+    (lambda views: views * np.nan, "4-shot views contain NaN or infinite values"),
+])
+def test_views_read_from_disk_are_checked_as_the_rest(small_features, tmp_path, damage, message):
+    save_features(small_features, tmp_path / "f.h5")
+    with h5py.File(tmp_path / "f.h5", "a") as handle:
+        views = handle["cache/4/views"][()]
+        attrs = dict(handle["cache/4/views"].attrs)
+        del handle["cache/4/views"]
+        handle.create_dataset("cache/4/views", data=damage(views)).attrs.update(attrs)
+    features = load_features(tmp_path / "f.h5")  # the views stay on disk until asked for
+    with pytest.raises(ApecliError, match=f"f.h5: {message}"):
+        features.views(4)

@@ -97,7 +97,15 @@ class FeatureSet:
         if cache.views is not None:
             return cache.views
         name = f"cache/{shots}/views"
-        return self.artifact.read(name) if self.artifact and name in self.artifact else None
+        if not (self.artifact and name in self.artifact):
+            return None
+        views = self.artifact.read(name)
+        try:
+            _check_views(f"{shots}-shot views", views, cache.keys.shape)
+            _check_values(f"{shots}-shot views", views, self.dim)
+        except ApecliError as error:
+            raise ApecliError(f"{self.name}: {error}") from None
+        return views
 
     def validate(self) -> "FeatureSet":
         """Check shapes, widths, labels and values; raise one clear error for the first problem."""
@@ -114,10 +122,7 @@ class FeatureSet:
             _check_rows(f"{shots}-shot cache keys", cache.keys, width)
             arrays.append((f"{shots}-shot cache keys", cache.keys, cache.labels))
             if cache.views is not None:
-                if cache.views.ndim != 3 or cache.views.shape[1:] != cache.keys.shape:
-                    raise ApecliError(
-                        f"{shots}-shot views have shape {cache.views.shape}, expected (V, {cache.keys.shape[0]}, {width})"
-                    )
+                _check_views(f"{shots}-shot views", cache.views, cache.keys.shape)
                 arrays.append((f"{shots}-shot views", cache.views, None))
         for split, part in sorted(self.splits.items()):
             _check_rows(f"{split} features", part.features, width)
@@ -125,18 +130,7 @@ class FeatureSet:
                 raise ApecliError(f"the {split} split holds no images")
             arrays.append((f"{split} features", part.features, part.labels))
         for what, array, labels in arrays:
-            if not np.issubdtype(array.dtype, np.floating):
-                raise ApecliError(f"{what} are of type {array.dtype}, expected floating point")
-            if array.shape[-1] != width:
-                raise ApecliError(
-                    f"mixed feature widths: {what} have {array.shape[-1]} channels, the text classifier {width}"
-                )
-            if not np.isfinite(array).all():
-                raise ApecliError(f"{what} contain NaN or infinite values")
-            zero = np.flatnonzero(~np.any(array.reshape(-1, width) != 0, axis=1))
-            if zero.size:  # no direction: the cosine similarities every method takes are undefined for it
-                raise ApecliError(f"{what}: {zero.size} row(s) of zeros (the first: row {zero[0]}), "
-                                  "which no encoder gives")
+            _check_values(what, array, width)
             if labels is not None:
                 _check_labels(what, labels, array.shape[-2], names)
         for shots, cache in self.caches.items():
@@ -177,6 +171,24 @@ def mismatch_warnings(features: FeatureSet) -> list[str]:
             warnings.append(f"by {what}, the validation images are classified at chance ({100 * accuracy:.1f}%, "
                             f"chance {100 * chance:.1f}%): the two may come from different encoders (a stale cache?)")
     return warnings
+
+
+def _check_views(what: str, views: np.ndarray, keys: tuple[int, ...]) -> None:
+    if views.ndim != 3 or views.shape[1:] != keys or views.shape[0] == 0:
+        raise ApecliError(f"{what} have shape {views.shape}, expected (V ≥ 1, {keys[0]}, {keys[1]})")
+
+
+def _check_values(what: str, array: np.ndarray, width: int) -> None:
+    """Floating-point rows of ``width`` channels, finite, none of them all zeros."""
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ApecliError(f"{what} are of type {array.dtype}, expected floating point")
+    if array.shape[-1] != width:
+        raise ApecliError(f"mixed feature widths: {what} have {array.shape[-1]} channels, the text classifier {width}")
+    if not np.isfinite(array).all():
+        raise ApecliError(f"{what} contain NaN or infinite values")
+    zero = np.flatnonzero(~np.any(array.reshape(-1, width) != 0, axis=1))
+    if zero.size:  # no direction: the cosine similarities every method takes are undefined for it
+        raise ApecliError(f"{what}: {zero.size} row(s) of zeros (the first: row {zero[0]}), which no encoder gives")
 
 
 def _check_rows(what: str, array: np.ndarray, width: int) -> None:
