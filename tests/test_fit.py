@@ -298,3 +298,21 @@ def test_the_optimiser_is_torch_adamw_with_its_cosine_schedule_bit_for_bit(weigh
         assert optimiser.lr == reference.param_groups[0]["lr"]
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
     assert optimiser.lr == 0.0 and not torch.equal(ours[0], start[0])
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("channels", lambda a: a.astype(np.float64), r"its channels \(float64, shape \(16,\)\) are not indices of 64-channel"),
+    ("channels", lambda a: a + 64, r"its channels \(int64, shape \(16,\)\) are not indices of 64-channel features"),
+    ("value_weights", lambda a: a[:-1], r"value weights of shape \(23,\), for 24 cache keys"),
+])
+def test_a_damaged_adapter_is_refused_in_one_line(tmp_path, name, damage, message):
+    import h5py
+
+    features = save_features(weak_text(1, num_classes=6, shots=(4,)), tmp_path / "f.h5")
+    path = save_fit(fit(features, FitSettings(epochs=1, k=16)), features, tmp_path / "fit.h5").artifact.path
+    with h5py.File(path, "a") as handle:
+        array, attrs = handle[name][()], dict(handle[name].attrs)
+        del handle[name]
+        handle.create_dataset(name, data=damage(array)).attrs.update(attrs)
+    with pytest.raises(ApecliError, match=message):
+        load_fit(path)

@@ -224,3 +224,17 @@ def test_imagenet_to_its_shifted_test_sets_end_to_end(tiny, tmp_path):
     assert_one_line_error(zero_shot, "has no val split (a test set only")
     listed = runner.invoke(app, ["ls", str(tmp_path / "s"), "--kind", "features"]).stdout.splitlines()
     assert ["shots [1, 2]" in listed[0], "a test set only" in listed[1]] == [True, True]
+
+
+def test_a_damaged_evaluation_is_refused_in_one_line(source, tmp_path):
+    import h5py
+
+    for mode, name, message in [("tip-adapter-f", "learned/keys", r"trained keys of shape \(23, 32\), for a cache of \(24, 32\)"),
+                                ("training-free", "channels", "its channels .* are not indices of 32-channel features")]:
+        evaluation = evaluated(source, mode, tmp_path)
+        with h5py.File(evaluation.path, "a") as handle:
+            array, attrs = handle[name][()], dict(handle[name].attrs)
+            del handle[name]
+            handle.create_dataset(name, data=array[:-1] if mode == "tip-adapter-f" else array + 32).attrs.update(attrs)
+        with pytest.raises(ApecliError, match=message):
+            transfer(store.open_artifact(evaluation.path), [source.artifact])

@@ -26,6 +26,7 @@ from apecli import store
 from apecli.datasets import IMAGE_SUFFIXES
 from apecli.errors import ApecliError
 from apecli.features import FeatureSet, load_features
+from apecli.refine import read_channels
 from apecli.training_free import CacheModel, TriEdge, softmax
 
 Scores = Callable[[np.ndarray], np.ndarray]  # L2-normalised features N × D → scores N × C
@@ -80,7 +81,7 @@ def load_classifier(evaluation: store.Artifact) -> Classifier:
     shots, cache = features.cache(meta.get("shots"))
     alpha, beta, gamma = meta.get("alpha"), meta.get("beta"), meta.get("gamma")
     if mode == "training-free":
-        tri = TriEdge.build(features.classifier, cache.keys, cache.labels, evaluation.read("channels"))
+        tri = TriEdge.build(features.classifier, cache.keys, cache.labels, read_channels(evaluation, features.dim))
         return made(lambda x: tri.logits(x, alpha, beta, gamma))
     if mode == "training-required":
         from apecli.training_required import load_fit
@@ -90,6 +91,8 @@ def load_classifier(evaluation: store.Artifact) -> Classifier:
         return made(lambda x: model.logits(x, alpha, beta))
     if mode in ("tip-adapter", "tip-adapter-f"):
         keys = evaluation.read("learned/keys") if mode == "tip-adapter-f" else cache.keys
+        if keys.shape != cache.keys.shape:
+            raise ApecliError(f"{evaluation.path}: trained keys of shape {keys.shape}, for a cache of {cache.keys.shape}")
         model = CacheModel(features.classifier, keys, cache.labels, np.ones(cache.labels.shape[0]))
         return made(lambda x: model.logits(x, alpha, beta))
     if mode == "gda":

@@ -130,14 +130,22 @@ def save_refinement(
     return Refinement(refinement.channels, refinement.criterion, refinement.shots, refinement.weights, artifact)
 
 
+def read_channels(artifact: store.Artifact, dim: int) -> np.ndarray:
+    """An artifact's ``channels``, checked to be indices of ``dim``-channel features (one or more)."""
+    channels = artifact.read("channels")
+    if (channels.ndim != 1 or channels.size == 0 or not np.issubdtype(channels.dtype, np.integer)
+            or channels.min() < 0 or channels.max() >= dim):
+        raise ApecliError(f"{artifact.path}: its channels ({channels.dtype}, shape {channels.shape}) are not indices "
+                          f"of {dim}-channel features")
+    return channels.astype(np.int64)
+
+
 def load_refinement(source: str | Path | store.Artifact) -> tuple[Refinement, FeatureSet]:
     """Read a refinement artifact and the feature set it was computed from (checked unchanged)."""
     artifact = source if isinstance(source, store.Artifact) else store.open_artifact(source, [KIND])
     features = load_features(artifact.parent("features"))
     metadata = artifact.metadata
-    channels = artifact.read("channels").astype(np.int64)
-    if channels.size == 0 or channels.min() < 0 or channels.max() >= features.dim:
-        raise ApecliError(f"{artifact.path}: channels out of range for {features.dim}-channel features")
+    channels = read_channels(artifact, features.dim)
     refinement = Refinement(
         channels, artifact.read("criterion"), int(metadata["shots"]), tuple(metadata["weights"]), artifact
     )

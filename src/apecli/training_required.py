@@ -24,7 +24,7 @@ from apecli import store
 from apecli.errors import ApecliError
 from apecli.features import FeatureSet, load_features
 from apecli.presets import preset_for
-from apecli.refine import channel_criterion, top_channels
+from apecli.refine import channel_criterion, read_channels, top_channels
 from apecli.training import EpochProgress, check_training, reproducible, train, training_samples
 from apecli.training_free import CacheModel, class_sums
 
@@ -250,9 +250,14 @@ def load_fit(source: str | Path | store.Artifact) -> tuple[FitResult, FeatureSet
     meta = artifact.metadata
     settings = dict(meta["settings"])
     settings["weights"] = tuple(settings["weights"])
-    adapter = Adapter(artifact.read("channels"), artifact.read("residual"), artifact.read("value_weights"), int(meta["shots"]))
+    adapter = Adapter(read_channels(artifact, features.dim), artifact.read("residual"), artifact.read("value_weights"),
+                      int(meta["shots"]))
     if adapter.residual.shape != (features.num_classes, adapter.channels.shape[0]):
         raise ApecliError(f"{artifact.path}: residual of shape {adapter.residual.shape} does not fit {features.name}")
+    _, cache = features.cache(adapter.shots)
+    if adapter.value_weights.shape != cache.labels.shape:
+        raise ApecliError(f"{artifact.path}: value weights of shape {adapter.value_weights.shape}, for "
+                          f"{cache.labels.shape[0]} cache keys")
     result = FitResult(adapter, FitSettings(**settings), int(meta["best_epoch"]), float(meta["best_val_accuracy"]),
                        artifact.read("history/loss"), artifact.read("history/val_accuracy"),
                        bool(meta["trained_on_views"]), artifact, str(meta.get("device", "cpu")))
