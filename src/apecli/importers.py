@@ -296,10 +296,11 @@ def import_npz(
         if "class_names" in arrays and tuple(map(str, arrays["class_names"])) != texts.class_names:
             raise ApecliError(f"{path}: its class_names differ from those the text was computed from")
     text = np.ascontiguousarray(texts.classifier.T) if texts is not None else _as_features(arrays["text_weights"], "text_weights")
-    width = np.shape(arrays["val_features"])[-1] if np.ndim(arrays["val_features"]) else 0  # others: validate's
-    if text.ndim != 2 or _transposed_hint(text.shape, width):
+    width = np.shape(arrays["val_features"])[-1] if np.ndim(arrays["val_features"]) else 0
+    transposed = _transposed_hint(text.shape, width)  # any other disagreement of widths, validate names
+    if text.ndim != 2 or transposed:
         raise ApecliError(f"{path}: text_weights of shape {text.shape}, expected (D={width} channels, C classes)"
-                          + _transposed_hint(text.shape, width))
+                          + transposed)
     num_classes = text.shape[1]
     labels = _as_labels(arrays["cache_labels"], "cache_labels")
     counts = np.bincount(labels[labels >= 0], minlength=num_classes) if labels.size else np.zeros(1, int)
