@@ -199,6 +199,35 @@ def test_an_interrupted_run_resumes_to_the_same_result(tiny, caltech, tmp_path, 
     assert not work.exists()
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_saved_chunks_for_resuming(tiny, caltech, tmp_path, monkeypatch):
+    import errno
+
+    import apecli.extract
+
+    saved, original = [], apecli.extract.np.savez
+
+    def savez(handle, **arrays):  # the third chunk finds the disk full
+        if len(saved) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), handle.name)
+        saved.append(handle.name)
+        original(handle, **arrays)
+
+    monkeypatch.setattr(apecli.extract.np, "savez", savez)
+    args = ["extract", "--dataset", "caltech101", "--root", str(caltech), "--model", tiny.model, "--pretrained",
+            tiny.pretrained, "--shots", "1,2,4", "--views", "3", "--batch-size", "8", "--workers", "0", "--chunk-images", "5",
+            "--store", str(tmp_path / "s")]
+    failed = runner.invoke(app, args)
+    assert failed.exit_code == 1 and "Traceback" not in failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]  # after the line that names the work folder
+    assert last.startswith("apecli: error: No space left on device: ") and last.endswith(".npz")
+    work = next((tmp_path / "s" / "caltech101").glob(".extract-*"))
+    assert len(list(work.rglob("*.npz"))) == 2 and not list(work.rglob("*.tmp"))  # kept to resume from; no half file
+    monkeypatch.undo()
+    resumed = runner.invoke(app, args)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert not work.exists()
+
+
 def test_prompts_join_the_templates(tiny, caltech, tmp_path):
     dataset = read_coop("caltech101", caltech)
     prompts_file = tmp_path / "cupl.json"

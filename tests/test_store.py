@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -55,8 +58,9 @@ def test_a_failed_write_leaves_nothing_behind(small_features, tmp_path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr(h5py.Group, "create_dataset", explode)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk full") as failure:
         save_features(small_features, tmp_path / "f.h5")
+    assert failure.value.filename == str(tmp_path / "f.h5")  # not the temporary file's name
     assert list(tmp_path.iterdir()) == []
 
 
@@ -292,6 +296,12 @@ def test_a_whole_file_write_replaces_or_leaves_the_file_as_it_was(tmp_path):
     assert path.read_text() == "new" and sorted(tmp_path.iterdir()) == [path]
     with pytest.raises(ApecliError, match="is a folder; give the path of a file to write"), replacing(tmp_path):
         pass
+    with pytest.raises(OSError) as failure, replacing(path) as temporary:
+        temporary.write_text("partly")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(temporary))  # the file system names the temporary
+    assert (failure.value.errno, failure.value.strerror, failure.value.filename) == \
+        (errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    assert path.read_text() == "new" and sorted(tmp_path.iterdir()) == [path]
 
 
 @pytest.mark.parametrize("damage, message", [
