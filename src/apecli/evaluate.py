@@ -154,9 +154,7 @@ def evaluate_training_free(
         raise ApecliError(f"the refinement's channels exceed the {features.dim}-channel features")
     tri = TriEdge.build(features.classifier, cache.keys, cache.labels, refinement.channels)
     val, test = features.split("val"), features.split("test")
-    if val.labels.shape[0] == 0:
-        raise ApecliError(f"{features.name}: the validation split is empty")
-    result = search(tri, val.features, val.labels, grid, progress, device=on)
+    result = search(tri, val.features, val.labels, grid, progress, device=on)  # refuses an empty split
     logits = tri.logits(test.features, result.alpha, result.beta, result.gamma)
     return scored("training-free", features, shots, result.accuracy, predicted(logits), result,
                   channels=refinement.channels, alpha=result.alpha, beta=result.beta, gamma=result.gamma,
