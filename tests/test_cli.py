@@ -355,3 +355,36 @@ def test_models_lists_open_clip_names_with_their_tags():
     found = json.loads(run("models", "ViT-B-16", "--json").stdout)
     assert "openai" in found["ViT-B-16"] and all("vit-b-16" in name.lower() for name in found)
     assert_one_line_error(run("models", "no-such-model-anywhere"), "no open_clip model name contains")
+
+
+def test_verify_checks_a_store_or_a_piped_artifact_with_its_ancestors(imported, store_dir, tmp_path, monkeypatch):
+    import h5py
+
+    import apecli.cli.io as io
+
+    refined = run("refine", imported, "--k", "6", "--store", store_dir).stdout.strip()
+    evaluated = run("eval", refined, "--mode", "zero-shot", "--store", store_dir).stdout.strip()
+    piped = run("verify", input=f"{evaluated}\n")
+    assert piped.exit_code == 0, piped.stderr
+    assert [line.split("\t") for line in piped.stdout.splitlines()] == [
+        [evaluated, "evaluation", "ok"], [refined, "refinement", "ok"], [str(imported), "features", "ok"]]
+    assert "3 artifacts: contents match their content ids" in piped.stderr
+    monkeypatch.setattr(io, "_stdin_is_piped", lambda: False)
+    whole = json.loads(run("verify", "--store", store_dir, "--json").stdout)
+    assert (whole["checked"], whole["failed"]) == (3, 0)
+
+    with h5py.File(imported, "r+") as handle:  # a channel of the text classifier overwritten in place
+        handle["text/classifier"][:, 0] = 0.0
+    failed = run("verify", store_dir)
+    assert failed.exit_code == 1
+    problems = {Path(line.split("\t")[0]).name: line.split("\t")[2] for line in failed.stdout.splitlines()}
+    assert problems[imported.name].startswith("modified since it was written")
+    assert problems[Path(refined).name] == f"its ancestor {imported} fails verification"
+    assert failed.stderr.strip().splitlines() == ["apecli: error: 3 of 3 artifacts fail verification"]
+    assert json.loads(run("verify", evaluated, "--json").stdout)["failed"] == 3
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other.h5").write_bytes(b"not hdf5")
+    assert_one_line_error(run("verify", tmp_path / "empty"), "holds no artifacts")
+    assert_one_line_error(run("verify", tmp_path / "other.h5"), "not a readable HDF5 artifact")
+    assert_one_line_error(run("verify", tmp_path / "absent.h5"), "absent.h5: no such file")

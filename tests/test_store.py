@@ -318,3 +318,97 @@ def test_views_read_from_disk_are_checked_as_the_rest(small_features, tmp_path, 
     features = load_features(tmp_path / "f.h5")  # the views stay on disk until asked for
     with pytest.raises(ApecliError, match=f"f.h5: {message}"):
         features.views(4)
+
+
+def _every_kind(small_features, folder):
+    """One artifact of every kind: the chain above, then an adapter, its evaluation, and a transfer of the
+    first evaluation onto the features' own test split."""
+    from apecli.evaluate import evaluate_artifact, save_evaluation
+    from apecli.training_free import SearchGrid
+    from apecli.training_required import FitSettings, fit, save_fit
+    from apecli.transfer import save_transfer, transfer
+
+    features, refined, evaluation = (store.open_artifact(path) for path in _chain(small_features, folder))
+    adapter = save_fit(fit(load_features(features), FitSettings(epochs=2, lr=1e-2)), load_features(features),
+                       folder / "fit.h5").artifact
+    grid = SearchGrid((7.0, 7.0, 1.0), (4, 3, 2))
+    fitted = save_evaluation(evaluate_artifact(adapter, "training-required", None, grid), [adapter], folder / "eval-t.h5")
+    moved = save_transfer(evaluation, [features], transfer(evaluation, [features]), folder / "transfer.h5")
+    return [features, refined, evaluation, adapter, fitted, moved]
+
+
+def _documented_content_id(path) -> str:
+    """The content id as docs/cache-format.md spells it, computed from the file with h5py and hashlib alone."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    with h5py.File(path, "r") as handle:
+        digest.update(handle.attrs["kind"].encode() + handle.attrs["metadata"].encode())
+        for parent in json.loads(handle.attrs["parents"]):
+            digest.update((parent["kind"] + parent["content_id"]).encode())
+        names = []
+        handle.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+        for name in sorted(names):
+            dataset = handle[name]
+            digest.update(name.encode())
+            if dataset.attrs["encoding-type"] == "string-array":
+                strings = [str(s) for s in np.asarray(dataset.asstr()[()]).ravel()]
+                digest.update(json.dumps(strings, separators=(",", ":")).encode())
+            else:
+                digest.update(f"{dataset.dtype.str}{dataset.shape}".encode() + np.ascontiguousarray(dataset[()]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def test_every_kind_of_artifact_verifies_and_its_id_follows_the_documented_recipe(small_features, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    named = replace(small_features, class_names=("café", "straße", "c", "d", "e", "f"))  # strings, not ASCII
+    chain = _every_kind(named, tmp_path)
+    assert [a.kind for a in chain] == ["features", "refinement", "evaluation", "adapter", "evaluation", "transfer"]
+    for artifact in chain:
+        assert _documented_content_id(artifact.path) == artifact.content_id, artifact.kind
+    results = store.verify([chain[-1], chain[4]])  # both leaves: their ancestors are the rest
+    assert sorted(str(item.path) for item in results) == sorted(str(a.path) for a in chain)
+    assert all(item.problem is None and item.recomputed == item.content_id for item in results)
+    monkeypatch.setattr(store, "VERIFY_BLOCK_BYTES", 100)  # a few rows at a time: the same hash
+    assert all(item.problem is None for item in store.verify(chain))
+
+
+@pytest.mark.parametrize("where", ["array", "metadata", "parents"])
+def test_an_artifact_edited_in_place_fails_verification_and_so_does_what_hangs_on_it(small_features, tmp_path, where):
+    features = save_features(small_features, tmp_path / "f.h5").artifact
+    refined = save_refinement(select_channels(load_features(features), k=8), load_features(features), tmp_path / "r.h5").artifact
+    edited = features if where != "parents" else refined
+    with h5py.File(edited.path, "r+") as handle:
+        if where == "array":
+            values = handle["val/features"][()]
+            handle["val/features"][0] = -values[0]
+        elif where == "metadata":
+            handle.attrs["metadata"] = handle.attrs["metadata"].replace('"dim":32', '"dim":33')
+        else:
+            handle.attrs["parents"] = handle.attrs["parents"].replace(features.content_id, "0" * 16)
+    if where != "parents":
+        assert load_refinement(refined.path)[0].k == 8  # an edit in place passes the parent check that commands make
+    results = {item.path.name: item for item in store.verify([store.open_artifact(refined.path)])}
+    if where == "parents":  # its own hash changed (and the parent it now names is not there)
+        assert list(results) == ["r.h5"] and "modified since it was written" in results["r.h5"].problem
+    else:
+        assert results["f.h5"].problem.startswith("modified since it was written: its contents hash to ")
+        assert results["f.h5"].recomputed != features.content_id
+        assert results["r.h5"].problem == f"its ancestor {features.path} fails verification"
+
+
+def test_a_truncated_or_orphaned_artifact_fails_verification(small_features, tmp_path):
+    features = save_features(small_features, tmp_path / "f.h5").artifact
+    refined = save_refinement(select_channels(load_features(features), k=8), load_features(features), tmp_path / "r.h5").artifact
+    copy = tmp_path / "copy.h5"
+    copy.write_bytes(features.path.read_bytes())
+    header = store.open_artifact(copy)
+    with open(copy, "r+b") as handle:
+        handle.truncate(copy.stat().st_size - 2000)  # the header still opens; the last arrays do not
+    [truncated] = store.verify([header])
+    assert truncated.recomputed is None and "cannot be read whole" in truncated.problem
+    features.path.unlink()
+    [orphan] = store.verify([refined])
+    assert orphan.recomputed == orphan.content_id and "parent features artifact f.h5 is missing" in orphan.problem

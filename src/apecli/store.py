@@ -14,7 +14,7 @@ import json
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -84,21 +84,34 @@ class Artifact:
 
 
 def content_id(kind: str, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any], parents: Iterable[ParentRef]) -> str:
-    """A hash of everything an artifact says, so equal inputs and settings give the same id."""
-    digest = hashlib.sha256()
-    digest.update(kind.encode())
-    digest.update(_dumps(metadata).encode())
-    for ref in parents:
-        digest.update(ref.kind.encode() + ref.content_id.encode())
+    """A hash of everything an artifact says, so equal inputs and settings give the same id (the recipe is
+    in docs/cache-format.md; :func:`recomputed_id` follows it over a written file)."""
+    digest = _header_digest(kind, _dumps(metadata), parents)
     for name in sorted(arrays):
         array = np.asarray(arrays[name])
-        digest.update(name.encode())
-        if array.dtype.kind in "US":
-            digest.update(_dumps([str(x) for x in array.ravel()]).encode())
-        else:
-            digest.update(f"{array.dtype.str}{array.shape}".encode())
-            digest.update(np.ascontiguousarray(array).tobytes())
+        _digest_array(digest, name, array.dtype, array.shape, [array])
     return digest.hexdigest()[:16]
+
+
+def _header_digest(kind: str, metadata: str, parents: Iterable[ParentRef]):
+    digest = hashlib.sha256()
+    digest.update(kind.encode())
+    digest.update(metadata.encode())
+    for ref in parents:
+        digest.update(ref.kind.encode() + ref.content_id.encode())
+    return digest
+
+
+def _digest_array(digest, name: str, dtype: np.dtype, shape: tuple[int, ...], blocks: Iterable[np.ndarray]) -> None:
+    """Add one array to the hash: its name, then its strings as a JSON list, or its dtype, shape and bytes
+    in C order (``blocks``: the array whole, or its consecutive slices along the first axis)."""
+    digest.update(name.encode())
+    if dtype.kind in "US":
+        digest.update(_dumps([str(x) for block in blocks for x in np.asarray(block).ravel()]).encode())
+    else:
+        digest.update(f"{dtype.str}{tuple(shape)}".encode())
+        for block in blocks:
+            digest.update(np.ascontiguousarray(block).tobytes())
 
 
 def in_store(store: str | os.PathLike[str], dataset: str | None, stem: str) -> Callable[[str], Path]:
@@ -338,6 +351,88 @@ def collect_garbage(store: Path, dry_run: bool = False, work: bool = False,
             else:
                 path.unlink(missing_ok=True)
     return removed, kept
+
+
+VERIFY_BLOCK_BYTES = 1 << 26  # how much of an array recomputed_id reads at a time
+
+
+def recomputed_id(artifact: Artifact) -> str:
+    """The content id of what the file holds now: its metadata and parents as its header records them, and
+    every array read back from disk (in blocks, so a large one is never held whole)."""
+    import h5py
+
+    try:
+        with h5py.File(artifact.path, "r") as handle:
+            digest = _header_digest(artifact.kind, _text(handle.attrs.get("metadata", "{}")), artifact.parents)
+            for name in artifact.names:
+                dataset = handle[name]
+                if dataset.attrs.get("encoding-type") == "string-array":
+                    _digest_array(digest, name, np.dtype(str), dataset.shape, [np.array(dataset.asstr()[()], dtype=str)])
+                    continue
+                rows = max(1, VERIFY_BLOCK_BYTES // max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))))
+                blocks = ((dataset[start:start + rows] for start in range(0, dataset.shape[0], rows))
+                          if dataset.ndim else [dataset[()]])
+                _digest_array(digest, name, dataset.dtype, dataset.shape, blocks)
+    except (OSError, KeyError) as error:
+        raise ApecliError(f"{artifact.path}: cannot be read whole ({_reason(error)}); the file may be truncated") from None
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Verified:
+    """One artifact checked by :func:`verify`: ``problem`` is None when its contents hash to its content id
+    and its ancestry is intact; else it says what is wrong."""
+
+    path: Path
+    kind: str
+    content_id: str
+    recomputed: str | None  # None where the file could not be read whole
+    problem: str | None
+
+
+def verify(artifacts: Iterable[Artifact]) -> list[Verified]:
+    """Hash each artifact's contents again, and those of every ancestor it records, and compare each with
+    the content id in its header: an array or setting edited in place, or a damaged file, keeps its id
+    and so passes the parent check that commands make; this finds it. An artifact whose parent is missing
+    or changed, or itself fails, fails too."""
+    queue, checked = list(artifacts), {}
+    while queue:
+        artifact = queue.pop(0)
+        key = artifact.path.resolve()
+        if key in checked:
+            continue
+        try:
+            recomputed, problem = recomputed_id(artifact), None
+        except ApecliError as error:
+            recomputed, problem = None, str(error).removeprefix(f"{artifact.path}: ")
+        if recomputed is not None and recomputed != artifact.content_id:
+            problem = (f"modified since it was written: its contents hash to {recomputed}, its header says "
+                       f"{artifact.content_id}; re-run the command that made it")
+        parents = []
+        for ref in artifact.parents:
+            parent, missing = _find_parent(artifact, ref)
+            if parent is None:
+                problem = problem or missing
+            else:
+                parents.append(parent.path.resolve())
+                queue.append(parent)
+        checked[key] = (Verified(artifact.path, artifact.kind, artifact.content_id, recomputed, problem), parents)
+
+    def failing_ancestor(key: Path, below: tuple[Path, ...]) -> Path | None:
+        """The first ancestor of ``key`` with a problem of its own (a hand-made cycle is not followed)."""
+        for parent in checked[key][1]:
+            if parent not in below:
+                if checked[parent][0].problem:
+                    return checked[parent][0].path
+                if (found := failing_ancestor(parent, below + (key,))) is not None:
+                    return found
+        return None
+
+    results = []
+    for key, (item, _) in checked.items():
+        ancestor = None if item.problem else failing_ancestor(key, ())
+        results.append(replace(item, problem=f"its ancestor {ancestor} fails verification") if ancestor else item)
+    return results
 
 
 def newest_artifact(store: Path, kinds: Iterable[str]) -> Artifact:

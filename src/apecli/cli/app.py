@@ -14,7 +14,7 @@ from rich.table import Table
 
 from apecli import __version__, store
 from apecli.cli import progress
-from apecli.cli.io import console, emit, outline, reports_errors, resolve_input
+from apecli.cli.io import console, emit, outline, piped_input, reports_errors, resolve_input
 from apecli.cli.options import (DEFAULT_STORE, ClassNames, ComputeDevice, Dataset, Input, Json, Model, Normalise, Shots,
                                 Store, StoreFolder, TextModel, TextPretrained, TextPrompts, TextRoot)
 from apecli.errors import ApecliError
@@ -522,6 +522,41 @@ def gc(
     for path, why in kept:
         console.print(f"kept {path}: {why}")
     console.print(f"{verb} {len(removed)} file(s) or folder(s) from {folder}" if removed else f"nothing to remove in {folder}")
+
+
+@app.command()
+@reports_errors
+def verify(
+    sources: Annotated[Optional[list[Path]], typer.Argument(
+        help="Artifacts or folders of them (default: a path on stdin when piped, else the whole store).",
+        show_default=False)] = None,
+    store_option: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Hash each artifact's contents again, and its ancestors', against their content ids: finds files
+    edited in place or damaged."""
+    piped = None if sources else piped_input(ARTIFACT_KINDS)
+    artifacts = [piped] if piped else []
+    for source in sources or ([] if piped else [store_option]):
+        if Path(source).is_dir():
+            found = store.list_artifacts(Path(source))
+            if not found:
+                raise ApecliError(f"{source}: holds no artifacts")
+            artifacts += found
+        else:
+            artifacts.append(store.open_artifact(source))
+    results = store.verify(artifacts)
+    failed = sum(1 for item in results if item.problem)
+    if as_json:
+        typer.echo(json.dumps({"checked": len(results), "failed": failed, "artifacts": [
+            {"artifact": str(item.path), "kind": item.kind, "content_id": item.content_id,
+             "recomputed": item.recomputed, "problem": item.problem} for item in results]}))
+    else:
+        for item in results:
+            typer.echo(f"{item.path}\t{item.kind}\t{item.problem or 'ok'}")
+    if failed:
+        raise ApecliError(f"{failed} of {len(results)} artifacts fail verification")
+    console.print(f"{len(results)} artifact{'s' if len(results) > 1 else ''}: contents match their content ids")
 
 
 @app.command()

@@ -84,6 +84,12 @@ def resolve_input(value: str | None, store_dir: Path, kinds: Iterable[str]) -> s
     return store.open_artifact(value, kinds)
 
 
+def piped_input(kinds: Iterable[str]) -> store.Artifact | None:
+    """The artifact whose path stdin holds when stdin is piped, else None (for commands whose default without
+    a pipe is something other than the newest artifact)."""
+    return resolve_input("-", Path(), kinds) if _stdin_is_piped() else None
+
+
 def emit(artifact: store.Artifact | Path, result: dict[str, Any], as_json: bool) -> None:
     """The command's result on stdout: the artifact path, or one JSON object with ``--json``."""
     path = str(artifact.path if isinstance(artifact, store.Artifact) else artifact)
