@@ -137,3 +137,20 @@ def test_bench_on_the_command_line(two_stores, tmp_path):
     assert "beta (synthetic)" in only_beta.stderr and "alpha" not in only_beta.stderr  # this run's cells, not all
     assert_one_line_error(runner.invoke(app, ["bench", "--store", str(two_stores), "--modes", "magic",
                                               "--out", str(tmp_path / "o2")]), "unknown mode 'magic'")
+
+
+def test_a_proker_cell_of_its_earlier_regression_is_computed_again_and_replaced(two_stores, tmp_path):
+    from apecli.baselines import PROKER_FORMULA
+
+    artifacts = bench.find_features([two_stores])[:1]
+    rows = bench.run_bench(artifacts, [4], ["zero-shot", "proker"], tmp_path / "out")
+    assert [row.get("formula") for row in rows] == [None, PROKER_FORMULA]
+    earlier = [dict(rows[0]), {key: value for key, value in rows[1].items() if key != "formula"}]
+    earlier[1]["test_accuracy"] = -1.0  # what the earlier regression reported, in a results file it wrote
+    bench.write_results(tmp_path / "out", earlier)
+    ran = []
+    again = bench.run_bench(artifacts, [4], ["zero-shot", "proker"], tmp_path / "out", lambda row, skipped: ran.append(skipped))
+    assert ran == [True, False]  # zero-shot kept, ProKeR computed again
+    assert [(row["mode"], row["test_accuracy"]) for row in again] == [("zero-shot", rows[0]["test_accuracy"]),
+                                                                      ("proker", rows[1]["test_accuracy"])]
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == again

@@ -71,8 +71,10 @@ def test_a_model_tested_on_its_own_features_scores_its_own_test_accuracy(source,
     assert evaluation.metadata["test_class_accuracy"] == pytest.approx(100 * np.mean(per_class), abs=1e-12)
     model, x = load_classifier(evaluation), source.split("test").features.astype(np.float64)
     np.testing.assert_allclose(model.probabilities(x).sum(axis=1), 1.0, rtol=1e-9)
-    if mode == "proker":  # decisions come from its regression's raw values, which may be negative
-        assert (model.scores(x) < 0).any()
+    if mode == "proker":  # its regression is on the cosines' scale: probabilities as CLIP scales its logits
+        scores = 100.0 * model.scores(x)
+        expected = np.exp(scores - scores.max(axis=1, keepdims=True))
+        np.testing.assert_allclose(model.probabilities(x), expected / expected.sum(axis=1, keepdims=True), rtol=1e-9)
 
 
 def test_a_subset_of_classes_is_scored_over_those_classes_only(source, tmp_path):
@@ -238,3 +240,11 @@ def test_a_damaged_evaluation_is_refused_in_one_line(source, tmp_path):
             handle.create_dataset(name, data=array[:-1] if mode == "tip-adapter-f" else array + 32).attrs.update(attrs)
         with pytest.raises(ApecliError, match=message):
             transfer(store.open_artifact(evaluation.path), [source.artifact])
+
+
+def test_a_proker_evaluation_of_its_earlier_regression_is_refused(source, tmp_path):
+    evaluation = evaluate_artifact(source.artifact, "proker", None, GRID)
+    del evaluation.extra["formula"]  # as an earlier apecli wrote it: β and λ of another regression
+    earlier = save_evaluation(evaluation, [source.artifact], tmp_path / "earlier.h5")
+    with pytest.raises(ApecliError, match="earlier apecli, whose regression differed .*eval --mode proker again"):
+        transfer(earlier, [source.artifact])

@@ -8,7 +8,7 @@ with the chosen ones. The formulas, in the papers' terms, are in docs/methods.md
 - GDA (Wang et al., ICLR 2024): Gaussian discriminant analysis on the views, a linear head fused with
   the zero-shot logits by an α chosen from a small grid.
 - ProKeR (Bendou et al., CVPR 2025): kernel ridge regression of the labels' residual from CLIP's
-  zero-shot prediction on the cache, ``f₀(x) + k(x, S)(K + λI)⁻¹(Y − f₀(S))``, β × λ grid.
+  zero-shot logits on the cache, ``f₀(x) + k(x, S)(K/λ + I)⁻¹(Y − f₀(S))`` with ``f₀(x) = x Wᵀ``, β × λ grid.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ from apecli.evaluate import Evaluation, default_grid, percent, scored
 from apecli.features import FeatureSet
 from apecli.training import EpochProgress, check_training, reproducible, train, training_samples
 from apecli.training_free import (CacheModel, Progress, SearchGrid, by_blocks, class_sums, predicted, row_blocks,
-                                  search_device, softmax)
+                                  search_device)
 
 GDA_ALPHAS = tuple(10.0**i for i in range(-4, 5))
 PROKER_LAMBDAS = tuple(10.0 ** (i / 2) for i in range(-10, 5))  # 1e-5 … 1e2, half a decade apart
 PROKER_BETAS = 20
+# What a ProKeR evaluation's β and λ mean, recorded in it: a classifier is rebuilt only from an evaluation
+# that records this (earlier ones took softmax(100 · x Wᵀ) as f₀ and had no 1/λ on K).
+PROKER_FORMULA = "f(x) = x·Wᵀ + k(x, S)(K/λ + I)⁻¹(Y − S·Wᵀ), k(x, s) = exp(−β(1 − x·s))"
 
 
 def _plain_cache(features: FeatureSet, shots: int | None) -> tuple[int, CacheModel]:
@@ -142,7 +145,8 @@ def evaluate_gda(features: FeatureSet, shots: int | None = None, grid: SearchGri
 
 @dataclass(frozen=True)
 class ProkerSupport:
-    """What ProKeR regresses on: the cache keys S, and the residual Y − f₀(S) of CLIP's prediction there."""
+    """What ProKeR regresses on: the cache keys S, and the residual Y − f₀(S) of CLIP's zero-shot logits
+    there (cosines, before CLIP's scale of 100)."""
 
     text: np.ndarray  # C × D
     support: np.ndarray  # M × D
@@ -153,20 +157,21 @@ class ProkerSupport:
         _, cache = features.cache(shots)
         text = features.classifier.astype(np.float64)
         support = cache.keys.astype(np.float64)
-        return cls(text, support, np.eye(features.num_classes)[cache.labels] - softmax(100.0 * support @ text.T))
+        return cls(text, support, np.eye(features.num_classes)[cache.labels] - support @ text.T)
 
     def base(self, x: np.ndarray) -> np.ndarray:
-        """f₀: CLIP's zero-shot class probabilities."""
-        return softmax(100.0 * x @ self.text.T)
+        """f₀: CLIP's zero-shot logits, the cosines x Wᵀ."""
+        return x @ self.text.T
 
     def kernel(self, x: np.ndarray, beta: float) -> np.ndarray:
         """k(x, S) = exp(−β(1 − x·s)) for every row of ``x`` and every key s."""
         return np.exp(-beta * (1.0 - x @ self.support.T))
 
     def predictor(self, beta: float, lam: float) -> Callable[[np.ndarray], np.ndarray]:
-        """f for one (β, λ): ``f₀(x) + k(x, S)(K + λI)⁻¹(Y − f₀(S))``, solved directly, images in blocks."""
+        """f for one (β, λ): ``f₀(x) + k(x, S)(K/λ + I)⁻¹(Y − f₀(S))``, solved directly (as
+        ``λ(K + λI)⁻¹``, which stays well scaled for small λ), images in blocks."""
         gram = self.kernel(self.support, beta)
-        coefficients = np.linalg.solve(gram + lam * np.eye(self.support.shape[0]), self.residual)
+        coefficients = np.linalg.solve(gram + lam * np.eye(self.support.shape[0]), lam * self.residual)
 
         def predict(rows: np.ndarray) -> np.ndarray:
             return self.base(rows) + self.kernel(rows, beta) @ coefficients
@@ -178,8 +183,8 @@ def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: Search
                     progress: Progress | None = None) -> Evaluation:
     """ProKeR: kernel ridge regression of the residual Y − f₀(S) on the cache; β × λ on validation.
 
-    f₀ is CLIP's zero-shot prediction as class probabilities, softmax(100 · x Wᵀ), so that the residual
-    and the one-hot targets share a scale; the kernel is exp(−β(1 − x·s)).
+    f₀ is CLIP's zero-shot logits x Wᵀ (cosines), the kernel exp(−β(1 − x·s)), and the regression's
+    coefficients (K/λ + I)⁻¹(Y − f₀(S)), as the authors' released code computes them.
     """
     shots, _ = features.cache(shots)
     grid = grid or default_grid(features)
@@ -192,14 +197,14 @@ def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: Search
     prior = regression.base(x_val)
     val_correct = np.zeros((len(betas), len(lambdas)), dtype=np.int64)
     for b, beta in enumerate(betas):
-        # One eigendecomposition of K serves every λ: (K + λI)⁻¹ = Q diag(1 / (Λ + λ)) Qᵀ.
+        # One eigendecomposition of K serves every λ: (K/λ + I)⁻¹ = Q diag(λ / (Λ + λ)) Qᵀ.
         eigenvalues, vectors = np.linalg.eigh(regression.kernel(support, beta))
         eigenvalues = np.clip(eigenvalues, 0.0, None)  # K is positive semi-definite; rounding is not
         projected = vectors.T @ regression.residual  # M × C
         for block in row_blocks(x_val.shape[0], support.shape[0]):  # images × keys arrays stay small
             kernel = regression.kernel(x_val[block], beta) @ vectors  # rows × M, in K's eigenbasis
             for l, lam in enumerate(lambdas):
-                predictions = np.argmax(prior[block] + (kernel / (eigenvalues + lam)) @ projected, axis=1)
+                predictions = np.argmax(prior[block] + (kernel * (lam / (eigenvalues + lam))) @ projected, axis=1)
                 val_correct[b, l] += int((predictions == val.labels[block]).sum())
         if progress is not None:
             progress(b + 1, len(betas))
@@ -207,5 +212,5 @@ def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: Search
     predict = regression.predictor(betas[b], lambdas[l])
     chosen = predicted(predict(test.features.astype(np.float64)))
     return scored("proker", features, shots, percent(int(val_correct[b, l]), val.labels.shape[0]), chosen,
-                  beta=float(betas[b]), **{"lambda": float(lambdas[l])},
+                  beta=float(betas[b]), **{"lambda": float(lambdas[l]), "formula": PROKER_FORMULA},
                   **({"given": {"beta": grid.given["beta"]}} if "beta" in grid.given else {}))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from apecli import store
+from apecli.baselines import PROKER_FORMULA
 from apecli.errors import ApecliError
 from apecli.evaluate import MODES, Evaluation, evaluate_artifact
 from apecli.features import TEST_SET_HINT
@@ -94,6 +95,7 @@ def _row(artifact: store.Artifact, shots: int, mode: str, evaluation: Evaluation
         "mode": mode,
         **{key: summary.get(key) for key in ("val_accuracy", "test_accuracy", "test_class_accuracy", "zero_shot_accuracy",
                                              "alpha", "beta", "gamma", "lambda", "best_epoch")},
+        **({"formula": summary["formula"]} if "formula" in summary else {}),
         "seconds": round(seconds, 3),
         "device": summary.get("device", "cpu"),  # where the cell's search (and training) ran
         "features": str(artifact.path),
@@ -124,7 +126,7 @@ def run_bench(
     if Path(out).exists() and not Path(out).is_dir():
         raise ApecliError(f"{out}: is a file; the results go to a folder")
     rows = read_results(out)
-    done = {(row["content_id"], row["shots"], row["mode"]): row for row in rows}
+    done = {_cell(row): row for row in rows if _current(row)}
     for artifact in artifacts:
         for count in shots:
             for mode in modes:
@@ -135,11 +137,21 @@ def run_bench(
                 start = time.perf_counter()
                 evaluation = _evaluate(artifact, mode, count, device)
                 row = _row(artifact, count, mode, evaluation, time.perf_counter() - start)
-                rows.append(row)
+                rows = [kept for kept in rows if _cell(kept) != _cell(row)] + [row]  # replaces an outdated cell
                 write_results(out, rows)
                 if progress is not None:
                     progress(row, False)
     return rows
+
+
+def _cell(row: dict[str, Any]) -> tuple[str, int, str]:
+    return row["content_id"], row["shots"], row["mode"]
+
+
+def _current(row: dict[str, Any]) -> bool:
+    """Whether a stored cell was computed as this apecli computes its mode: ProKeR's regression changed
+    once, and its cells say which one they used."""
+    return row["mode"] != "proker" or row.get("formula") == PROKER_FORMULA
 
 
 def _evaluate(artifact: store.Artifact, mode: str, shots: int, device: str | None) -> Evaluation:

@@ -8,8 +8,8 @@ with that encoder's evaluation transform, and classified by the mode's classifie
 - training-required: the fitted adapter's logits (α, β); tip-adapter / tip-adapter-f: the cache
   classifier (the stored trained keys for -F); gda: the zero-shot logits plus α times GDA's head,
   recomputed from the stored views; probabilities are the softmax of these logits;
-- proker: its prediction ``f₀(x) + k(x, S)(K + λI)⁻¹(Y − f₀(S))``, whose scores are clipped at zero
-  and normalised to sum to one.
+- proker: its regression ``f₀(x) + k(x, S)(K/λ + I)⁻¹(Y − f₀(S))``, on the scale of CLIP's cosines,
+  whose probabilities are the softmax of 100 times it, as CLIP's own logits are scaled.
 """
 
 from __future__ import annotations
@@ -58,12 +58,6 @@ def _features_of(artifact: store.Artifact) -> FeatureSet:
     return load_features(artifact, with_views=False)
 
 
-def _normalised_scores(scores: np.ndarray) -> np.ndarray:
-    """ProKeR's scores as probabilities: clipped at zero, normalised to sum to one."""
-    scores = np.clip(scores, 0.0, None)
-    return scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
-
-
 def load_classifier(evaluation: store.Artifact) -> Classifier:
     """The classifier an evaluation artifact chose, rebuilt from it and its parents."""
     if evaluation.kind != "evaluation":
@@ -101,9 +95,13 @@ def load_classifier(evaluation: store.Artifact) -> Classifier:
         weights, bias, _ = gda_for(features, shots)
         return made(lambda x: 100.0 * x @ text.T + alpha * (x @ weights.T + bias))
     if mode == "proker":
-        from apecli.baselines import ProkerSupport
+        from apecli.baselines import PROKER_FORMULA, ProkerSupport
 
-        return made(ProkerSupport.of(features, shots).predictor(beta, meta["lambda"]), _normalised_scores)
+        if meta.get("formula") != PROKER_FORMULA:
+            raise ApecliError(f"{evaluation.path}: a ProKeR evaluation by an earlier apecli, whose regression differed "
+                              "(f₀ was CLIP's softmax); its β and λ do not fit this one: run apecli eval --mode proker again")
+        return made(ProkerSupport.of(features, shots).predictor(beta, meta["lambda"]),
+                    lambda scores: softmax(100.0 * scores))
     raise ApecliError(f"{evaluation.path}: mode '{mode}' cannot be applied to new features")
 
 
