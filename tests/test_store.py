@@ -329,8 +329,8 @@ def _every_kind(small_features, folder):
     from apecli.transfer import save_transfer, transfer
 
     features, refined, evaluation = (store.open_artifact(path) for path in _chain(small_features, folder))
-    adapter = save_fit(fit(load_features(features), FitSettings(epochs=2, lr=1e-2)), load_features(features),
-                       folder / "fit.h5").artifact
+    loaded = load_features(features)
+    adapter = save_fit(fit(loaded, FitSettings(epochs=2, lr=1e-2)), loaded, folder / "fit.h5").artifact
     grid = SearchGrid((7.0, 7.0, 1.0), (4, 3, 2))
     fitted = save_evaluation(evaluate_artifact(adapter, "training-required", None, grid), [adapter], folder / "eval-t.h5")
     moved = save_transfer(evaluation, [features], transfer(evaluation, [features]), folder / "transfer.h5")
@@ -377,8 +377,9 @@ def test_every_kind_of_artifact_verifies_and_its_id_follows_the_documented_recip
 
 @pytest.mark.parametrize("where", ["array", "metadata", "parents"])
 def test_an_artifact_edited_in_place_fails_verification_and_so_does_what_hangs_on_it(small_features, tmp_path, where):
-    features = save_features(small_features, tmp_path / "f.h5").artifact
-    refined = save_refinement(select_channels(load_features(features), k=8), load_features(features), tmp_path / "r.h5").artifact
+    features = save_features(small_features, tmp_path / "f.h5")
+    refined = save_refinement(select_channels(features, k=8), features, tmp_path / "r.h5").artifact
+    features = features.artifact
     edited = features if where != "parents" else refined
     with h5py.File(edited.path, "r+") as handle:
         if where == "array":
@@ -400,8 +401,9 @@ def test_an_artifact_edited_in_place_fails_verification_and_so_does_what_hangs_o
 
 
 def test_a_truncated_or_orphaned_artifact_fails_verification(small_features, tmp_path):
-    features = save_features(small_features, tmp_path / "f.h5").artifact
-    refined = save_refinement(select_channels(load_features(features), k=8), load_features(features), tmp_path / "r.h5").artifact
+    features = save_features(small_features, tmp_path / "f.h5")
+    refined = save_refinement(select_channels(features, k=8), features, tmp_path / "r.h5").artifact
+    features = features.artifact
     copy = tmp_path / "copy.h5"
     copy.write_bytes(features.path.read_bytes())
     header = store.open_artifact(copy)
