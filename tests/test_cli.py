@@ -382,6 +382,10 @@ def test_verify_checks_a_store_or_a_piped_artifact_with_its_ancestors(imported, 
     assert problems[Path(refined).name] == f"its ancestor {imported} fails verification"
     assert failed.stderr.strip().splitlines() == ["apecli: error: 3 of 3 artifacts fail verification"]
     assert json.loads(run("verify", evaluated, "--json").stdout)["failed"] == 3
+    Path(refined).write_bytes(Path(refined).read_bytes()[:300])  # its header gone too: ls passes over it
+    listed = {Path(line.split("\t")[0]).name: line.split("\t")[1:] for line in run("verify", store_dir).stdout.splitlines()}
+    assert listed[Path(refined).name][0] == "?" and "not a readable HDF5 artifact" in listed[Path(refined).name][1]
+    assert len(listed) == 3
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "other.h5").write_bytes(b"not hdf5")

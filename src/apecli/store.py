@@ -435,6 +435,19 @@ def verify(artifacts: Iterable[Artifact]) -> list[Verified]:
     return results
 
 
+def unreadable_in(folder: Path) -> list[Verified]:
+    """The files under a folder that look like artifacts (``*.h5``, not hidden) but do not open as one,
+    each as a failed verification: a store's damaged files, which listing the store passes over."""
+    found = []
+    for candidate in sorted(Path(folder).rglob("*.h5")):
+        if not candidate.name.startswith(".") and candidate.is_file():
+            try:
+                open_artifact(candidate)
+            except ApecliError as error:
+                found.append(Verified(candidate, "?", "", None, str(error).removeprefix(f"{candidate}: ")))
+    return found
+
+
 def newest_artifact(store: Path, kinds: Iterable[str]) -> Artifact:
     """The most recently written artifact of one of ``kinds`` anywhere under the store folder."""
     wanted = tuple(kinds)

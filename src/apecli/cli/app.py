@@ -536,16 +536,16 @@ def verify(
     """Hash each artifact's contents again, and its ancestors', against their content ids: finds files
     edited in place or damaged."""
     piped = None if sources else piped_input(ARTIFACT_KINDS)
-    artifacts = [piped] if piped else []
+    artifacts, unreadable = [piped] if piped else [], []
     for source in sources or ([] if piped else [store_option]):
         if Path(source).is_dir():
-            found = store.list_artifacts(Path(source))
-            if not found:
+            found, damaged = store.list_artifacts(Path(source)), store.unreadable_in(Path(source))
+            if not found and not damaged:
                 raise ApecliError(f"{source}: holds no artifacts")
-            artifacts += found
+            artifacts, unreadable = artifacts + found, unreadable + damaged
         else:
             artifacts.append(store.open_artifact(source))
-    results = store.verify(artifacts)
+    results = store.verify(artifacts) + unreadable
     failed = sum(1 for item in results if item.problem)
     if as_json:
         typer.echo(json.dumps({"checked": len(results), "failed": failed, "artifacts": [
