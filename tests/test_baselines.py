@@ -165,3 +165,17 @@ def test_a_value_the_mode_does_not_have_is_refused(features, tmp_path, mode, opt
     result = runner.invoke(app, ["eval", str(path), "--mode", mode, option, "1", "--store", str(tmp_path / "s")])
     assert_one_line_error(result, f"mode {mode} has no {dict(alpha='α', beta='β', gamma='γ')[option[2:]]} to give")
     assert not (tmp_path / "s").exists()
+
+
+def test_tip_adapter_f_trains_with_the_authors_alpha_and_epochs_for_the_dataset(features):
+    from dataclasses import replace
+
+    assert baselines.TipAdapterFSettings.for_dataset("fgvc") == baselines.TipAdapterFSettings(alpha=5.0)
+    assert baselines.TipAdapterFSettings.for_dataset("eurosat") == baselines.TipAdapterFSettings(alpha=2.0, epochs=100)
+    assert baselines.TipAdapterFSettings.for_dataset("caltech101") == baselines.TipAdapterFSettings()  # none published
+    assert baselines.TipAdapterFSettings.for_dataset(None) == baselines.TipAdapterFSettings()
+    pets = baselines.evaluate_tip_adapter_f(replace(features, dataset="oxford_pets"), grid=GRID)
+    assert (pets.extra["init_alpha"], pets.extra["epochs"]) == (1.17, 20)
+    given = baselines.evaluate_tip_adapter_f(replace(features, dataset="oxford_pets"), grid=GRID,
+                                             settings=baselines.TipAdapterFSettings(alpha=1.17))
+    assert (given.alpha, given.beta, given.extra["best_epoch"]) == (pets.alpha, pets.beta, pets.extra["best_epoch"])

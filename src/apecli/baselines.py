@@ -49,9 +49,16 @@ def evaluate_tip_adapter(features: FeatureSet, shots: int | None = None, grid: S
                   device=on.type)
 
 
+# Tip-Adapter-F's training α and epochs where the authors' configurations give them (dataset → α, epochs);
+# other datasets train with α = 1 for 20 epochs. β is 1 in all of them.
+TIP_ADAPTER_F_CONFIGS = {"dtd": (2.0, 20), "eurosat": (2.0, 100), "fgvc": (5.0, 20), "imagenet": (1.17, 20),
+                         "oxford_pets": (1.17, 20)}
+
+
 @dataclass(frozen=True)
 class TipAdapterFSettings:
-    """Tip-Adapter-F's training settings (the authors' defaults)."""
+    """Tip-Adapter-F's training settings (the authors' defaults; :meth:`for_dataset` takes their
+    per-dataset α and epochs)."""
 
     epochs: int = 20
     lr: float = 1e-3
@@ -66,14 +73,23 @@ class TipAdapterFSettings:
         check_training(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, eps=self.eps,
                        weight_decay=self.weight_decay, alpha=self.alpha, beta=self.beta, seed=self.seed)
 
+    @classmethod
+    def for_dataset(cls, dataset: str | None) -> "TipAdapterFSettings":
+        """The authors' settings for a dataset (its training α and epochs, where their configurations give them)."""
+        if dataset not in TIP_ADAPTER_F_CONFIGS:
+            return cls()
+        alpha, epochs = TIP_ADAPTER_F_CONFIGS[dataset]
+        return cls(alpha=alpha, epochs=epochs)
+
 
 def evaluate_tip_adapter_f(features: FeatureSet, shots: int | None = None, grid: SearchGrid | None = None,
-                           settings: TipAdapterFSettings = TipAdapterFSettings(),
+                           settings: TipAdapterFSettings | None = None,
                            progress: EpochProgress | None = None, device: str | None = None) -> Evaluation:
     """Tip-Adapter-F: train the cache keys on the stored views, then search β × α on validation (both on
-    ``device``, the CPU by default)."""
+    ``device``, the CPU by default). ``settings`` default to the dataset's (:meth:`TipAdapterFSettings.for_dataset`)."""
     import torch
 
+    settings = settings or TipAdapterFSettings.for_dataset(features.dataset)
     on = search_device(device)
     shots, plain = _plain_cache(features, shots)
     val, test = features.split("val"), features.split("test")
@@ -96,6 +112,7 @@ def evaluate_tip_adapter_f(features: FeatureSet, shots: int | None = None, grid:
     chosen = predicted(model.logits(test.features, result.alpha, result.beta))
     return scored("tip-adapter-f", features, shots, result.accuracy, chosen, result, learned={"keys": run.parameters[0]},
                   alpha=result.alpha, beta=result.beta, best_epoch=run.best_epoch, epochs=settings.epochs,
+                  init_alpha=settings.alpha,
                   trained_on_views=on_views, device=on.type)
 
 
