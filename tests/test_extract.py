@@ -391,6 +391,26 @@ def test_own_images_with_workers_on_the_command_line(tiny, tmp_path):
     assert json.loads(result.stdout)["dataset"] == "mine"
 
 
+
+def test_a_handful_of_own_images_per_class_extracts_the_shots_they_can_fill(tiny, tmp_path):
+    from dataclasses import replace
+
+    from apecli.extract import fitting_shots
+
+    image_folder(tmp_path / "mine", classes=3, per_class=10)  # split 5 / 2 / 3 per class
+    dataset = read_image_folder(tmp_path / "mine", 1)
+    assert fitting_shots(dataset) == (1, 2, 4, 5)
+    assert fitting_shots(dataset, (1, 2)) == (1, 2)  # enough for every count asked
+    assert fitting_shots(replace(dataset, splits={**dataset.splits, "train": []})) == (1, 2, 4, 8, 16)  # refused later
+    common = ["extract", "--images", str(tmp_path / "mine"), "--model", tiny.model, "--pretrained", tiny.pretrained,
+              "--views", "2", "--workers", "0", "--json"]
+    result = runner.invoke(app, [*common, "--store", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["shots"] == [1, 2, 4, 5]
+    assert "shots 1,2,4,5: the smallest class has 5 training images" in result.stderr
+    asked = runner.invoke(app, [*common, "--store", str(tmp_path / "t"), "--shots", "1,8"])  # given: kept, and refused
+    assert_one_line_error(asked, "has 5 usable training images, fewer than 8 shots: give --shots with counts up to 5")
+
 def test_workers_started_without_fork_give_the_same_features(tiny, tmp_path):
     """Python 3.14 starts processes by forkserver on Linux (macOS and Windows by spawn): the loader's
     dataset and transform then reach its workers pickled, and the features are the same as forked ones."""

@@ -44,11 +44,24 @@ from apecli.images import Batch, PilImages, RawBytes, decode_on_device, device_d
 SplitProgress = Callable[[str, int, int], None]  # split, images done, images in the split
 
 
+PROTOCOL_SHOTS = (1, 2, 4, 8, 16)
+
+
+def fitting_shots(dataset: ImageDataset, wanted: tuple[int, ...] = PROTOCOL_SHOTS) -> tuple[int, ...]:
+    """The shot counts of ``wanted`` that every class's training images can fill, and the smallest class's
+    count where that is fewer than the largest wanted (a handful of images per class: 10, split 5 / 2 / 3,
+    gives 1, 2, 4 and 5). Unchanged where every class has enough."""
+    fewest = min((len(paths) for paths in dataset.by_class("train")), default=0)
+    if fewest == 0 or fewest >= max(wanted):  # a class without training images is refused by the plan
+        return tuple(wanted)
+    return tuple(sorted({count for count in wanted if count <= fewest} | {fewest}))
+
+
 @dataclass(frozen=True)
 class ExtractSettings:
     """How to extract: shot counts, seed, views, and the loader's shape."""
 
-    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    shots: tuple[int, ...] = PROTOCOL_SHOTS
     seed: int = 1
     views: int = 10
     batch_size: int = 64
@@ -141,7 +154,9 @@ def plan(dataset: ImageDataset, settings: ExtractSettings) -> Plan:
             else:
                 raise ApecliError(f"{path}: unreadable image ({reason}); pass --skip-bad to record and skip it")
         if len(chosen) < most:
-            raise ApecliError(f"class '{name}' has {len(chosen)} usable training images, fewer than {most} shots")
+            raise ApecliError(f"class '{name}' has {len(chosen)} usable training images, fewer than {most} shots: "
+                              f"give --shots with counts up to {len(chosen)}" if chosen else
+                              f"class '{name}' has no usable training images")
         train += chosen
         labels += [label] * most
     first = {k: [c * most + i for c in range(len(dataset.class_names)) for i in range(k)] for k in settings.shots}

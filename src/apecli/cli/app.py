@@ -136,7 +136,9 @@ def extract(
     images: Annotated[Optional[Path], typer.Option("--images", help="Your own images: a folder per class, or a CSV of path,label[,split].")] = None,
     model: Annotated[str, typer.Option("--model", help="open_clip model name, the path of a model-config JSON, hf-hub:ORG/REPO or local-dir:PATH.")] = "RN50",
     pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip pretrained tag, a local checkpoint path, or none (ignored for hf-hub: and local-dir: models).")] = "openai",
-    shots: Annotated[str, typer.Option("--shots", help="Shot counts, comma-separated.")] = "1,2,4,8,16",
+    shots: Annotated[Optional[str], typer.Option("--shots", help="Shot counts, comma-separated (default: 1,2,4,8,16; with "
+                                                 "--images, those the smallest class can fill, and its count if under 16).",
+                                                 show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the few-shot sampling and augmentation.")] = 1,
     views: Annotated[int, typer.Option("--views", help="Augmented views per training image.")] = 10,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="CuPL-style JSON: class name → sentences.")] = None,
@@ -155,11 +157,12 @@ def extract(
     from apecli import datasets
     from apecli.encoder import EncoderSpec
     from apecli.distributed import join, leave
-    from apecli.extract import ExtractSettings, extract as run_extract
+    from apecli.extract import PROTOCOL_SHOTS, ExtractSettings, extract as run_extract, fitting_shots
 
     if dataset is None and images is None:
         raise ApecliError("give --dataset NAME (a CoOp benchmark under --root) or --images DIR|CSV")
-    settings = ExtractSettings(_integers(shots, "--shots"), seed, views, batch_size, workers, chunk_images, skip_bad, decode)
+    counts = _integers(shots, "--shots") if shots is not None else PROTOCOL_SHOTS
+    settings = ExtractSettings(counts, seed, views, batch_size, workers, chunk_images, skip_bad, decode)
     spec = EncoderSpec(model, pretrained, device, precision)
     if decode == "gpu" and not spec.resolved_device().startswith("cuda"):
         raise ApecliError("--decode gpu needs a CUDA device (this run's device is cpu); use --decode pil")
@@ -167,6 +170,10 @@ def extract(
         read = datasets.read_image_list if images.suffix.lower() == ".csv" else datasets.read_image_folder
         source = read(images, seed)
         source = replace(source, name=dataset) if dataset else source
+        if shots is None and fitting_shots(source) != counts:  # a handful of images per class
+            settings = replace(settings, shots=fitting_shots(source))
+            console.print(f"shots {','.join(map(str, settings.shots))}: the smallest class has "
+                          f"{max(settings.shots)} training images (--shots sets others)")
     else:
         source = datasets.read_coop(dataset, root)
     sentences = datasets.read_prompts(prompts, source.class_names, allow_missing_prompts) if prompts else None
