@@ -345,6 +345,10 @@ def test_own_folders_and_csv_lists(tmp_path):
     for part in ("train", "val", "test"):
         image_folder(tmp_path / "split" / part, classes=2, per_class=2)
     assert len(read_image_folder(tmp_path / "split").splits["test"]) == 4
+    image_folder(tmp_path / "few", classes=2, per_class=3)  # 2 / 1 / 0: no test image
+    with pytest.raises(ApecliError, match="few: too few images to split 50% / 20% / 30% per class \\(the test split "
+                                          "would be empty; the smallest class has 3\\): lay them out as train/"):
+        read_image_folder(tmp_path / "few")
     rows = ["path,label,split"] + [f"flat/class_{c}/{i}.jpg,class_{c},{'train' if i < 6 else 'test' if i < 8 else 'val'}"
                                    for c in range(2) for i in range(10)]
     (tmp_path / "list.csv").write_text("\n".join(rows))

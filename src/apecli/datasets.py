@@ -239,7 +239,8 @@ def _images_in(directory: Path) -> list[Path]:
 RATIOS = (0.5, 0.2, 0.3)  # train, val, test: how a folder or list without splits is divided per class
 
 
-def _split_by_ratio(groups: list[list[Path]], seed: int) -> dict[str, tuple[tuple[Path, int], ...]]:
+def _split_by_ratio(groups: list[list[Path]], seed: int, source: Path) -> dict[str, tuple[tuple[Path, int], ...]]:
+    """Each class's images shuffled (seeded) and divided by RATIOS; refused where a split would be empty."""
     splits: dict[str, list[tuple[Path, int]]] = {"train": [], "val": [], "test": []}
     for label, paths in enumerate(groups):
         shuffled = sorted(paths)
@@ -249,6 +250,11 @@ def _split_by_ratio(groups: list[list[Path]], seed: int) -> dict[str, tuple[tupl
         parts = (shuffled[:n_train], shuffled[n_train : n_train + n_val], shuffled[n_train + n_val :])
         for name, part in zip(splits, parts):
             splits[name] += [(p, label) for p in part]
+    empty = [name for name, entries in splits.items() if not entries]
+    if empty:
+        raise ApecliError(f"{source}: too few images to split {' / '.join(f'{r:.0%}' for r in RATIOS)} per class (the "
+                          f"{empty[0]} split would be empty; the smallest class has {min(map(len, groups))}): lay them "
+                          "out as train/, val/ and test/ folders, or list them in a CSV with a split column")
     return {name: tuple(entries) for name, entries in splits.items()}
 
 
@@ -275,7 +281,7 @@ def read_image_folder(directory: str | Path, seed: int = 1) -> ImageDataset:
     if len(names) < 2:
         raise ApecliError(f"{directory}: expected a folder per class (found {len(names)})")
     groups = [_images_in(directory / name) for name in names]
-    return ImageDataset(directory.name, directory, tuple(names), _split_by_ratio(groups, seed),
+    return ImageDataset(directory.name, directory, tuple(names), _split_by_ratio(groups, seed, directory),
                         notes=(f"split per class by seeded ratios {RATIOS} (seed {seed})",))
 
 
@@ -312,7 +318,7 @@ def read_image_list(csv_file: str | Path, seed: int = 1) -> ImageDataset:
     groups: list[list[Path]] = [[] for _ in names]
     for row in rows:
         groups[index[row["label"]]].append(resolve(row["path"]))
-    return ImageDataset(csv_file.stem, csv_file.parent, tuple(names), _split_by_ratio(groups, seed), split_file=csv_file,
+    return ImageDataset(csv_file.stem, csv_file.parent, tuple(names), _split_by_ratio(groups, seed, csv_file), split_file=csv_file,
                         notes=(f"split per class by seeded ratios {RATIOS} (seed {seed})",))
 
 

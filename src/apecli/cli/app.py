@@ -172,8 +172,9 @@ def extract(
         source = replace(source, name=dataset) if dataset else source
         if shots is None and fitting_shots(source) != counts:  # a handful of images per class
             settings = replace(settings, shots=fitting_shots(source))
-            console.print(f"shots {','.join(map(str, settings.shots))}: the smallest class has "
-                          f"{max(settings.shots)} training images (--shots sets others)")
+            fewest = max(settings.shots)
+            console.print(f"shots {','.join(map(str, settings.shots))}: the smallest class has {fewest} training "
+                          f"image{'s' if fewest > 1 else ''} (--shots sets others)")
     else:
         source = datasets.read_coop(dataset, root)
     sentences = datasets.read_prompts(prompts, source.class_names, allow_missing_prompts) if prompts else None
