@@ -345,6 +345,11 @@ def test_own_folders_and_csv_lists(tmp_path):
     for part in ("train", "val", "test"):
         image_folder(tmp_path / "split" / part, classes=2, per_class=2)
     assert len(read_image_folder(tmp_path / "split").splits["test"]) == 4
+    image_folder(tmp_path / "partial" / "train", classes=2, per_class=2)
+    image_folder(tmp_path / "partial" / "test", classes=2, per_class=2)
+    with pytest.raises(ApecliError, match="partial: has train/ but no val/ folder \\(hyperparameters are chosen on val/\\); "
+                                          "or put the class folders directly in it"):
+        read_image_folder(tmp_path / "partial")
     image_folder(tmp_path / "few", classes=2, per_class=3)  # 2 / 1 / 0: no test image
     with pytest.raises(ApecliError, match="few: too few images to split 50% / 20% / 30% per class \\(the test split "
                                           "would be empty; the smallest class has 3\\): lay them out as train/"):

@@ -268,7 +268,9 @@ def read_image_folder(directory: str | Path, seed: int = 1) -> ImageDataset:
         splits = {}
         for part in ("train", "val", "test"):
             if not (directory / part).is_dir():
-                raise ApecliError(f"{directory}: has train/ but no {part}/ folder")
+                raise ApecliError(f"{directory}: has train/ but no {part}/ folder (" + (
+                    "hyperparameters are chosen on val/" if part == "val" else "accuracy is measured on test/")
+                    + "); or put the class folders directly in it, to be split 50 / 20 / 30")
             unknown = sorted({p.name for p in (directory / part).iterdir() if p.is_dir()} - set(names))
             if unknown:
                 raise ApecliError(f"{directory}/{part}: classes not in train/: {', '.join(unknown)}")
