@@ -154,3 +154,19 @@ def test_a_proker_cell_of_its_earlier_regression_is_computed_again_and_replaced(
     assert [(row["mode"], row["test_accuracy"]) for row in again] == [("zero-shot", rows[0]["test_accuracy"]),
                                                                       ("proker", rows[1]["test_accuracy"])]
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == again
+
+
+def test_without_shots_bench_takes_those_every_feature_set_holds(two_stores, tmp_path):
+    extra = synthetic_features(num_classes=5, dim=24, shots=(2, 4), seed=7, dataset="gamma")
+    save_features(extra, store.in_store(two_stores, "gamma", "features"))
+    artifacts = bench.find_features([two_stores])
+    assert bench.common_shots(artifacts) == (4,)  # alpha and beta hold 1 and 4, gamma 2 and 4
+    result = runner.invoke(app, ["bench", "--store", str(two_stores), "--modes", "zero-shot", "--out", str(tmp_path / "out"),
+                                 "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert {row["shots"] for row in json.loads(result.stdout)["rows"]} == {4}
+    assert "shots 4: those every feature set holds" in result.stderr
+    only_two = synthetic_features(num_classes=5, dim=24, shots=(2,), seed=8, dataset="delta")
+    save_features(only_two, store.in_store(two_stores, "delta", "features"))
+    assert_one_line_error(runner.invoke(app, ["bench", "--store", str(two_stores), "--out", str(tmp_path / "other")]),
+                          "the feature sets hold no shot count in common: bench them in separate runs")

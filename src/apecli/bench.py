@@ -56,6 +56,15 @@ def find_features(paths: Iterable[Path]) -> list[store.Artifact]:
     return sorted(found.values(), key=lambda a: (a.metadata.get("dataset") or "", str(a.path)))
 
 
+def common_shots(artifacts: Sequence[store.Artifact]) -> tuple[int, ...]:
+    """The shot counts that every one of the feature sets holds."""
+    held = [set(artifact.metadata.get("shots") or ()) for artifact in artifacts]
+    common = set.intersection(*held) if held else set()
+    if not common:
+        raise ApecliError("the feature sets hold no shot count in common: bench them in separate runs, or give --shots")
+    return tuple(sorted(common))
+
+
 def _model_name(artifact: store.Artifact) -> str:
     model = artifact.metadata.get("model", {})
     return str(model.get("name") or model.get("model") or "unknown")
