@@ -237,6 +237,7 @@ def _images_in(directory: Path) -> list[Path]:
 
 
 RATIOS = (0.5, 0.2, 0.3)  # train, val, test: how a folder or list without splits is divided per class
+RATIOS_TEXT = " / ".join(f"{ratio:.0%}" for ratio in RATIOS)
 
 
 def _split_by_ratio(groups: list[list[Path]], seed: int, source: Path) -> dict[str, tuple[tuple[Path, int], ...]]:
@@ -252,7 +253,7 @@ def _split_by_ratio(groups: list[list[Path]], seed: int, source: Path) -> dict[s
             splits[name] += [(p, label) for p in part]
     empty = [name for name, entries in splits.items() if not entries]
     if empty:
-        raise ApecliError(f"{source}: too few images to split {' / '.join(f'{r:.0%}' for r in RATIOS)} per class (the "
+        raise ApecliError(f"{source}: too few images to split {RATIOS_TEXT} per class (the "
                           f"{empty[0]} split would be empty; the smallest class has {min(map(len, groups))}): lay them "
                           "out as train/, val/ and test/ folders, or list them in a CSV with a split column")
     return {name: tuple(entries) for name, entries in splits.items()}
@@ -270,7 +271,7 @@ def read_image_folder(directory: str | Path, seed: int = 1) -> ImageDataset:
             if not (directory / part).is_dir():
                 raise ApecliError(f"{directory}: has train/ but no {part}/ folder (" + (
                     "hyperparameters are chosen on val/" if part == "val" else "accuracy is measured on test/")
-                    + "); or put the class folders directly in it, to be split 50 / 20 / 30")
+                    + f"); or put the class folders directly in it, to be split {RATIOS_TEXT}")
             unknown = sorted({p.name for p in (directory / part).iterdir() if p.is_dir()} - set(names))
             if unknown:
                 raise ApecliError(f"{directory}/{part}: classes not in train/: {', '.join(unknown)}")

@@ -170,11 +170,11 @@ def extract(
         read = datasets.read_image_list if images.suffix.lower() == ".csv" else datasets.read_image_folder
         source = read(images, seed)
         source = replace(source, name=dataset) if dataset else source
-        if shots is None and fitting_shots(source) != counts:  # a handful of images per class
-            settings = replace(settings, shots=fitting_shots(source))
-            fewest = max(settings.shots)
-            console.print(f"shots {','.join(map(str, settings.shots))}: the smallest class has {fewest} training "
-                          f"image{'s' if fewest > 1 else ''} (--shots sets others)")
+        fitting = fitting_shots(source)
+        if shots is None and fitting != counts:  # a handful of images per class
+            settings = replace(settings, shots=fitting)
+            console.print(f"shots {','.join(map(str, fitting))}: the smallest class has {max(fitting)} training "
+                          f"image{'s' if max(fitting) > 1 else ''} (--shots sets others)")
     else:
         source = datasets.read_coop(dataset, root)
     sentences = datasets.read_prompts(prompts, source.class_names, allow_missing_prompts) if prompts else None
