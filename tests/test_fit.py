@@ -316,3 +316,16 @@ def test_a_damaged_adapter_is_refused_in_one_line(tmp_path, name, damage, messag
         handle.create_dataset(name, data=damage(array)).attrs.update(attrs)
     with pytest.raises(ApecliError, match=message):
         load_fit(path)
+
+
+def test_a_fit_without_validation_images_is_refused():
+    from apecli.baselines import TipAdapterFSettings, evaluate_tip_adapter_f
+    from apecli.features import LabelledFeatures
+
+    features = synthetic_features(num_classes=4, dim=16, shots=(2,), val_per_class=2, test_per_class=2, views=2)
+    empty = replace(features, splits={**features.splits, "val": LabelledFeatures(np.zeros((0, 16), np.float32),
+                                                                                 np.zeros(0, np.int64))})
+    for training in (lambda: fit(empty, FitSettings(epochs=1)),
+                     lambda: evaluate_tip_adapter_f(empty, settings=TipAdapterFSettings(epochs=1))):
+        with pytest.raises(ApecliError, match="the validation split is empty; training chooses its epoch on it"):
+            training()

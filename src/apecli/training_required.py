@@ -139,8 +139,6 @@ def fit(features: FeatureSet, settings: FitSettings = FitSettings(), progress: E
     settings = settings.resolve(features)
     shots, cache = features.cache(settings.shots)
     val = features.split("val")
-    if val.labels.shape[0] == 0:
-        raise ApecliError(f"{features.name}: the validation split is empty; APE-T chooses its epoch on it")
     channels = top_channels(channel_criterion(features.classifier, cache.keys, cache.labels, settings.weights), settings.k)
     samples, trained_on_views = training_samples(features, shots)
     torch.manual_seed(settings.seed)
