@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one run: the CUDA tests, the extraction throughput of ViT-B-16
-# (random weights) on 4,096 generated JPEGs, PIL against GPU decoding, then the search and APE-T's
-# training at ImageNet's shape on the GPU against the CPU.
+# (random weights) on 4,096 generated JPEGs, PIL against GPU decoding, then the search, APE-T's
+# training and ProKeR's search at ImageNet's shape on the GPU against the CPU.
 #
 #   bash benchmarks/gpu.sh [OUTPUT_FOLDER]          # default: gpu-results; PYTHON=... to pick the interpreter
 #

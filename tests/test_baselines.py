@@ -125,6 +125,20 @@ def test_proker_equals_its_closed_form_solved_directly(features, block_bytes, mo
     assert result.test_accuracy == 100 * correct(test.features, test.labels, betas[b], baselines.PROKER_LAMBDAS[l]) / 72
 
 
+def test_proker_counts_the_same_through_the_eigendecomposition_a_gpu_takes(features, monkeypatch):
+    """On a GPU the kernel is decomposed by torch, on the CPU by numpy: both give every setting's count."""
+    import torch
+
+    regression = baselines.ProkerSupport.of(features, 4)
+    val = features.split("val")
+    betas = [0.1 + i * 6.9 / baselines.PROKER_BETAS for i in range(baselines.PROKER_BETAS)]
+    by_numpy = baselines.proker_counts(regression, val.features, val.labels, betas, baselines.PROKER_LAMBDAS)
+    monkeypatch.setattr(baselines, "_symmetric_eigh", torch.linalg.eigh)
+    by_torch = baselines.proker_counts(regression, val.features, val.labels, betas, baselines.PROKER_LAMBDAS)
+    assert len(np.unique(by_numpy)) > 3  # the settings differ, so equal counts check something
+    np.testing.assert_array_equal(by_torch, by_numpy)
+
+
 @pytest.mark.parametrize("mode, keys", [("tip-adapter", {"alpha", "beta"}), ("tip-adapter-f", {"alpha", "beta", "best_epoch"}),
                                         ("gda", {"alpha"}), ("proker", {"beta", "lambda"})])
 def test_every_baseline_on_the_command_line(features, tmp_path, mode, keys):

@@ -15,7 +15,7 @@ from apecli import store
 from apecli.cli import app
 from apecli.devices import torch_device
 from apecli.errors import ApecliError
-from apecli.evaluate import evaluate_training_free, evaluate_training_required
+from apecli.evaluate import evaluate_artifact, evaluate_training_free, evaluate_training_required
 from apecli.features import save_features
 from apecli.refine import select_channels
 from apecli.synthetic import synthetic_features
@@ -92,6 +92,7 @@ def test_evaluations_and_fits_record_where_they_ran(tmp_path):
     data = save_features(features(1), tmp_path / "f.h5")
     evaluation = evaluate_training_free(data, select_channels(data, k=16), GRID, device="cpu")
     assert evaluation.summary()["device"] == "cpu"
+    assert evaluate_artifact(data.artifact, "proker", None, GRID, device="cpu").summary()["device"] == "cpu"
     fitted = save_fit(fit(data, FitSettings(epochs=2), device="cpu"), data, tmp_path / "fit.h5")
     assert fitted.artifact.metadata["device"] == "cpu"
     assert evaluate_training_required(data, fitted, GRID).summary()["device"] == "cpu"

@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from apecli import store
+from apecli.baselines import PROKER_BETAS, PROKER_LAMBDAS, ProkerSupport, proker_counts
 from apecli.cli import app
 from apecli.datasets import read_coop
 from apecli.encoder import load_encoder
@@ -108,6 +109,21 @@ def test_the_search_on_the_gpu_counts_what_the_cpu_counts_on_real_features():
     np.testing.assert_array_equal(on_gpu.correct, on_cpu.correct)
 
 
+def test_proker_on_the_gpu_counts_what_the_cpu_counts_on_real_features():
+    folder = real_dataset("caltech101")
+    features = import_tip_adapter(folder, folder / "proxy_text_weights.pt", "caltech101")
+    regression = ProkerSupport.of(features, 16)
+    val = features.split("val")
+    betas = [0.1 + i * 6.9 / PROKER_BETAS for i in range(PROKER_BETAS)]
+    on_cpu, on_gpu = (proker_counts(regression, val.features, val.labels, betas, PROKER_LAMBDAS, device=device)
+                      for device in ("cpu", "cuda"))
+    print(f"caltech101, ProKeR: settings counted differently on the GPU: {int((on_cpu != on_gpu).sum())} of "
+          f"{on_cpu.size}, by at most {int(np.abs(on_cpu - on_gpu).max())}; the same choice: "
+          f"{np.argmax(on_gpu) == np.argmax(on_cpu)}")
+    assert np.abs(on_gpu - on_cpu).max() <= 1  # cuSOLVER's eigenvectors round otherwise than LAPACK's
+    assert on_cpu.flat[np.argmax(on_gpu)] >= on_cpu.max() - 1  # three settings trail the best by one image
+
+
 def test_a_fit_on_the_gpu_is_the_same_twice_and_close_to_the_cpus():
     features = synthetic_features(num_classes=20, dim=64, shots=(16,), val_per_class=30, test_per_class=1,
                                   informative=1.0, text_noise=2.0, image_noise=1.5, view_noise=3.0, views=4, seed=0)
@@ -139,6 +155,7 @@ def test_eval_and_fit_on_the_gpu_from_the_command_line(tmp_path):
 
     assert run("eval", str(path), "--mode", "training-free")["device"] == "cuda"
     assert run("eval", str(path), "--mode", "tip-adapter-f")["device"] == "cuda"
+    assert run("eval", str(path), "--mode", "proker")["device"] == "cuda"
     fitted = run("fit", str(path), "--epochs", "3")
     assert fitted["device"] == "cuda"
     adapter = next((tmp_path / "s").rglob("fit-*.h5"))

@@ -14,15 +14,18 @@ with the chosen ones. The formulas, in the papers' terms, are in docs/methods.md
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from apecli.evaluate import Evaluation, default_grid, percent, scored
 from apecli.features import FeatureSet
 from apecli.training import EpochProgress, check_training, reproducible, train, training_samples
-from apecli.training_free import (CacheModel, Progress, SearchGrid, by_blocks, class_sums, predicted, row_blocks,
-                                  search_device)
+from apecli.training_free import (CacheModel, Progress, SearchGrid, by_blocks, class_sums, device_block_bytes,
+                                  predicted, row_blocks, search_device)
+
+if TYPE_CHECKING:
+    import torch
 
 GDA_ALPHAS = tuple(10.0**i for i in range(-4, 5))
 PROKER_LAMBDAS = tuple(10.0 ** (i / 2) for i in range(-10, 5))  # 1e-5 … 1e2, half a decade apart
@@ -172,9 +175,13 @@ class ProkerSupport:
     @classmethod
     def of(cls, features: FeatureSet, shots: int) -> "ProkerSupport":
         _, cache = features.cache(shots)
-        text = features.classifier.astype(np.float64)
-        support = cache.keys.astype(np.float64)
-        return cls(text, support, np.eye(features.num_classes)[cache.labels] - support @ text.T)
+        return cls.on(features.classifier, cache.keys, cache.labels)
+
+    @classmethod
+    def on(cls, text: np.ndarray, keys: np.ndarray, labels: np.ndarray) -> "ProkerSupport":
+        """The regression on cache ``keys`` of ``labels``, with the text classifier ``text`` (C × D)."""
+        text, support = text.astype(np.float64), keys.astype(np.float64)
+        return cls(text, support, np.eye(text.shape[0])[labels] - support @ text.T)
 
     def base(self, x: np.ndarray) -> np.ndarray:
         """f₀: CLIP's zero-shot logits, the cosines x Wᵀ."""
@@ -196,38 +203,81 @@ class ProkerSupport:
         return lambda x: by_blocks(x, self.support.shape[0], predict)
 
 
+def proker_counts(regression: ProkerSupport, x: np.ndarray, labels: np.ndarray, betas: Sequence[float],
+                  lambdas: Sequence[float], progress: Progress | None = None,
+                  device: "torch.device | str | None" = None) -> np.ndarray:
+    """The correct predictions of ``x`` (β × λ) with every (β, λ), in float64 on ``device`` (the CPU by
+    default).
+
+    One eigendecomposition K = Q diag(Λ) Qᵀ per β serves every λ: the coefficients (K/λ + I)⁻¹ R are
+    Q diag(λ / (Λ + λ)) Qᵀ R, kept for all λ together (M × λ·C), so that each block of images takes one
+    kernel and one product.
+    """
+    import torch
+
+    on = search_device(device)
+
+    def tensor(array: np.ndarray) -> "torch.Tensor":
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).to(on)
+
+    support, residual = tensor(regression.support), tensor(regression.residual)
+    x, target = tensor(x), torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(on)
+    prior = x @ tensor(regression.text).T
+    shrinkage = tensor(np.asarray(lambdas))[:, None]  # λ × 1
+    keys, classes = residual.shape
+    width = len(lambdas) * classes
+    blocks = row_blocks(x.shape[0], max(keys, width), None if on.type == "cpu" else device_block_bytes(on))
+    correct = torch.zeros((len(betas), len(lambdas)), dtype=torch.int64, device=on)
+    coefficients = torch.empty((keys, len(lambdas), classes), dtype=torch.float64, device=on)
+    flat = coefficients.view(keys, width)  # column l·C + c: λ_l, class c
+    for b, beta in enumerate(betas):
+        kernel = support @ support.T  # K = exp(−β(1 − S Sᵀ)), in place: at M = 16,000 each M × M array is 2 GB
+        eigenvalues, vectors = _symmetric_eigh(kernel.sub_(1.0).mul_(beta).exp_())
+        del kernel
+        factors = shrinkage / (eigenvalues.clamp(min=0.0) + shrinkage)  # K is positive semi-definite; rounding is not
+        projected = vectors.T @ residual  # M × C, in K's eigenbasis
+        for l in range(len(lambdas)):
+            coefficients[:, l] = vectors @ (factors[l, :, None] * projected)
+        del vectors
+        for block in blocks:
+            scores = torch.exp(-beta * (1.0 - x[block] @ support.T)) @ flat
+            scores = scores.view(-1, len(lambdas), classes) + prior[block, None, :]
+            correct[b] += (scores.argmax(dim=2) == target[block, None]).sum(dim=0)  # first of equal scores
+        if progress is not None:
+            progress(b + 1, len(betas))
+    return correct.cpu().numpy()
+
+
+def _symmetric_eigh(matrix: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Eigenvalues and eigenvectors of a symmetric matrix: through numpy's LAPACK on the CPU, where it ran
+    faster than torch's, and through torch (cuSOLVER) on a GPU."""
+    import torch
+
+    if matrix.device.type != "cpu":
+        return torch.linalg.eigh(matrix)
+    eigenvalues, vectors = np.linalg.eigh(matrix.numpy())
+    return torch.from_numpy(eigenvalues), torch.from_numpy(vectors)
+
+
 def evaluate_proker(features: FeatureSet, shots: int | None = None, grid: SearchGrid | None = None,
-                    progress: Progress | None = None) -> Evaluation:
-    """ProKeR: kernel ridge regression of the residual Y − f₀(S) on the cache; β × λ on validation.
+                    progress: Progress | None = None, device: str | None = None) -> Evaluation:
+    """ProKeR: kernel ridge regression of the residual Y − f₀(S) on the cache; β × λ searched on
+    validation (on ``device``, the CPU by default; the test predictions at the chosen setting on the CPU).
 
     f₀ is CLIP's zero-shot logits x Wᵀ (cosines), the kernel exp(−β(1 − x·s)), and the regression's
     coefficients (K/λ + I)⁻¹(Y − f₀(S)), as the authors' released code computes them.
     """
+    on = search_device(device)
     shots, _ = features.cache(shots)
     grid = grid or default_grid(features)
     betas = SearchGrid(grid.scale, (PROKER_BETAS, 1, 1), (grid.fixed[0], None, None)).betas
     lambdas = np.array(PROKER_LAMBDAS)
     regression = ProkerSupport.of(features, shots)
-    support = regression.support
     val, test = features.split("val"), features.split("test")
-    x_val = val.features.astype(np.float64)
-    prior = regression.base(x_val)
-    val_correct = np.zeros((len(betas), len(lambdas)), dtype=np.int64)
-    for b, beta in enumerate(betas):
-        # One eigendecomposition of K serves every λ: (K/λ + I)⁻¹ = Q diag(λ / (Λ + λ)) Qᵀ.
-        eigenvalues, vectors = np.linalg.eigh(regression.kernel(support, beta))
-        eigenvalues = np.clip(eigenvalues, 0.0, None)  # K is positive semi-definite; rounding is not
-        projected = vectors.T @ regression.residual  # M × C
-        for block in row_blocks(x_val.shape[0], support.shape[0]):  # images × keys arrays stay small
-            kernel = regression.kernel(x_val[block], beta) @ vectors  # rows × M, in K's eigenbasis
-            for l, lam in enumerate(lambdas):
-                predictions = np.argmax(prior[block] + (kernel * (lam / (eigenvalues + lam))) @ projected, axis=1)
-                val_correct[b, l] += int((predictions == val.labels[block]).sum())
-        if progress is not None:
-            progress(b + 1, len(betas))
+    val_correct = proker_counts(regression, val.features, val.labels, betas, lambdas, progress, on)
     b, l = np.unravel_index(int(np.argmax(val_correct)), val_correct.shape)
     predict = regression.predictor(betas[b], lambdas[l])
     chosen = predicted(predict(test.features.astype(np.float64)))
     return scored("proker", features, shots, percent(int(val_correct[b, l]), val.labels.shape[0]), chosen,
-                  beta=float(betas[b]), **{"lambda": float(lambdas[l]), "formula": PROKER_FORMULA},
+                  beta=float(betas[b]), **{"lambda": float(lambdas[l]), "formula": PROKER_FORMULA}, device=on.type,
                   **({"given": {"beta": grid.given["beta"]}} if "beta" in grid.given else {}))

@@ -212,7 +212,7 @@ def evaluate_artifact(
     mode on a refinement uses the cache it was made from; training-required needs an adapter. Values
     fixed in ``grid`` (:meth:`SearchGrid.fixing`) replace the search of their axis; a mode refuses one it
     does not have (GIVEN). ``device`` (the CPU by default) runs the searches of the modes that have one,
-    and Tip-Adapter-F's training; zero-shot, GDA and ProKeR compute on the CPU.
+    ProKeR's included, and Tip-Adapter-F's training; zero-shot and GDA compute on the CPU.
     """
     from apecli.features import load_features
     from apecli.refine import load_refinement, select_channels
@@ -261,7 +261,7 @@ def evaluate_artifact(
             return baselines.evaluate_tip_adapter_f(features, shots, grid, device=device)
         if mode == "gda":
             return baselines.evaluate_gda(features, shots, grid)
-        return baselines.evaluate_proker(features, shots, grid, progress)
+        return baselines.evaluate_proker(features, shots, grid, progress, device)
     if refinement is None:
         refinement = select_channels(features, shots=shots)
     return evaluate_training_free(features, refinement, grid, progress, device)

@@ -229,10 +229,10 @@ def class_sums(per_key: torch.Tensor, key_labels: torch.Tensor, num_classes: int
     return per_key.new_zeros((per_key.shape[0], num_classes)).index_add(1, key_labels, per_key)
 
 
-def row_blocks(count: int, width: int) -> list[slice]:
-    """Consecutive slices of ``count`` rows, each block's rows × ``width`` float64 array within BLOCK_BYTES
-    (so that an image × key product never holds all images at once)."""
-    rows = max(1, BLOCK_BYTES // (8 * max(width, 1)))
+def row_blocks(count: int, width: int, block_bytes: int | None = None) -> list[slice]:
+    """Consecutive slices of ``count`` rows, each block's rows × ``width`` float64 array within
+    ``block_bytes`` (BLOCK_BYTES by default), so that an image × key product never holds all images at once."""
+    rows = max(1, (BLOCK_BYTES if block_bytes is None else block_bytes) // (8 * max(width, 1)))
     return [slice(start, start + rows) for start in range(0, max(count, 1), rows)]
 
 
