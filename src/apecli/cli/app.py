@@ -545,8 +545,7 @@ def verify(
     store_option: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
-    """Hash each artifact's contents again, and its ancestors', against their content ids: finds files
-    edited in place or damaged."""
+    """Hash each artifact and its ancestors again against their content ids: files edited or damaged."""
     piped = None if sources else piped_input(ARTIFACT_KINDS)
     artifacts, unreadable = [piped] if piped else [], []
     for source in sources or ([] if piped else [store_option]):
