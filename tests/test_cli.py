@@ -285,6 +285,7 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("refine", "--k", "many"), "apecli: error: Invalid value for '--k'"),
     (("eval", "--shots", "0"), "apecli: error: Invalid value for '--shots'"),
+    (("eval", "--val-shots", "0"), "apecli: error: Invalid value for '--val-shots'"),
     (("frob",), "apecli: error: No such command 'frob'"),
 ])
 def test_a_mistyped_command_line_is_one_line_too(tmp_path, args, message):

@@ -23,7 +23,7 @@ from apecli.evaluate import MODES, Evaluation, evaluate_artifact
 from apecli.features import TEST_SET_HINT
 from apecli.files import replacing
 
-COLUMNS = ("dataset", "model", "shots", "mode", "val_accuracy", "test_accuracy", "test_class_accuracy",
+COLUMNS = ("dataset", "model", "shots", "mode", "val_shots", "val_accuracy", "test_accuracy", "test_class_accuracy",
            "zero_shot_accuracy", "alpha", "beta", "gamma", "lambda", "best_epoch", "seconds", "device", "features",
            "content_id")
 CellProgress = Callable[[dict[str, Any], bool], None]  # the row, and whether it was already done
@@ -102,6 +102,7 @@ def _row(artifact: store.Artifact, shots: int, mode: str, evaluation: Evaluation
         "model": _model_name(artifact),
         "shots": shots,
         "mode": mode,
+        "val_shots": summary.get("val_shots"),  # validation images per class it chose on (None: the whole split)
         **{key: summary.get(key) for key in ("val_accuracy", "test_accuracy", "test_class_accuracy", "zero_shot_accuracy",
                                              "alpha", "beta", "gamma", "lambda", "best_epoch")},
         **({"formula": summary["formula"]} if "formula" in summary else {}),
@@ -119,9 +120,11 @@ def run_bench(
     out: Path,
     progress: CellProgress | None = None,
     device: str | None = None,
+    val_shots: int | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every cell not yet in ``out``'s results, searching and training on ``device`` (the CPU by
-    default); return all results."""
+    default), choosing on ``val_shots`` validation images per class (None: the whole split); return all
+    results."""
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
         raise ApecliError(f"unknown mode '{unknown[0]}'; choose among {', '.join(MODES)}")
@@ -139,12 +142,13 @@ def run_bench(
     for artifact in artifacts:
         for count in shots:
             for mode in modes:
-                if (artifact.content_id, count, mode) in done:
+                cell = (artifact.content_id, count, mode, val_shots)
+                if cell in done:
                     if progress is not None:
-                        progress(done[artifact.content_id, count, mode], True)
+                        progress(done[cell], True)
                     continue
                 start = time.perf_counter()
-                evaluation = _evaluate(artifact, mode, count, device)
+                evaluation = _evaluate(artifact, mode, count, device, val_shots)
                 row = _row(artifact, count, mode, evaluation, time.perf_counter() - start)
                 rows = [kept for kept in rows if _cell(kept) != _cell(row)] + [row]  # replaces an outdated cell
                 write_results(out, rows)
@@ -153,8 +157,8 @@ def run_bench(
     return rows
 
 
-def _cell(row: dict[str, Any]) -> tuple[str, int, str]:
-    return row["content_id"], row["shots"], row["mode"]
+def _cell(row: dict[str, Any]) -> tuple[str, int, str, int | None]:
+    return row["content_id"], row["shots"], row["mode"], row.get("val_shots")
 
 
 def _current(row: dict[str, Any]) -> bool:
@@ -163,15 +167,16 @@ def _current(row: dict[str, Any]) -> bool:
     return row["mode"] != "proker" or row.get("formula") == PROKER_FORMULA
 
 
-def _evaluate(artifact: store.Artifact, mode: str, shots: int, device: str | None) -> Evaluation:
+def _evaluate(artifact: store.Artifact, mode: str, shots: int, device: str | None, val_shots: int | None) -> Evaluation:
     if mode != "training-required":
-        return evaluate_artifact(artifact, mode, shots, device=device)
-    from apecli.evaluate import evaluate_training_required
+        return evaluate_artifact(artifact, mode, shots, device=device, val_shots=val_shots)
+    from apecli.evaluate import evaluate_training_required, recorded
     from apecli.features import load_features
     from apecli.training_required import FitSettings, fit
 
     features = load_features(artifact)
-    return evaluate_training_required(features, fit(features, FitSettings(shots=shots), device=device), device=device)
+    fitted = fit(features, FitSettings(shots=shots, val_shots=val_shots), device=device)
+    return recorded(evaluate_training_required(features.with_validation_shots(val_shots), fitted, device=device), val_shots)
 
 
 def _panel(row: dict[str, Any]) -> str:

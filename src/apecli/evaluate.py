@@ -7,7 +7,7 @@ dispatches a stored artifact to the right one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -205,6 +205,7 @@ def evaluate_artifact(
     grid: SearchGrid | None = None,
     progress: Progress | None = None,
     device: str | None = None,
+    val_shots: int | None = None,
 ) -> Evaluation:
     """Evaluate a features, refinement or adapter artifact in ``mode``.
 
@@ -213,6 +214,9 @@ def evaluate_artifact(
     fixed in ``grid`` (:meth:`SearchGrid.fixing`) replace the search of their axis; a mode refuses one it
     does not have (GIVEN). ``device`` (the CPU by default) runs the searches of the modes that have one,
     ProKeR's included, and Tip-Adapter-F's training; zero-shot and GDA compute on the CPU.
+    ``val_shots`` chooses on that many validation images per class
+    (:meth:`FeatureSet.with_validation_shots`) instead of the whole split, and is recorded; an adapter is
+    evaluated on the validation images it was fitted with.
     """
     from apecli.features import load_features
     from apecli.refine import load_refinement, select_channels
@@ -240,7 +244,12 @@ def evaluate_artifact(
     if artifact.kind == "adapter":
         fitted, features = load_fit(artifact)
         _check_shots(artifact, fitted.adapter.shots, shots)
-        return evaluate_training_required(features, fitted, grid, progress, device)
+        if val_shots is not None and val_shots != fitted.settings.val_shots:
+            raise ApecliError(f"{artifact.path}: was fitted on {validation_images(fitted.settings.val_shots)}, "
+                              f"where it chose its epoch; evaluate it on the same, or fit again with --val-shots {val_shots}")
+        val_shots = fitted.settings.val_shots
+        features = features.with_validation_shots(val_shots)
+        return recorded(evaluate_training_required(features, fitted, grid, progress, device), val_shots)
     refinement = None
     if artifact.kind == "refinement":
         refinement, features = load_refinement(artifact)
@@ -250,21 +259,34 @@ def evaluate_artifact(
         features = load_features(artifact)
     else:
         raise ApecliError(f"{artifact.path}: is an artifact of kind '{artifact.kind}'; eval reads features, a refinement or an adapter")
+    features = features.with_validation_shots(val_shots)
     if mode == "zero-shot":
-        return evaluate_zero_shot(features)
+        return recorded(evaluate_zero_shot(features), val_shots)
     if mode != "training-free":
         from apecli import baselines
 
         if mode == "tip-adapter":
-            return baselines.evaluate_tip_adapter(features, shots, grid, progress, device)
-        if mode == "tip-adapter-f":
-            return baselines.evaluate_tip_adapter_f(features, shots, grid, device=device)
-        if mode == "gda":
-            return baselines.evaluate_gda(features, shots, grid)
-        return baselines.evaluate_proker(features, shots, grid, progress, device)
+            evaluation = baselines.evaluate_tip_adapter(features, shots, grid, progress, device)
+        elif mode == "tip-adapter-f":
+            evaluation = baselines.evaluate_tip_adapter_f(features, shots, grid, device=device)
+        elif mode == "gda":
+            evaluation = baselines.evaluate_gda(features, shots, grid)
+        else:
+            evaluation = baselines.evaluate_proker(features, shots, grid, progress, device)
+        return recorded(evaluation, val_shots)
     if refinement is None:
         refinement = select_channels(features, shots=shots)
-    return evaluate_training_free(features, refinement, grid, progress, device)
+    return recorded(evaluate_training_free(features, refinement, grid, progress, device), val_shots)
+
+
+def validation_images(val_shots: int | None) -> str:
+    """Which validation images a choice was made on, in words."""
+    return "the whole validation split" if val_shots is None else f"{val_shots} validation images a class"
+
+
+def recorded(evaluation: Evaluation, val_shots: int | None) -> Evaluation:
+    """``evaluation``, recording how many validation images per class it chose on when it was not all."""
+    return evaluation if val_shots is None else replace(evaluation, extra={**evaluation.extra, "val_shots": val_shots})
 
 
 def _check_shots(artifact: store.Artifact, used: int, asked: int | None) -> None:

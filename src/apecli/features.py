@@ -87,6 +87,24 @@ class FeatureSet:
             raise ApecliError(f"{self.name}: has no {name} split{self._test_set_hint()}")
         return self.splits[name]
 
+    def with_validation_shots(self, shots: int | None) -> "FeatureSet":
+        """This feature set with its validation split cut to ``shots`` images per class (every image of a
+        class that has fewer), kept in split order: hyperparameters then are chosen on as few labelled
+        images as a few-shot user has (None: the whole split, this feature set itself). The draw is
+        seeded by the feature set's few-shot seed (1 where it records none), so each few-shot draw of a
+        benchmark has its own validation draw."""
+        if shots is None:
+            return self
+        if shots < 1:
+            raise ApecliError(f"--val-shots must be at least 1, got {shots}")
+        val = self.split("val")
+        rng = np.random.default_rng(int(self.provenance.get("seed", 1)))
+        drawn = [rng.choice(rows, size=min(shots, rows.size), replace=False)
+                 for rows in (np.flatnonzero(val.labels == label) for label in range(self.num_classes))]
+        kept = np.sort(np.concatenate(drawn)) if drawn else np.zeros(0, dtype=np.int64)
+        cut = LabelledFeatures(val.features[kept], val.labels[kept], None if val.paths is None else val.paths[kept])
+        return replace(self, splits={**self.splits, "val": cut})
+
     def _test_set_hint(self) -> str:
         """What to do with a feature set that is a test split alone (ImageNet-R, …), said in a refusal."""
         return TEST_SET_HINT if set(self.splits) == {"test"} and not self.caches else ""

@@ -49,6 +49,7 @@ class FitSettings:
     init_alpha: float | None = None
     init_beta: float | None = None
     seed: int = 1
+    val_shots: int | None = None  # validation images per class the best epoch is chosen on (None: all)
 
     def resolve(self, features: FeatureSet) -> "FitSettings":
         """These settings with every default filled in for ``features``, and checked."""
@@ -137,6 +138,7 @@ def fit(features: FeatureSet, settings: FitSettings = FitSettings(), progress: E
 
     on = torch_device(device or "cpu")
     settings = settings.resolve(features)
+    features = features.with_validation_shots(settings.val_shots)
     shots, cache = features.cache(settings.shots)
     val = features.split("val")
     channels = top_channels(channel_criterion(features.classifier, cache.keys, cache.labels, settings.weights), settings.k)

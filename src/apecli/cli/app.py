@@ -16,7 +16,7 @@ from apecli import __version__, store
 from apecli.cli import progress
 from apecli.cli.io import console, emit, outline, piped_input, reports_errors, resolve_input
 from apecli.cli.options import (DEFAULT_STORE, ClassNames, ComputeDevice, Dataset, Input, Json, Model, Normalise, Shots,
-                                Store, StoreFolder, TextModel, TextPretrained, TextPrompts, TextRoot)
+                                Store, StoreFolder, TextModel, TextPretrained, TextPrompts, TextRoot, ValShots)
 from apecli.errors import ApecliError
 
 app = typer.Typer(
@@ -267,6 +267,7 @@ def evaluate(
                                                   "Tip-Adapter(-F), ProKeR).", show_default=False)] = None,
     gamma: Annotated[Optional[float], typer.Option("--gamma", help="Use this γ instead of searching it (APE).",
                                                    show_default=False)] = None,
+    val_shots: ValShots = None,
     device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
@@ -285,7 +286,7 @@ def evaluate(
     grid = SearchGrid(tuple(search_scale or preset.search_scale), tuple(search_step or preset.search_step)).fixing(
         beta=beta, alpha=alpha, gamma=gamma)
     with progress.steps(f"searching {grid.size:,} setting{'s' if grid.size != 1 else ''}") as advance:
-        evaluation = evaluate_artifact(artifact, mode, shots, grid, advance, device)
+        evaluation = evaluate_artifact(artifact, mode, shots, grid, advance, device, val_shots)
     stem = f"eval-{mode}" + (f"-{evaluation.shots}shot" if evaluation.shots else "")
     saved = save_evaluation(evaluation, [artifact], store.in_store(store_dir, evaluation.dataset, stem))
     _print_evaluation(evaluation.summary())
@@ -337,6 +338,7 @@ def fit(
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="α during training (default: the dataset's init α).")] = None,
     beta: Annotated[Optional[float], typer.Option("--beta", help="β during training (default: 1).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of view choice, shuffling and initialisation.")] = 1,
+    val_shots: ValShots = None,
     device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
@@ -346,7 +348,8 @@ def fit(
     from apecli.training_required import FitSettings, fit as train, save_fit
 
     features = load_features(resolve_input(source, store_dir, ["features"]))
-    settings = FitSettings(shots, k, w, epochs, lr, eps, weight_decay, batch_size, alpha, beta, seed).resolve(features)
+    settings = FitSettings(shots, k, w, epochs, lr, eps, weight_decay, batch_size, alpha, beta, seed,
+                           val_shots).resolve(features)
     if features.views(settings.shots) is None:
         console.print(f"no augmented views stored for {settings.shots} shots: training on the cache keys themselves")
     with progress.epochs(settings.epochs) as report:
@@ -354,7 +357,8 @@ def fit(
     result = save_fit(result, features, store.in_store(
         store_dir, features.dataset, f"fit-{settings.shots}shot-k{settings.k}-seed{settings.seed}"))
     console.print(f"best validation accuracy {result.best_val_accuracy:.2f}% at epoch {result.best_epoch} "
-                  f"of {settings.epochs} (α = {settings.init_alpha:g}, β = {settings.init_beta:g})")
+                  f"of {settings.epochs} (α = {settings.init_alpha:g}, β = {settings.init_beta:g})"
+                  + (f", on {settings.val_shots} validation images a class" if settings.val_shots else ""))
     emit(result.artifact, result.summary(), as_json)
 
 
@@ -367,6 +371,7 @@ def bench(
                                                  show_default=False)] = None,
     modes: Annotated[str, typer.Option("--modes", help="Modes, comma-separated.")] = "zero-shot,tip-adapter,training-free,gda",
     out: Annotated[Path, typer.Option("--out", help="Folder for results.json, results.csv and the plot.")] = Path("results"),
+    val_shots: ValShots = None,
     device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
@@ -382,11 +387,12 @@ def bench(
         took = "done before" if skipped else f"{row['seconds']:7.1f} s"
         console.print(f"{took}  {row['dataset']} {row['shots']}-shot {row['mode']}: test {row['test_accuracy']:.2f}%")
 
-    rows = runner.run_bench(artifacts, counts, chosen, out, report, device)
+    rows = runner.run_bench(artifacts, counts, chosen, out, report, device, val_shots)
     if shots is None:
         console.print(f"shots {','.join(map(str, counts))}: those every feature set holds (--shots sets others)")
     asked = {artifact.content_id for artifact in artifacts}  # the table and plot: this run's cells only
-    current = [row for row in rows if row["content_id"] in asked and row["shots"] in counts]
+    current = [row for row in rows if row["content_id"] in asked and row["shots"] in counts
+               and row.get("val_shots") == val_shots]
     picture = runner.plot(current, chosen, out / "accuracy-vs-shots.png")
     for count in counts:
         table = Table(title=f"test accuracy (%), {count} shot{'s' if count > 1 else ''}")
@@ -662,7 +668,8 @@ METHOD_NAMES = {"zero-shot": "zero-shot CLIP", "training-free": "APE", "training
 
 def _print_evaluation(result: dict) -> None:
     table = Table(title=f"{result['dataset'] or 'features'} · {result['mode']}"
-                  + (f" · {result['shots']} shot{'s' if result['shots'] > 1 else ''}" if result.get("shots") else ""))
+                  + (f" · {result['shots']} shot{'s' if result['shots'] > 1 else ''}" if result.get("shots") else "")
+                  + (f" · validation: {result['val_shots']} a class" if result.get("val_shots") else ""))
     for column in ("method", "val %", "test %", "chosen on validation"):
         table.add_column(column, justify="left" if column in ("method", "chosen on validation") else "right")
     table.add_row("zero-shot CLIP", f"{result['zero_shot_val_accuracy']:.2f}", f"{result['zero_shot_accuracy']:.2f}", "")

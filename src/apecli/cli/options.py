@@ -36,6 +36,12 @@ ComputeDevice = Annotated[
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the artifact path.")]
 Shots = Annotated[Optional[int], typer.Option("--shots", help="Shot count of the cache to use (default: the largest stored).", min=1)]
+ValShots = Annotated[
+    Optional[int],
+    typer.Option("--val-shots", min=1, show_default=False,
+                 help="Choose on this many validation images per class, drawn with the features' seed, instead of "
+                 "the whole split (the protocol's default)."),
+]
 Dataset = Annotated[
     Optional[str], typer.Option("--dataset", help="Dataset name (selects per-dataset defaults, e.g. caltech101).")
 ]
