@@ -126,6 +126,8 @@ def test_on_the_command_line(saved, tmp_path):
     assert run("fit", path, "--epochs", "2", "--val-shots", "3")["settings"]["val_shots"] == 3
     adapter = str(next((tmp_path / "s").rglob("fit-*.h5")))
     assert run("eval", adapter)["val_shots"] == 3
+    listed = runner.invoke(app, ["ls", str(tmp_path / "s")]).stdout.splitlines()
+    assert sum(line.split()[1] in ("evaluation", "adapter") and "(3 a class)" in line for line in listed) == 3
     rows = run("bench", path, "--shots", "4", "--modes", "zero-shot", "--val-shots", "3", "--out",
                str(tmp_path / "r"))["rows"]
     assert [row["val_shots"] for row in rows] == [3]

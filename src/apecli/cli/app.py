@@ -475,13 +475,19 @@ def _summary(artifact: store.Artifact) -> str:
     if artifact.kind == "refinement":
         return f"k={meta.get('k')} of the {meta.get('shots')}-shot cache, w={meta.get('weights')}"
     if artifact.kind == "adapter":
-        return f"APE-T, {meta.get('shots')}-shot, best epoch {meta.get('best_epoch')}, val {meta.get('best_val_accuracy', 0):.2f}%"
+        return (f"APE-T, {meta.get('shots')}-shot, best epoch {meta.get('best_epoch')}, val "
+                f"{meta.get('best_val_accuracy', 0):.2f}%{_on_validation(meta.get('settings', {}).get('val_shots'))}")
     if artifact.kind == "transfer":
         return f"{meta.get('mode')} on " + ", ".join(f"{t.get('dataset')} {t.get('test_accuracy', 0):.2f}%"
                                                      for t in meta.get("targets", []))
     given = " ".join(f"{symbol}={meta['given'][name]:.4g}" for name, symbol in SYMBOLS.items() if name in meta.get("given", {}))
-    return (f"{meta.get('mode')}, val {meta.get('val_accuracy', 0):.2f}%, test {meta.get('test_accuracy', 0):.2f}%"
-            + (f", given {given}" if given else ""))
+    return (f"{meta.get('mode')}, val {meta.get('val_accuracy', 0):.2f}%{_on_validation(meta.get('val_shots'))}, "
+            f"test {meta.get('test_accuracy', 0):.2f}%" + (f", given {given}" if given else ""))
+
+
+def _on_validation(val_shots: int | None) -> str:
+    """How many validation images per class a choice was made on, where it was not the whole split."""
+    return f" ({val_shots} a class)" if val_shots else ""
 
 
 @app.command("ls")
