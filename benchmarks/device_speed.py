@@ -18,7 +18,7 @@ apecli's default), with all the machine's cores.
 Each device is warmed up first on a small search and fit, so that CUDA's start-up is not timed.
 
     python benchmarks/device_speed.py [--device cuda] [--images 50000] [--betas 16] [--epochs 2]
-                                      [--proker-images 10000] [--proker-betas 2]
+                                      [--proker-images 10000] [--proker-betas 1]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--betas", type=int, default=16, help="β values of the 200 that both devices search")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each fit (ImageNet's default is 20)")
     parser.add_argument("--proker-images", type=int, default=10_000, help="validation images of ProKeR's search")
-    parser.add_argument("--proker-betas", type=int, default=2, help="β values of ProKeR's 20 that each search runs")
+    parser.add_argument("--proker-betas", type=int, default=1, help="β values of ProKeR's 20 that each search runs")
     args = parser.parse_args()
     name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else args.device
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
