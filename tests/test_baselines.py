@@ -139,6 +139,23 @@ def test_proker_counts_the_same_through_the_eigendecomposition_a_gpu_takes(featu
     np.testing.assert_array_equal(by_torch, by_numpy)
 
 
+@pytest.mark.parametrize("given", [{}, {"alpha": 1.5}, {"beta": 2.0}])
+@pytest.mark.parametrize("mode", ["training-free", "tip-adapter", "tip-adapter-f", "proker"])
+def test_the_settings_a_mode_is_said_to_try_are_those_it_counts(features, tmp_path, monkeypatch, mode, given):
+    """What `apecli eval` announces ("searching N settings") is the size of the grid of counts each search makes."""
+    from apecli.evaluate import GIVEN, evaluate_artifact, settings_tried
+
+    if not set(given) <= set(GIVEN[mode]):
+        pytest.skip(f"{mode} takes no {next(iter(given))}")
+    counts = []
+    real = baselines.proker_counts
+    monkeypatch.setattr(baselines, "proker_counts", lambda *a, **k: counts.append(real(*a, **k)) or counts[-1])
+    grid = GRID.fixing(**given)
+    evaluation = evaluate_artifact(save_features(features, tmp_path / "f.h5").artifact, mode, None, grid)
+    searched = evaluation.search.correct if evaluation.search is not None else counts[0]  # ProKeR keeps no grid
+    assert searched.size == settings_tried(mode, grid) > 1
+
+
 @pytest.mark.parametrize("mode, keys", [("tip-adapter", {"alpha", "beta"}), ("tip-adapter-f", {"alpha", "beta", "best_epoch"}),
                                         ("gda", {"alpha"}), ("proker", {"beta", "lambda"})])
 def test_every_baseline_on_the_command_line(features, tmp_path, mode, keys):

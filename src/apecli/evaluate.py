@@ -279,6 +279,24 @@ def evaluate_artifact(
     return recorded(evaluate_training_free(features, refinement, grid, progress, device), val_shots)
 
 
+def settings_tried(mode: str, grid: SearchGrid) -> int:
+    """How many settings ``mode`` tries on validation with ``grid`` (a given value counts once): APE
+    β × α × γ; APE-T and the Tip-Adapters β × α; GDA its α values; ProKeR its β values × λ values;
+    zero-shot none."""
+    from apecli import baselines
+
+    betas, alphas, _ = grid.shape
+    if mode == "zero-shot":
+        return 0
+    if mode == "training-free":
+        return grid.size
+    if mode == "gda":
+        return alphas if "alpha" in grid.given else len(baselines.GDA_ALPHAS)
+    if mode == "proker":
+        return (betas if "beta" in grid.given else baselines.PROKER_BETAS) * len(baselines.PROKER_LAMBDAS)
+    return betas * alphas
+
+
 def validation_images(val_shots: int | None) -> str:
     """Which validation images a choice was made on, in words."""
     return "the whole validation split" if val_shots is None else f"{val_shots} validation images a class"

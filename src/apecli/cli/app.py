@@ -273,7 +273,7 @@ def evaluate(
     as_json: Json = False,
 ) -> None:
     """Evaluate on test with hyperparameters searched on validation (or given); print the accuracies."""
-    from apecli.evaluate import MODES, evaluate_artifact, save_evaluation
+    from apecli.evaluate import MODES, evaluate_artifact, save_evaluation, settings_tried
     from apecli.presets import preset_for
     from apecli.training_free import SearchGrid
 
@@ -285,7 +285,8 @@ def evaluate(
     preset = preset_for(artifact.metadata.get("dataset"))
     grid = SearchGrid(tuple(search_scale or preset.search_scale), tuple(search_step or preset.search_step)).fixing(
         beta=beta, alpha=alpha, gamma=gamma)
-    with progress.steps(f"searching {grid.size:,} setting{'s' if grid.size != 1 else ''}") as advance:
+    tried = settings_tried(mode, grid)
+    with progress.steps(f"searching {tried:,} setting{'s' if tried != 1 else ''}" if tried else "evaluating") as advance:
         evaluation = evaluate_artifact(artifact, mode, shots, grid, advance, device, val_shots)
     stem = f"eval-{mode}" + (f"-{evaluation.shots}shot" if evaluation.shots else "")
     saved = save_evaluation(evaluation, [artifact], store.in_store(store_dir, evaluation.dataset, stem))
