@@ -131,4 +131,7 @@ def test_on_the_command_line(saved, tmp_path):
     rows = run("bench", path, "--shots", "4", "--modes", "zero-shot", "--val-shots", "3", "--out",
                str(tmp_path / "r"))["rows"]
     assert [row["val_shots"] for row in rows] == [3]
+    table = runner.invoke(app, ["bench", path, "--shots", "4", "--modes", "zero-shot", "--val-shots", "3", "--out",
+                                str(tmp_path / "r"), "--store", str(tmp_path / "s")]).stderr
+    assert "test accuracy (%), 4 shots, chosen on 3 validation images a class" in " ".join(table.split())
     assert runner.invoke(app, ["eval", path, "--val-shots", "0", "--store", str(tmp_path / "s")]).exit_code == 2

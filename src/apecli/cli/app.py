@@ -396,7 +396,8 @@ def bench(
                and row.get("val_shots") == val_shots]
     picture = runner.plot(current, chosen, out / "accuracy-vs-shots.png")
     for count in counts:
-        table = Table(title=f"test accuracy (%), {count} shot{'s' if count > 1 else ''}")
+        table = Table(title=f"test accuracy (%), {count} shot{'s' if count > 1 else ''}"
+                      + (f", chosen on {val_shots} validation images a class" if val_shots else ""))
         table.add_column("dataset")
         for mode in chosen:
             table.add_column(METHOD_NAMES.get(mode, mode), justify="right")
