@@ -50,11 +50,25 @@ def test_the_draw_keeps_that_many_images_of_each_class_in_split_order(features):
     assert features.with_validation_shots(3).split("test") is features.split("test")
 
 
-def test_the_draw_is_the_feature_sets_seed(features):
+def test_the_draw_is_the_feature_sets_seed_and_nested(features):
     again = features.with_validation_shots(3).split("val").features
     np.testing.assert_array_equal(features.with_validation_shots(3).split("val").features, again)
     other_seed = replace(features, provenance={**features.provenance, "seed": 2}).with_validation_shots(3)
     assert not np.array_equal(other_seed.split("val").features, again)
+    more = features.with_validation_shots(5).split("val").features
+    assert all((more == row).all(axis=1).any() for row in again)  # the 3 a class are among the 5 a class
+
+
+def test_the_draw_is_pythons_random_sequence(features):
+    """Python guarantees random.Random(seed).random() across versions: the draw is the smallest numbers."""
+    import random
+
+    val = features.split("val")
+    rng = random.Random(features.provenance["seed"])
+    numbers = [rng.random() for _ in range(val.labels.shape[0])]
+    expected = sorted(i for label in range(6) for i in sorted(np.flatnonzero(val.labels == label),
+                                                             key=lambda i: numbers[i])[:2])
+    np.testing.assert_array_equal(features.with_validation_shots(2).split("val").features, val.features[expected])
 
 
 def test_a_count_below_one_is_refused(features):

@@ -10,6 +10,7 @@ Floating arrays keep the dtype they were given (float16 caches stay float16); th
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -90,18 +91,21 @@ class FeatureSet:
     def with_validation_shots(self, shots: int | None) -> "FeatureSet":
         """This feature set with its validation split cut to ``shots`` images per class (every image of a
         class that has fewer), kept in split order: hyperparameters then are chosen on as few labelled
-        images as a few-shot user has (None: the whole split, this feature set itself). The draw is
-        seeded by the feature set's few-shot seed (1 where it records none), so each few-shot draw of a
-        benchmark has its own validation draw."""
+        images as a few-shot user has (None: the whole split, this feature set itself).
+
+        Each image gets a number from Python's ``random.Random(seed).random()``, in split order, whose
+        sequence Python guarantees across versions; each class keeps its images with the smallest. The
+        seed is the feature set's few-shot seed (1 where it records none), so each few-shot draw of a
+        benchmark has its own validation draw, and the images kept for N are among those kept for N + 1."""
         if shots is None:
             return self
         if shots < 1:
             raise ApecliError(f"--val-shots must be at least 1, got {shots}")
         val = self.split("val")
-        rng = np.random.default_rng(int(self.provenance.get("seed", 1)))
-        drawn = [rng.choice(rows, size=min(shots, rows.size), replace=False)
-                 for rows in (np.flatnonzero(val.labels == label) for label in range(self.num_classes))]
-        kept = np.sort(np.concatenate(drawn)) if drawn else np.zeros(0, dtype=np.int64)
+        rng = random.Random(int(self.provenance.get("seed", 1)))
+        draws = np.array([rng.random() for _ in range(val.labels.shape[0])])
+        per_class = (np.flatnonzero(val.labels == label) for label in range(self.num_classes))
+        kept = np.sort(np.concatenate([rows[np.argsort(draws[rows], kind="stable")[:shots]] for rows in per_class]))
         cut = LabelledFeatures(val.features[kept], val.labels[kept], None if val.paths is None else val.paths[kept])
         return replace(self, splits={**self.splits, "val": cut})
 
