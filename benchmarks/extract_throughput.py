@@ -53,7 +53,7 @@ def main() -> None:
     from apecli.extract import ExtractSettings, encode_split
     from apecli import images
     from apecli.errors import ApecliError
-    from apecli.images import Batch, PilImages, RawBytes, decode_on_device
+    from apecli.images import Batch, PilImages, RawBytes, decode_on_device, read_batches
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model (random weights: same cost), or 'tiny'")
@@ -85,10 +85,10 @@ def main() -> None:
             for _ in loader:
                 pass
 
-        def decode_gpu() -> None:
-            loader = torch.utils.data.DataLoader(RawBytes(paths), batch_size=args.batch_size, num_workers=args.workers,
-                                                 collate_fn=Batch.collate, pin_memory=encoder.device.type == "cuda")
-            for batch in loader:
+        def decode_gpu() -> None:  # files read by threads, as extraction reads them for --decode gpu
+            batches = [list(range(start, min(start + args.batch_size, len(paths))))
+                       for start in range(0, len(paths), args.batch_size)]
+            for batch in read_batches(paths, batches, args.workers):
                 decode_on_device(batch, paths, encoder, encoder.device)
 
         batch = torch.randn(args.batch_size, 3, *encoder.image_size, device=encoder.device)
@@ -147,7 +147,7 @@ def main() -> None:
           f"ratio {overlapped / serial:.2f}x; {overlapped / min(decode_many, encode_rate):.0%} of the slower stage's ceiling")
     if on_gpu:
         for name, value in gpu_decode.items():
-            print(f"decode on the GPU with {name} (bytes read in {args.workers} workers, resize/crop/normalise): {value:8.1f} img/s")
+            print(f"decode on the GPU with {name} (bytes read by {args.workers} threads, resize/crop/normalise): {value:8.1f} img/s")
         print(f"apecli extraction with --decode gpu ({images.jpeg_decoder(str(encoder.device)).name}): "
               f"{gpu_end_to_end:8.1f} img/s; ratio {gpu_end_to_end / serial:.2f}x "
               f"to the baseline, {gpu_end_to_end / overlapped:.2f}x to the PIL path")

@@ -481,7 +481,7 @@ def test_device_decoding_stays_close_to_pil(tiny, caltech, tmp_path):
     paths[0] = png
     encoder = load_encoder(tiny)
     pil, ok, _ = encode_split(encoder, "pil", paths, 0, tmp_path / "a", SETTINGS, None)
-    on_device = replace(SETTINGS, decode="gpu", workers=2)  # bytes read in loader workers
+    on_device = replace(SETTINGS, decode="gpu", workers=2)  # bytes read by 2 threads
     tensor, ok_tensor, _ = encode_split(encoder, "gpu", paths, 0, tmp_path / "b", on_device, None)
     assert ok.all() and ok_tensor.all()
     cosine = np.sum(pil * tensor, axis=1) / np.linalg.norm(pil, axis=1) / np.linalg.norm(tensor, axis=1)
@@ -884,3 +884,25 @@ def test_device_decoding_follows_the_models_own_resizing(tiny, tmp_path, resize_
     with_pil = torch.stack([encoder.eval_transform(Image.open(path).convert("RGB")) for path in paths])
     difference = (on_device.images - with_pil).abs()
     assert difference.mean() < 0.01 and difference.max() < 0.15  # rounding of the two resamplers, not geometry
+
+
+def test_read_batches_gives_each_batch_in_order_with_unreadable_files_named(tmp_path):
+    import threading
+
+    from apecli.images import read_batches
+
+    paths = []
+    for index in range(11):
+        path = tmp_path / f"{index}.jpg"
+        path.write_bytes(bytes([255, 216, 255, index]))
+        paths.append(path)
+    paths[4] = tmp_path / "missing.jpg"
+    batches = [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9, 10]]
+    read = list(read_batches(paths, batches, threads=3, ahead=1))
+    assert [batch.indices for batch in read] == batches
+    assert read[1].errors[1] is not None and read[1].readable == [3, 5]
+    assert [bytes(image)[-1] for batch in read for image in batch.images] == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10]
+    reading = read_batches(paths, batches, threads=2)
+    assert next(reading).indices == [0, 1, 2]
+    reading.close()  # a consumer that stops early (an error, ^C) leaves no reading thread behind
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("apecli-read")]

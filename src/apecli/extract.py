@@ -39,7 +39,7 @@ from apecli.encoder import Encoder, EncoderSpec, load_encoder
 from apecli.errors import ApecliError, check_seed
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures, load_features, save_features
 from apecli.files import replacing
-from apecli.images import Batch, PilImages, RawBytes, decode_on_device, device_decoder, readable
+from apecli.images import Batch, PilImages, decode_on_device, device_decoder, read_batches, readable
 
 SplitProgress = Callable[[str, int, int], None]  # split, images done, images in the split
 
@@ -217,9 +217,12 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
 
     report(0)
     on_device = settings.decode == "gpu" and views == 0
-    source = RawBytes(paths) if on_device else PilImages(paths, transform, views, settings.seed)
-    loader = torch.utils.data.DataLoader(source, batch_sampler=batches, num_workers=settings.workers,
-                                         collate_fn=Batch.collate, pin_memory=encoder.device.type == "cuda")
+    if on_device:  # files are read by threads: decoding is the GPU's
+        loader = read_batches(paths, batches, settings.workers)
+    else:
+        loader = torch.utils.data.DataLoader(PilImages(paths, transform, views, settings.seed), batch_sampler=batches,
+                                             num_workers=settings.workers, collate_fn=Batch.collate,
+                                             pin_memory=encoder.device.type == "cuda")
     buffers: dict[int, dict[int, tuple[np.ndarray | None, str]]] = {}
 
     def start(batch: Batch) -> Callable[[], dict[int, np.ndarray]]:

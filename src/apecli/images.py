@@ -1,7 +1,7 @@
 """Reading images for the encoder: PIL decoding in loader workers, or batched JPEG decoding on the GPU.
 
 The default, faithful path decodes with PIL and applies the model's own transforms (the protocol's
-numbers depend on them). ``decode="gpu"`` reads raw bytes in the workers and decodes the JPEGs of a
+numbers depend on them). ``decode="gpu"`` reads raw bytes in threads and decodes the JPEGs of a
 batch together on the encoder's device (nvJPEG on CUDA), then resizes, crops and normalises there as
 the model's evaluation transform does; a file that is not a JPEG, or that fails to decode that way,
 goes through PIL instead. It serves the evaluation transform; augmented training views
@@ -12,10 +12,11 @@ torchvision's (deprecated since torchvision 0.29 in favour of TorchCodec).
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -73,11 +74,8 @@ class PilImages:
 
 
 class RawBytes:
-    """A map-style dataset of (index, the file's bytes as a uint8 numpy array or None, error).
-
-    Arrays, not tensors: loader workers pickle them through their pipe, where thousands of small
-    tensors a second would each need a shared-memory file descriptor.
-    """
+    """A map-style dataset of (index, the file's bytes as a uint8 numpy array or None, error), which
+    :func:`read_batches` reads in threads."""
 
     def __init__(self, paths: Sequence[Path]) -> None:
         self.paths = paths
@@ -90,6 +88,28 @@ class RawBytes:
             return index, np.fromfile(self.paths[index], dtype=np.uint8), None
         except OSError as error:
             return index, None, str(error).split("\n")[0] or type(error).__name__
+
+
+def read_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], threads: int,
+                 ahead: int = 2) -> Iterator["Batch"]:
+    """Batches of raw bytes (:class:`RawBytes` items), read by ``threads`` threads of this process, the
+    next ``ahead`` batches while one is used. File reads release the GIL, and no bytes cross a process
+    boundary: a loader's worker processes pickle every file through a pipe, which held reading to about
+    2,200 images/s on 16 cores, a quarter of what nvJPEG decodes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = RawBytes(paths)
+    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="apecli-read")
+    try:
+        queued = deque([pool.submit(source.__getitem__, index) for index in batch] for batch in batches[:ahead + 1])
+        for following in batches[ahead + 1:]:
+            current = queued.popleft()
+            queued.append([pool.submit(source.__getitem__, index) for index in following])
+            yield Batch.collate([future.result() for future in current])
+        while queued:
+            yield Batch.collate([future.result() for future in queued.popleft()])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass(frozen=True)
@@ -105,7 +125,7 @@ class Batch:
 
     @classmethod
     def collate(cls, items: list[Item]) -> "Batch":
-        """The loader's collate function, run in its workers."""
+        """The loader's collate function (run in its workers), and :func:`read_batches`'."""
         import torch
 
         data = [value for _, value, error in items if error is None]

@@ -147,7 +147,7 @@ def extract(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, …")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="auto (fp16 on CUDA), fp32, fp16, bf16.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")] = 64,
-    workers: Annotated[int, typer.Option("--workers", help="Image decoding processes (and threads that check the few-shot images decode).")] = min(4, os.cpu_count() or 1),
+    workers: Annotated[int, typer.Option("--workers", help="Image decoding processes (threads reading the files with --decode gpu; and threads that check the few-shot images decode).")] = min(4, os.cpu_count() or 1),
     decode: Annotated[str, typer.Option("--decode", help="pil (faithful) or gpu (JPEGs of val/test decoded on the GPU).")] = "pil",
     chunk_images: Annotated[int, typer.Option("--chunk-images", help="Images per saved chunk (the unit of resuming and of sharding across ranks).")] = 512,
     store_dir: Store = Path(DEFAULT_STORE),
