@@ -91,7 +91,7 @@ class RawBytes:
 
 
 def read_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], threads: int,
-                 ahead: int = 2) -> Iterator["Batch"]:
+                 ahead: int = 3) -> Iterator["Batch"]:
     """Batches of raw bytes (:class:`RawBytes` items), read by ``threads`` threads of this process, the
     next ``ahead`` batches while one is used. File reads release the GIL, and no bytes cross a process
     boundary: a loader's worker processes pickle every file through a pipe, which held reading to about
@@ -100,12 +100,12 @@ def read_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], thread
 
     source = RawBytes(paths)
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="apecli-read")
+    queued: deque = deque()
     try:
-        queued = deque([pool.submit(source.__getitem__, index) for index in batch] for batch in batches[:ahead + 1])
-        for following in batches[ahead + 1:]:
-            current = queued.popleft()
-            queued.append([pool.submit(source.__getitem__, index) for index in following])
-            yield Batch.collate([future.result() for future in current])
+        for batch in batches:
+            queued.append([pool.submit(source.__getitem__, index) for index in batch])
+            if len(queued) > ahead:
+                yield Batch.collate([future.result() for future in queued.popleft()])
         while queued:
             yield Batch.collate([future.result() for future in queued.popleft()])
     finally:
