@@ -494,21 +494,22 @@ def test_device_decoding_does_not_depend_on_the_batch(tiny, tmp_path):
     import torch
 
     from apecli.encoder import load_encoder
-    from apecli.images import Batch, RawBytes, decode_on_device
+    from apecli.images import Batch, RawBytes, decode_on_device, split_transform
 
     paths = [make_image(tmp_path / f"{i}.jpg", i % 2, i) for i in range(7)]  # three widths, interleaved
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"not really a jpeg")
     paths.insert(3, tmp_path / "broken.jpg")
     encoder = load_encoder(tiny)
+    pixels = split_transform(encoder.eval_transform)
     raw = RawBytes(paths)
     items = [raw[i] for i in range(len(paths))]
-    together = decode_on_device(Batch.collate(items), paths, encoder, torch.device("cpu"))
-    alone = [decode_on_device(Batch.collate([item]), paths, encoder, torch.device("cpu")) for item in items]
+    together = decode_on_device(Batch.collate(items), paths, encoder, pixels)
+    alone = [decode_on_device(Batch.collate([item]), paths, encoder, pixels) for item in items]
     assert together.indices == list(range(len(paths)))
     assert together.errors == [one.errors[0] for one in alone] and together.errors[3]
     assert together.readable == [i for i in range(len(paths)) if i != 3]
-    assert together.images.shape == (len(paths) - 1, 3, *encoder.image_size)
-    torch.testing.assert_close(together.images, torch.cat([one.images for one in alone]), rtol=0, atol=1e-6)
+    assert together.images.shape == (len(paths) - 1, 3, *encoder.image_size) and together.images.dtype == torch.uint8
+    torch.testing.assert_close(together.images, torch.cat([one.images for one in alone]), rtol=0, atol=0)
 
 
 def _encoded_jpeg(size: tuple[int, int], mode: str, quality: int, seed: int) -> bytes:
@@ -862,7 +863,7 @@ def test_device_decoding_follows_the_models_own_resizing(tiny, tmp_path, resize_
     from PIL import Image
 
     from apecli.encoder import load_encoder
-    from apecli.images import Batch, RawBytes, decode_on_device
+    from apecli.images import Batch, RawBytes, decode_on_device, split_transform
 
     folder = _repository(tmp_path / "model", tiny)
     config = json.loads((folder / "open_clip_config.json").read_text())
@@ -880,9 +881,11 @@ def test_device_decoding_follows_the_models_own_resizing(tiny, tmp_path, resize_
         return
     encoder = load_encoder(spec)
     raw = RawBytes(paths)
-    on_device = decode_on_device(Batch.collate([raw[i] for i in range(len(paths))]), paths, encoder, torch.device("cpu"))
+    pixels = split_transform(encoder.eval_transform)
+    decoded = decode_on_device(Batch.collate([raw[i] for i in range(len(paths))]), paths, encoder, pixels)
+    on_device = pixels.model_input(decoded.images, encoder.device)
     with_pil = torch.stack([encoder.eval_transform(Image.open(path).convert("RGB")) for path in paths])
-    difference = (on_device.images - with_pil).abs()
+    difference = (on_device - with_pil).abs()
     assert difference.mean() < 0.01 and difference.max() < 0.15  # rounding of the two resamplers, not geometry
 
 
@@ -906,3 +909,123 @@ def test_read_batches_gives_each_batch_in_order_with_unreadable_files_named(tmp_
     assert next(reading).indices == [0, 1, 2]
     reading.close()  # a consumer that stops early (an error, ^C) leaves no reading thread behind
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("apecli-read")]
+
+
+def test_the_split_transform_gives_the_whole_transforms_values_bit_for_bit(tiny, tmp_path):
+    """Workers' uint8 pixels, scaled and normalised by table lookup, equal the model's own transform
+    applied whole: evaluation, and seeded augmented views; a transform of another shape runs whole."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from apecli.encoder import load_encoder
+    from apecli.images import PilImages, split_transform
+
+    encoder = load_encoder(tiny)
+    paths = [make_image(tmp_path / f"{i}.jpg", i % 3, i, size=40 + 7 * i) for i in range(5)]
+    for transform, views in ((encoder.eval_transform, 0), (encoder.train_transform, 3)):
+        pixels = split_transform(transform)
+        assert pixels.table is not None and pixels.table.shape == (3, 256)
+        split, whole = PilImages(paths, pixels.on_image, views, 7), PilImages(paths, transform, views, 7)
+        for index in range(len(paths)):
+            uint8, expected = split[index][1], whole[index][1]
+            assert uint8.dtype == torch.uint8 and expected.dtype == torch.float32
+            assert torch.equal(pixels.model_input(uint8, "cpu"), expected)
+    assert torch.unique(pixels.table[0]).numel() == 256  # every value its own entry
+    odd = transforms.Compose([transforms.ToTensor(), transforms.Lambda(lambda x: x * 2)])
+    kept = split_transform(odd)
+    assert kept.table is None and kept.on_image is odd
+    image = Image.open(paths[0]).convert("RGB")
+    assert torch.equal(kept.model_input(odd(image), "cpu"), odd(image))
+
+
+def test_loader_workers_hand_over_small_pieces_joined_into_the_batches(tmp_path, monkeypatch):
+    """Batches come back whole and in order however the loader cuts them, unreadable files named."""
+    import torch
+
+    from apecli import images
+
+    paths = [make_image(tmp_path / f"{i}.jpg", 0, i) for i in range(9)]
+    (tmp_path / "bad.jpg").write_bytes(b"nothing")
+    paths[5] = tmp_path / "bad.jpg"
+    cuts, collate = [], images.Batch.collate
+    monkeypatch.setattr(images, "LOADER_TENSORS", 4)
+    monkeypatch.setattr(images.Batch, "collate", lambda items: cuts.append(len(items)) or collate(items))
+
+    def transform(image):
+        return torch.full((3, 2, 2), float(image.size[0]))
+
+    batches = [[0, 1, 2, 3, 4, 5, 6], [7, 8]]
+    for views, pieces in ((0, [4, 3, 2]), (2, [2, 2, 2, 1, 2])):
+        cuts.clear()
+        read = list(images.pil_batches(paths, batches, transform, views, 1, 0, "cpu"))
+        assert cuts == pieces  # LOADER_TENSORS // views images a piece, within each batch
+        assert [batch.indices for batch in read] == batches
+        assert read[0].errors[5] and read[0].readable == [0, 1, 2, 3, 4, 6]
+        widths = [48 + 8 * (i % 3) for i in read[0].readable + read[1].readable]
+        assert torch.cat([batch.images for batch in read]).reshape(-1)[:: 12 * max(views, 1)].tolist() == widths
+
+
+def test_extraction_gives_the_features_of_the_whole_transform_batch_by_batch(tiny, tmp_path, monkeypatch):
+    """Pieces decoded by two loader processes, joined and normalised on the encoder's device: the same
+    features, bit for bit, as the model's transform applied whole and the same batches encoded."""
+    import torch
+    from PIL import Image
+
+    from apecli import images
+    from apecli.encoder import load_encoder
+    from apecli.extract import encode_split
+
+    monkeypatch.setattr(images, "LOADER_TENSORS", 3)  # batches of 5 in pieces of 3 and 2
+    paths = [make_image(tmp_path / "images" / f"{i}.jpg", i % 3, i, size=36 + 5 * i) for i in range(12)]
+    encoder = load_encoder(tiny)
+    settings = ExtractSettings(batch_size=5, workers=2, chunk_images=10)  # batches: 0-4, 5-9, 10-11
+    features, ok, _ = encode_split(encoder, "test", paths, 0, tmp_path / "work", settings, None)
+    whole = [encoder.eval_transform(Image.open(path).convert("RGB")) for path in paths]
+    expected = np.concatenate([encoder.encode_images(torch.stack(whole[start:end])) for start, end in ((0, 5), (5, 10), (10, 12))])
+    assert ok.all()
+    np.testing.assert_array_equal(features, expected)
+
+
+def test_decoding_ahead_in_a_thread_keeps_order_and_stops_with_its_consumer(tiny, tmp_path, monkeypatch):
+    """--decode gpu's decoding thread: batches in order as decoded one by one; a failure there is raised
+    in the consumer; a consumer that stops early leaves no decoding or reading thread behind."""
+    import threading
+
+    import torch
+
+    from apecli import images
+    from apecli.encoder import load_encoder
+
+    paths = [make_image(tmp_path / f"{i}.jpg", i % 2, i) for i in range(10)]
+    encoder = load_encoder(tiny)
+    pixels = images.split_transform(encoder.eval_transform)
+    batches = [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    raw = images.RawBytes(paths)
+    read = list(images.decoded_batches(paths, batches, 2, encoder, pixels, ahead=1))
+    assert [batch.indices for batch in read] == batches
+    for batch in read:
+        alone = images.decode_on_device(images.Batch.collate([raw[i] for i in batch.indices]), paths, encoder, pixels)
+        assert torch.equal(batch.images, alone.images)
+
+    def leftover() -> list[str]:
+        return [thread.name for thread in threading.enumerate() if thread.name.startswith(("apecli-decode", "apecli-read"))]
+
+    decoding = images.decoded_batches(paths, batches, 2, encoder, pixels, ahead=1)
+    assert next(decoding).indices == [0, 1, 2]
+    decoding.close()
+    assert not leftover()
+    decode, calls = images.decode_on_device, []
+
+    def failing(batch, *rest):
+        calls.append(batch.indices)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return decode(batch, *rest)
+
+    monkeypatch.setattr(images, "decode_on_device", failing)
+    decoding = images.decoded_batches(paths, batches, 2, encoder, pixels)
+    assert next(decoding).indices == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        next(decoding)
+    assert not leftover()

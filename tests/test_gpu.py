@@ -82,6 +82,43 @@ def test_extract_decodes_on_the_gpu_from_the_command_line(tiny, caltech, tmp_pat
         assert similarity.min() > 0.99
 
 
+def test_pixels_are_normalised_on_the_gpu_bit_for_bit_as_on_the_cpu(tiny):
+    from apecli.images import split_transform
+
+    pixels = split_transform(load_encoder(tiny).eval_transform)
+    uint8 = torch.randint(0, 256, (4, 2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    on_gpu = pixels.model_input(uint8.pin_memory(), torch.device("cuda"))
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
+    assert torch.equal(on_gpu.cpu(), pixels.model_input(uint8, "cpu"))
+
+
+def test_decoding_on_its_own_stream_gives_what_the_encoders_stream_gives(tiny, tmp_path):
+    """Batches decoded on the side stream, then used on the encoder's: the same pixels, in order, as
+    decoded one batch at a time on the current stream and synchronised; features as the CPU's."""
+    from PIL import Image
+
+    from apecli.images import RawBytes, Batch, decode_on_device, decoded_batches, split_transform
+    from apecli.synthetic import make_image
+
+    paths = [make_image(tmp_path / f"{i}.jpg", i % 3, i, size=40 + 6 * (i % 4)) for i in range(40)]
+    Image.open(paths[7]).save(tmp_path / "7.png")  # not a JPEG: PIL's
+    paths[7] = tmp_path / "7.png"
+    encoder = load_encoder(replace(tiny, device="cuda"))
+    pixels = split_transform(encoder.eval_transform)
+    batches = [list(range(start, min(start + 16, len(paths)))) for start in range(0, len(paths), 16)]
+    raw = RawBytes(paths)
+    for batch, indices in zip(decoded_batches(paths, batches, 4, encoder, pixels), batches, strict=True):
+        alone = decode_on_device(Batch.collate([raw[i] for i in indices]), paths, encoder, pixels)
+        torch.cuda.synchronize()
+        assert batch.indices == indices and batch.images.dtype == torch.uint8
+        assert torch.equal(batch.images, alone.images)
+    settings = ExtractSettings(batch_size=16, chunk_images=40, workers=4)
+    on_gpu, _, _ = encode_split(encoder, "gpu", paths, 0, tmp_path / "gpu", replace(settings, decode="gpu"), None)
+    on_cpu, _, _ = encode_split(load_encoder(tiny), "cpu", paths, 0, tmp_path / "cpu", settings, None)
+    print(f"--decode gpu against PIL on the CPU: cosine min {cosine(on_cpu, on_gpu).min():.5f}")
+    assert cosine(on_cpu, on_gpu).min() > 0.99 and cosine(on_cpu, on_gpu)[7] > 0.999  # the PNG: PIL both times
+
+
 def _searched_on_both(features, k: int, grid: SearchGrid, every: int = 1):
     _, cache = features.cache(16)
     tri = TriEdge.build(features.classifier, cache.keys, cache.labels, select_channels(features, k=k).channels)

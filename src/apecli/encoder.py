@@ -237,7 +237,7 @@ class Encoder:
                 return features.cpu().numpy
             host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(features, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(blocking=True)  # the waiting thread sleeps: loader processes need the cores
             done.record(torch.cuda.current_stream(self.device))  # the encoder's GPU, which need not be the current one
 
         def result() -> np.ndarray:

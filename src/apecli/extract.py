@@ -39,7 +39,7 @@ from apecli.encoder import Encoder, EncoderSpec, load_encoder
 from apecli.errors import ApecliError, check_seed
 from apecli.features import FeatureSet, FewShotCache, LabelledFeatures, load_features, save_features
 from apecli.files import replacing
-from apecli.images import Batch, PilImages, decode_on_device, device_decoder, read_batches, readable
+from apecli.images import Batch, decoded_batches, device_decoder, pil_batches, readable, split_transform
 
 SplitProgress = Callable[[str, int, int], None]  # split, images done, images in the split
 
@@ -200,9 +200,7 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
     ``views`` > 0 encodes that many augmented views of each image, 0 the evaluation transform alone.
     Progress counts the saved chunks of every process, so rank 0 shows the aggregate.
     """
-    import torch
-
-    transform = encoder.train_transform if views else encoder.eval_transform
+    pixels = split_transform(encoder.train_transform if views else encoder.eval_transform)
     Path(work).mkdir(parents=True, exist_ok=True)
     chunks = _chunks(len(paths), settings)
     files = _chunk_files(work, name, len(paths), settings)
@@ -216,13 +214,10 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
             progress(name, min(len(paths), saved + in_memory), len(paths))
 
     report(0)
-    on_device = settings.decode == "gpu" and views == 0
-    if on_device:  # files are read by threads: decoding is the GPU's
-        loader = read_batches(paths, batches, settings.workers)
+    if settings.decode == "gpu" and views == 0:  # files are read by threads: decoding is the GPU's
+        loader = decoded_batches(paths, batches, settings.workers, encoder, pixels)
     else:
-        loader = torch.utils.data.DataLoader(PilImages(paths, transform, views, settings.seed), batch_sampler=batches,
-                                             num_workers=settings.workers, collate_fn=Batch.collate,
-                                             pin_memory=encoder.device.type == "cuda")
+        loader = pil_batches(paths, batches, pixels.on_image, views, settings.seed, settings.workers, encoder.device)
     buffers: dict[int, dict[int, tuple[np.ndarray | None, str]]] = {}
 
     def start(batch: Batch) -> Callable[[], dict[int, np.ndarray]]:
@@ -233,7 +228,8 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
         indices = batch.readable
         if not indices:
             return lambda: {}
-        result = encoder.start_encoding(batch.images.reshape(-1, *batch.images.shape[-3:]))
+        images = pixels.model_input(batch.images.reshape(-1, *batch.images.shape[-3:]), encoder.device)
+        result = encoder.start_encoding(images)
         return lambda: dict(zip(indices, result().reshape(len(indices), *((views,) if views else ()), -1)))
 
     def finish(batch: Batch, features: dict[int, np.ndarray]) -> None:
@@ -247,13 +243,12 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
     in_flight = None  # one batch encodes on the device while the next is read and decoded
     try:
         for batch in loader:
-            if on_device:
-                batch = decode_on_device(batch, paths, encoder, encoder.device)
             started = (batch, start(batch))
             previous, in_flight = in_flight, started
             if previous is not None:
                 finish(previous[0], previous[1]())
     finally:  # also when interrupted: what was encoded is saved
+        loader.close()  # its loader processes or reading threads end here, also on an error
         if in_flight is not None:
             finish(in_flight[0], in_flight[1]())
 

@@ -1,19 +1,27 @@
 """Reading images for the encoder: PIL decoding in loader workers, or batched JPEG decoding on the GPU.
 
 The default, faithful path decodes with PIL and applies the model's own transforms (the protocol's
-numbers depend on them). ``decode="gpu"`` reads raw bytes in threads and decodes the JPEGs of a
-batch together on the encoder's device (nvJPEG on CUDA), then resizes, crops and normalises there as
-the model's evaluation transform does; a file that is not a JPEG, or that fails to decode that way,
-goes through PIL instead. It serves the evaluation transform; augmented training views
-always use PIL. The JPEG decoder is TorchCodec's where it is installed and works on the device, else
-torchvision's (deprecated since torchvision 0.29 in favour of TorchCodec).
+numbers depend on them). The transform is split where the image becomes a tensor (:class:`Pixels`):
+loader workers resize and crop and hand over uint8 pixels, and the encoder's device scales and
+normalises them, by lookup in a table the transform's own steps computed, so the values are the
+transform's bit for bit. Workers hand over batches of a few dozen images, which the main process
+joins into the encoder's batches, so encoding starts as soon as the first images are decoded.
+
+``decode="gpu"`` reads raw bytes in threads and decodes the JPEGs of a batch together on the
+encoder's device (nvJPEG on CUDA), then resizes and crops there as the model's evaluation transform
+does, on a stream of its own so that decoding the next batch overlaps encoding this one; a file that
+is not a JPEG, or that fails to decode that way, goes through PIL instead. It serves the evaluation
+transform; augmented training views always use PIL. The JPEG decoder is TorchCodec's where it is
+installed and works on the device, else torchvision's (deprecated since torchvision 0.29 in favour
+of TorchCodec).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -42,6 +50,68 @@ def _open_rgb(path: Path):
 
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+class UpToTensor:
+    """The steps of a transform before its ToTensor, then the image as uint8 C×H×W (what ToTensor reads)."""
+
+    def __init__(self, steps: Sequence[Callable]) -> None:
+        self.steps = list(steps)
+
+    def __call__(self, image):
+        import torch
+
+        for step in self.steps:
+            image = step(image)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """A model's transform split where the image becomes a tensor.
+
+    ``on_image`` (PIL image → tensor) runs in loader workers: the steps before ToTensor (resize, crop,
+    flip), giving uint8 C×H×W, a quarter of float32's bytes to hand over and pin. :meth:`model_input`
+    does ToTensor's scaling and Normalize on the encoder's device, by lookup in ``table``: each channel's
+    256 values, computed once by those very steps on the CPU, so the result is the transform's bit for
+    bit on any device. A transform that does not end in ToTensor then Normalize runs whole in the
+    workers (``table`` None) and its tensors pass through.
+    """
+
+    on_image: Callable
+    table: Any = None  # 3 × 256 float32 tensor
+    copies: dict = field(default_factory=dict, compare=False, repr=False)  # the table on each device
+
+    def model_input(self, images, device):
+        """A batch (… × 3 × H × W) of ``on_image``'s tensors as the model's input on ``device``."""
+        import torch
+
+        images = images.to(device, non_blocking=True)
+        if self.table is None:
+            return images
+        table = self.copies.get(str(device))
+        if table is None:
+            table = self.copies[str(device)] = self.table.reshape(-1).to(device)
+        index = images.to(torch.int64)
+        index += torch.arange(0, 3 * 256, 256, device=device).view(3, 1, 1)  # channel c reads row c
+        return table[index]
+
+
+def split_transform(transform: Callable) -> Pixels:
+    """:class:`Pixels` for a torchvision ``Compose`` that ends in ToTensor then Normalize (open_clip's and
+    APE's transforms do), else the whole transform in the workers."""
+    from PIL import Image
+    from torchvision import transforms
+
+    steps = list(getattr(transform, "transforms", ()))
+    at = next((n for n, step in enumerate(steps) if isinstance(step, transforms.ToTensor)), None)
+    if at is None or not all(isinstance(step, transforms.Normalize) for step in steps[at + 1:]):
+        return Pixels(transform)
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # 1 × 256 pixels: every value
+    table = transforms.Compose(steps[at:])(Image.fromarray(ramp, "RGB"))
+    return Pixels(UpToTensor(steps[:at]), table.reshape(3, 256).float().contiguous())
 
 
 class PilImages:
@@ -84,8 +154,11 @@ class RawBytes:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Item:
-        try:
-            return index, np.fromfile(self.paths[index], dtype=np.uint8), None
+        try:  # readinto releases the GIL while it reads (numpy's fromfile held it: 16 readers starved the encoder)
+            with open(self.paths[index], "rb", buffering=0) as file:
+                data = bytearray(os.fstat(file.fileno()).st_size)
+                size = file.readinto(data)
+            return index, np.frombuffer(data, dtype=np.uint8, count=size), None
         except OSError as error:
             return index, None, str(error).split("\n")[0] or type(error).__name__
 
@@ -99,17 +172,128 @@ def read_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], thread
     from concurrent.futures import ThreadPoolExecutor
 
     source = RawBytes(paths)
-    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="apecli-read")
+    threads = max(1, threads)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="apecli-read")
     queued: deque = deque()
+
+    def read(indices: Sequence[int]) -> list[Item]:
+        return [source[index] for index in indices]
+
+    def submit(batch: Sequence[int]) -> list:  # a share of the batch a thread: few tasks, little time under the GIL
+        share = max(1, -(-len(batch) // threads))
+        return [pool.submit(read, batch[start:start + share]) for start in range(0, len(batch), share)]
+
     try:
         for batch in batches:
-            queued.append([pool.submit(source.__getitem__, index) for index in batch])
+            queued.append(submit(batch))
             if len(queued) > ahead:
-                yield Batch.collate([future.result() for future in queued.popleft()])
+                yield Batch.collate([item for future in queued.popleft() for item in future.result()])
         while queued:
-            yield Batch.collate([future.result() for future in queued.popleft()])
+            yield Batch.collate([item for future in queued.popleft() for item in future.result()])
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+LOADER_TENSORS = 32  # about how many image tensors a loader worker hands over at a time
+
+
+def pieces(batches: Sequence[Sequence[int]], views: int) -> list[list[int]]:
+    """The batches cut into what a loader worker hands over at a time: about :data:`LOADER_TENSORS` tensors."""
+    step = _piece_images(views)
+    return [list(batch[start:start + step]) for batch in batches for start in range(0, len(batch), step)]
+
+
+def _piece_images(views: int) -> int:
+    return max(1, LOADER_TENSORS // max(views, 1))
+
+
+def pil_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], transform: Callable, views: int, seed: int,
+                workers: int, device) -> Iterator["Batch"]:
+    """The given batches, decoded by PIL and ``transform`` (see :class:`PilImages`) in ``workers``
+    loader processes, each on ``device``.
+
+    Workers decode pieces of about :data:`LOADER_TENSORS` tensors, which are joined back into the
+    batches here: with a whole batch a worker, 16 workers given 256 images each would deliver nothing
+    for seconds, then everything at once, and the encoder would wait, then the workers.
+    """
+    import torch
+
+    step = _piece_images(views)
+    loader = torch.utils.data.DataLoader(PilImages(paths, transform, views, seed), batch_sampler=pieces(batches, views),
+                                         num_workers=workers, collate_fn=Batch.collate,
+                                         pin_memory=torch.device(device).type == "cuda")
+    decoded = iter(loader)
+    for batch in batches:
+        yield Batch.join([next(decoded).to(device) for _ in range(0, len(batch), step)])
+
+
+def decoded_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], threads: int, encoder,
+                    pixels: Pixels, ahead: int = 2) -> Iterator["Batch"]:
+    """The given batches read by :func:`read_batches` and decoded by :func:`decode_on_device` on the
+    encoder's device, by a thread of their own, up to ``ahead`` batches before the one in use.
+
+    The decoder blocks its thread until its batch is decoded, so decoding in the encoding thread left
+    the encoder without queued work meanwhile. On CUDA the decoding thread also has a stream of its own,
+    of higher priority than the encoder's (its kernels are short and the encoder waits on them), and the
+    encoder's stream waits for each batch's event there.
+    """
+    import queue
+    import threading
+    from contextlib import nullcontext
+
+    import torch
+
+    device = encoder.device
+    side = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
+    ready: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        """Put ``item`` for the consumer; False once it has stopped."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def decode() -> None:
+        reading = read_batches(paths, batches, threads)
+        outcome: tuple = (None, None, None)  # the end
+        try:
+            with torch.cuda.stream(side) if side is not None else nullcontext():
+                for batch in reading:
+                    batch = decode_on_device(batch, paths, encoder, pixels)
+                    done = None
+                    if side is not None:
+                        done = torch.cuda.Event()
+                        done.record(side)
+                    if not offer((batch, done, None)):
+                        return
+        except BaseException as failure:  # noqa: BLE001 - raised again in the consumer's thread
+            outcome = (None, None, failure)
+        finally:
+            reading.close()
+        offer(outcome)
+
+    decoding = threading.Thread(target=decode, name="apecli-decode", daemon=True)
+    decoding.start()
+    try:
+        while True:
+            batch, done, failure = ready.get()
+            if failure is not None:
+                raise failure
+            if batch is None:
+                return
+            if done is not None:
+                encoding = torch.cuda.current_stream(device)
+                encoding.wait_event(done)
+                batch.images.record_stream(encoding)  # its memory is not reused until the encoder has read it
+            yield batch
+    finally:
+        stop.set()
+        decoding.join()
 
 
 @dataclass(frozen=True)
@@ -131,6 +315,19 @@ class Batch:
         data = [value for _, value, error in items if error is None]
         images = torch.stack(data) if data and isinstance(data[0], torch.Tensor) else data
         return cls([index for index, _, _ in items], [error for _, _, error in items], images)
+
+    @classmethod
+    def join(cls, parts: list["Batch"]) -> "Batch":
+        """Consecutive batches as one, in order."""
+        import torch
+
+        tensors = [part.images for part in parts if isinstance(part.images, torch.Tensor) and len(part.images)]
+        images = torch.cat(tensors) if tensors else [image for part in parts for image in part.images]
+        return cls([i for part in parts for i in part.indices], [e for part in parts for e in part.errors], images)
+
+    def to(self, device) -> "Batch":
+        """The batch with its image tensor on ``device`` (copied asynchronously from pinned memory)."""
+        return replace(self, images=self.images.to(device, non_blocking=True)) if hasattr(self.images, "to") else self
 
     @property
     def readable(self) -> list[int]:
@@ -203,14 +400,16 @@ def jpeg_decoder(device: str) -> JpegDecoder:
     raise ApecliError(f"--decode gpu: no JPEG decoder works on {device} ({'; '.join(failures)}); use --decode pil")
 
 
-def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, device) -> Batch:
-    """A batch of raw bytes as normalised image tensors on ``device`` (JPEGs batched there, others by PIL).
+def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixels) -> Batch:
+    """A batch of raw bytes as uint8 images of the model's size on the encoder's device, as ``pixels``
+    gives them (JPEGs decoded together there, other files by PIL and ``pixels.on_image``).
 
-    The JPEGs are decoded in one call; images of the same size are resized and cropped together, and the
-    whole batch is normalised at once, so the number of device operations does not grow with the batch.
+    The JPEGs are decoded in one call, and images of the same size are resized and cropped together, so
+    the number of device operations does not grow with the batch.
     """
     import torch
 
+    device = encoder.device
     decode = jpeg_decoder(str(device)).decode
     jpegs = [(index, data) for index, data in zip(batch.readable, batch.images) if is_jpeg(data)]
     decoded: dict[int, torch.Tensor] = {}
@@ -224,7 +423,7 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, device) -> Ba
                     decoded[index] = decode([torch.from_numpy(data)], device)[0]
                 except (RuntimeError, ValueError):
                     pass
-    ready = _resize_crop_normalise(decoded, encoder, device)
+    ready = _resize_crop(decoded, encoder)
     errors, tensors = list(batch.errors), []
     for position, index in enumerate(batch.indices):
         if errors[position] is not None:
@@ -233,10 +432,10 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, device) -> Ba
             tensors.append(ready[index])
             continue
         try:  # not a JPEG, or not one the decoder reads: the faithful path
-            tensors.append(encoder.eval_transform(_open_rgb(paths[index])).to(device))
+            tensors.append(pixels.on_image(_open_rgb(paths[index])).to(device))
         except (OSError, ValueError, SyntaxError) as failure:
             errors[position] = str(failure).split("\n")[0] or type(failure).__name__
-    images = torch.stack(tensors) if tensors else torch.empty((0, 3, *encoder.image_size), device=device)
+    images = torch.stack(tensors) if tensors else torch.empty((0, 3, *encoder.image_size), dtype=torch.uint8, device=device)
     return Batch(batch.indices, errors, images)
 
 
@@ -244,6 +443,9 @@ def device_decoder(encoder) -> JpegDecoder:
     """The JPEG decoder the device path will use for this encoder, or one clear refusal where that path
     cannot serve it: it resizes in open_clip's ``shortest`` (to a square) and ``squash`` modes, bicubic
     or bilinear, as the model's config says, and needs a decoder that works on the encoder's device."""
+    if split_transform(encoder.eval_transform).table is None:
+        raise ApecliError(f"--decode gpu needs {encoder.name}'s evaluation transform to end in ToTensor and Normalize; "
+                          "use --decode pil")
     mode = encoder.preprocess_config.get("resize_mode", "shortest")
     if mode not in ("shortest", "squash") or mode == "shortest" and encoder.image_size[0] != encoder.image_size[1]:
         raise ApecliError(f"--decode gpu does not do {encoder.name}'s '{mode}' resizing to {list(encoder.image_size)}; "
@@ -251,9 +453,9 @@ def device_decoder(encoder) -> JpegDecoder:
     return jpeg_decoder(str(encoder.device))
 
 
-def _resize_crop_normalise(images: dict, encoder, device) -> dict:
-    """uint8 C×H×W images → normalised float 3×size tensors, as the model's evaluation transform makes them:
-    the shortest side to size then a centre crop (``shortest``), or straight to size (``squash``),
+def _resize_crop(images: dict, encoder) -> dict:
+    """uint8 C×H×W images → uint8 3×size images, as the model's evaluation transform resizes and crops
+    them: the shortest side to size then a centre crop (``shortest``), or straight to size (``squash``),
     antialiased, with the model's interpolation."""
     import torch
     from torchvision.transforms.v2 import functional as F
@@ -261,18 +463,12 @@ def _resize_crop_normalise(images: dict, encoder, device) -> dict:
     size, config = list(encoder.image_size), encoder.preprocess_config
     interpolation = F.InterpolationMode.BILINEAR if config.get("interpolation") == "bilinear" else F.InterpolationMode.BICUBIC
     squash = config.get("resize_mode", "shortest") == "squash"
-    if not images:
-        return {}
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for index, image in images.items():
         by_shape.setdefault(tuple(image.shape), []).append(index)
-    order, cropped = [], []
+    ready = {}
     for indices in by_shape.values():
         batch = torch.stack([images[index] for index in indices])
         batch = F.resize(batch, size if squash else [size[0]], interpolation=interpolation, antialias=True)
-        cropped.append(batch if squash else F.center_crop(batch, size))
-        order += indices
-    pixels = torch.cat(cropped).float().div_(255)
-    mean, std = (torch.tensor(values, device=device).view(3, 1, 1) for values in (encoder.mean, encoder.std))
-    pixels = (pixels - mean) / std
-    return dict(zip(order, pixels))
+        ready.update(zip(indices, batch if squash else F.center_crop(batch, size)))
+    return ready
