@@ -1,19 +1,27 @@
-"""Extraction throughput: decoding, encoding, and apecli's loader that overlaps them.
+"""Extraction throughput: decoding, encoding, and apecli's extraction loop that overlaps them.
 
 On generated 500 × 375 JPEGs, measures images per second of
-- decode: PIL decoding + the evaluation transform in --workers processes, no encoder;
-- encode: the encoder alone on ready tensors;
-- apecli: `apecli.extract.encode_split`, the extraction loop (decoding in --workers processes
-  overlapped with encoding), and the same loop with decoding in the main process (--workers 0),
-  which is the baseline the ratio is taken against;
-- on a CUDA device also: JPEG decoding on the GPU alone, with each decoder that works there (TorchCodec,
-  torchvision), and the extraction loop with --decode gpu (the decoder it picks), with the cosine
-  similarity of its features to the default path's on the same images.
-The share of time spent decoding is that of a serial loop: decode / (decode + encode) per image.
+- PIL decoding in --workers loader processes alone: what extraction's workers do (decode, resize,
+  crop, hand over uint8 pixels in pieces), received and dropped, the ceiling of the default path; the
+  same received as extraction receives it (pinned, moved to the device, joined, normalised) with no
+  encoder; and, for comparison with earlier figures, the model's whole transform in --workers
+  processes, a batch each;
+- the encoder alone, on ready tensors;
+- apecli's extraction (`apecli.extract.encode_split`) with --workers loader processes, and, as the
+  baseline the ratio is taken against, with decoding in the main process (--workers 0, on the first
+  --baseline-images images: it runs at a single core's pace);
+- on a CUDA device also: JPEG decoding on the GPU alone (bytes read by --workers threads, decoded,
+  resized, cropped and normalised on the decoding stream) and extraction with --decode gpu end to end,
+  each with every decoder that works there (TorchCodec, torchvision), and the cosine similarity of the
+  --decode gpu features to the default path's on the same images.
+--repeat N measures the loader's ceiling and the extraction loops N times, alternately, since a shared
+machine's ceiling moves between runs.
 
     python benchmarks/extract_throughput.py --model ViT-B-16 --images 64            # CPU, encoder-bound
     python benchmarks/extract_throughput.py --model tiny --images 512               # CPU, decoding-bound
-    python benchmarks/extract_throughput.py --model ViT-B-16 --images 4096 --batch-size 256 --workers 16 --device cuda
+    python benchmarks/extract_throughput.py --model ViT-B-16 --images 8192 --batch-size 256 --workers 16 --device cuda --repeat 2
+    python benchmarks/extract_throughput.py --model ViT-B-16 --images 8192 --batch-size 256 --workers 16 --device cuda \
+        --repeat 4 --gpu-only                                                    # a short GPU check of --decode gpu
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import os
 import platform
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,25 +44,27 @@ def make_jpegs(folder: Path, count: int) -> list[Path]:
     rng = np.random.default_rng(0)
     field = rng.normal(scale=40, size=(375 + 64, 500 + 64, 3)).astype(np.float32)
     gradient = np.linspace(0, 80, 500, dtype=np.float32)[None, :, None]
-    paths = []
-    for index in range(count):
-        top, left = rng.integers(0, 64, size=2)
-        base = rng.integers(0, 255, size=(1, 1, 3))
-        pixels = np.clip(base + field[top : top + 375, left : left + 500] + gradient, 0, 255).astype(np.uint8)
+    corners, bases = rng.integers(0, 64, size=(count, 2)), rng.integers(0, 255, size=(count, 1, 1, 3))
+
+    def write(index: int) -> Path:
+        top, left = corners[index]
+        pixels = np.clip(bases[index] + field[top : top + 375, left : left + 500] + gradient, 0, 255).astype(np.uint8)
         path = folder / f"{index:05d}.jpg"
         Image.fromarray(pixels).save(path, quality=90)
-        paths.append(path)
-    return paths
+        return path
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL encodes without the GIL
+        return list(pool.map(write, range(count)))
 
 
 def main() -> None:
     import torch
 
-    from apecli.encoder import EncoderSpec, load_encoder
-    from apecli.extract import ExtractSettings, encode_split
     from apecli import images
+    from apecli.encoder import EncoderSpec, load_encoder
     from apecli.errors import ApecliError
-    from apecli.images import Batch, PilImages, RawBytes, decode_on_device, read_batches
+    from apecli.extract import ExtractSettings, encode_split
+    from apecli.images import Batch, PilImages, decoded_batches, pieces, pil_batches, split_transform
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model (random weights: same cost), or 'tiny'")
@@ -61,6 +72,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--baseline-images", type=int, default=512, help="images the single-process rates are taken on")
+    parser.add_argument("--repeat", type=int, default=1, help="times the ceiling and the extraction loops are measured")
+    parser.add_argument("--gpu-only", action="store_true", help="the encoder, the baseline and the --decode gpu steps alone")
     args = parser.parse_args()
 
     shown = args.model
@@ -70,34 +84,58 @@ def main() -> None:
 
             args.model = str(tiny_model_config(Path(folder)))
         encoder = load_encoder(EncoderSpec(args.model, "none", args.device))
+        on_gpu = encoder.device.type == "cuda"
+        if args.gpu_only and not on_gpu:
+            parser.error("--gpu-only needs a CUDA device")
         paths = make_jpegs(Path(folder), args.images)
+        few = paths[: min(args.baseline_images, len(paths))]
+        pixels = split_transform(encoder.eval_transform)
+        batches = [list(range(start, min(start + args.batch_size, len(paths)))) for start in range(0, len(paths), args.batch_size)]
 
-        def rate(run) -> float:
+        def rate(run, count: int = args.images) -> float:
             start = time.perf_counter()
             run()
-            if encoder.device.type == "cuda":
+            if on_gpu:
                 torch.cuda.synchronize()
-            return args.images / (time.perf_counter() - start)
+            return count / (time.perf_counter() - start)
 
-        def decode(workers: int) -> None:
-            loader = torch.utils.data.DataLoader(PilImages(paths, encoder.eval_transform, 0, 1), batch_size=args.batch_size,
+        def decode_whole(subset: list[Path], workers: int) -> None:  # the whole transform, a batch per worker
+            loader = torch.utils.data.DataLoader(PilImages(subset, encoder.eval_transform, 0, 1), batch_size=args.batch_size,
                                                  num_workers=workers, collate_fn=Batch.collate)
             for _ in loader:
                 pass
 
-        def decode_gpu() -> None:  # files read by threads, as extraction reads them for --decode gpu
-            batches = [list(range(start, min(start + args.batch_size, len(paths))))
-                       for start in range(0, len(paths), args.batch_size)]
-            for batch in read_batches(paths, batches, args.workers):
-                decode_on_device(batch, paths, encoder, encoder.device)
+        def workers_alone() -> None:  # what extraction's workers do, handed over and dropped: the PIL ceiling
+            loader = torch.utils.data.DataLoader(PilImages(paths, pixels.on_image, 0, 1), batch_sampler=pieces(batches, 0),
+                                                 num_workers=args.workers, collate_fn=Batch.collate)
+            for _ in loader:
+                pass
+
+        def loader_alone() -> None:  # extraction without its encoder: pieces pinned, moved and joined on the device
+            for batch in pil_batches(paths, batches, pixels.on_image, 0, 1, args.workers, encoder.device):
+                pixels.model_input(batch.images, encoder.device)
+
+        def decode_gpu() -> None:  # what --decode gpu does before the encoder
+            for batch in decoded_batches(paths, batches, args.workers, encoder, pixels):
+                pixels.model_input(batch.images, encoder.device)
 
         batch = torch.randn(args.batch_size, 3, *encoder.image_size, device=encoder.device)
         encoder.encode_images(batch)  # warm-up: the kernels for this batch size
-        raw = RawBytes(paths[:8])
-        warm_up = Batch.collate([raw[i] for i in range(len(raw))])
 
-        def decoders_on_device() -> dict[str, float]:
-            """GPU decoding's rate with each decoder that works on the device, alone."""
+        def encode() -> None:  # ready tensors already on the device, batches queued back to back
+            pending = [encoder.start_encoding(batch) for _ in range(0, args.images, args.batch_size)]
+            for result in pending:
+                result()
+
+        features = {}
+
+        def extraction(subset: list[Path], workers: int, decode: str = "pil") -> None:
+            settings = ExtractSettings(batch_size=args.batch_size, workers=workers, chunk_images=len(subset), decode=decode)
+            with tempfile.TemporaryDirectory() as work:
+                features[decode], _, _ = encode_split(encoder, "test", subset, 0, Path(work), settings, None)
+
+        def each_decoder(measure) -> dict[str, float]:
+            """``measure()`` with each JPEG decoder that works on the device, after a warm-up."""
             rates, preferred = {}, images.DECODERS
             try:
                 for entry in preferred:
@@ -108,53 +146,57 @@ def main() -> None:
                     except ApecliError as failure:
                         print(failure)
                         continue
-                    decode_on_device(warm_up, paths, encoder, encoder.device)  # warm-up: this decoder's state
-                    rates[name] = rate(decode_gpu)
+                    for _ in decoded_batches(paths[:8], [list(range(8))], 1, encoder, pixels):
+                        pass  # warm-up: this decoder's state
+                    rates[name] = measure()
             finally:
                 images.DECODERS = preferred
                 images.jpeg_decoder.cache_clear()
             return rates
 
-        def encode() -> None:  # ready tensors already on the device, batches queued back to back
-            pending = [encoder.start_encoding(batch) for _ in range(0, args.images, args.batch_size)]
-            for result in pending:
-                result()
-
-        features = {}
-
-        def extraction(workers: int, decode: str = "pil") -> None:
-            settings = ExtractSettings(batch_size=args.batch_size, workers=workers, chunk_images=args.images, decode=decode)
-            with tempfile.TemporaryDirectory() as work:
-                features[decode], _, _ = encode_split(encoder, "test", paths, 0, Path(work), settings, None)
-
-        decode_one, decode_many = rate(lambda: decode(0)), rate(lambda: decode(args.workers))
         encode_rate = rate(encode)
-        serial, overlapped = rate(lambda: extraction(0)), rate(lambda: extraction(args.workers))
-        on_gpu = encoder.device.type == "cuda"
+        serial = rate(lambda: extraction(few, 0), len(few))
+        decode_one = rate(lambda: decode_whole(few, 0), len(few))
+        whole_many = None if args.gpu_only else rate(lambda: decode_whole(paths, args.workers))
+        ceilings, loaders, overlapped = [], [], []
+        for _ in range(0 if args.gpu_only else args.repeat):
+            ceilings.append(rate(workers_alone))
+            loaders.append(rate(loader_alone))
+            overlapped.append(rate(lambda: extraction(paths, args.workers)))
         if on_gpu:
-            gpu_decode = decoders_on_device()
-            decode_on_device(warm_up, paths, encoder, encoder.device)
-            gpu_end_to_end = rate(lambda: extraction(args.workers, "gpu"))
-    device = torch.cuda.get_device_name(0) if encoder.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+            gpu_decode = each_decoder(lambda: rate(decode_gpu))
+            gpu_end_to_end = each_decoder(lambda: [rate(lambda: extraction(paths, args.workers, "gpu"))
+                                                   for _ in range(args.repeat)])
+            if not args.gpu_only:
+                extraction(paths, args.workers, "gpu")  # with the preferred decoder, for the features
+    device = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({os.cpu_count()} cores)"
     share = (1 / decode_one) / (1 / decode_one + 1 / encode_rate)
+    runs = lambda values: ", ".join(f"{value:,.1f}" for value in values)  # noqa: E731
     print(f"machine: {platform.machine()}, {device}, torch {torch.__version__}; {shown} {encoder.spec.resolved_precision()}, "
-          f"{args.images} JPEGs 500x375, batch {args.batch_size}, {args.workers} workers")
-    print(f"decode (PIL + eval transform): {decode_one:8.1f} img/s in 1 process, {decode_many:8.1f} img/s in {args.workers} workers")
-    print(f"encode alone:                  {encode_rate:8.1f} img/s")
+          f"{args.images} JPEGs 500x375, batch {args.batch_size}, {args.workers} workers, loader pieces of "
+          f"{images.LOADER_TENSORS} images")
+    print(f"decode (PIL + whole eval transform): {decode_one:8.1f} img/s in 1 process ({len(few)} images)"
+          + ("" if whole_many is None else f", {whole_many:8.1f} img/s in {args.workers} workers (a batch each)"))
+    print(f"encode alone:                        {encode_rate:8.1f} img/s")
     print(f"share of a serial loop's time spent decoding: {share:.0%}")
-    print(f"apecli extraction, decoding in the main process (baseline): {serial:8.1f} img/s")
-    print(f"apecli extraction, {args.workers} decoding workers overlapped:     {overlapped:8.1f} img/s; "
-          f"ratio {overlapped / serial:.2f}x; {overlapped / min(decode_many, encode_rate):.0%} of the slower stage's ceiling")
+    print(f"apecli extraction, decoding in the main process (baseline, {len(few)} images): {serial:8.1f} img/s")
+    for number, (ceiling, loader, value) in enumerate(zip(ceilings, loaders, overlapped), 1):
+        print(f"run {number}: {args.workers} PIL workers alone (the ceiling): {ceiling:8.1f} img/s; extraction without "
+              f"the encoder: {loader:8.1f} img/s; extraction, default path: {value:8.1f} img/s, {value / ceiling:.0%} of the ceiling, "
+              f"ratio {value / serial:.2f}x to the baseline, {value / min(ceiling, encode_rate):.0%} of the slower stage")
     if on_gpu:
         for name, value in gpu_decode.items():
             print(f"decode on the GPU with {name} (bytes read by {args.workers} threads, resize/crop/normalise): {value:8.1f} img/s")
-        print(f"apecli extraction with --decode gpu ({images.jpeg_decoder(str(encoder.device)).name}): "
-              f"{gpu_end_to_end:8.1f} img/s; ratio {gpu_end_to_end / serial:.2f}x "
-              f"to the baseline, {gpu_end_to_end / overlapped:.2f}x to the PIL path")
+        for name, values in gpu_end_to_end.items():
+            print(f"apecli extraction with --decode gpu ({name}): {runs(values)} img/s (mean {np.mean(values):,.1f}); "
+                  f"ratio {np.mean(values) / serial:.2f}x to the baseline, "
+                  f"{np.mean(values) / min(encode_rate, gpu_decode[name]):.0%} of the slower stage")
+        if args.gpu_only:
+            return
         pil, gpu = (features[d] / np.linalg.norm(features[d], axis=1, keepdims=True) for d in ("pil", "gpu"))
         cosine = np.sum(pil * gpu, axis=1)
-        print(f"cosine of --decode gpu features to the PIL path's: min {cosine.min():.5f}, mean {cosine.mean():.5f}, "
-              f"median {np.median(cosine):.5f}")
+        print(f"cosine of --decode gpu features ({images.jpeg_decoder(str(encoder.device)).name}) to the PIL path's: "
+              f"min {cosine.min():.5f}, mean {cosine.mean():.5f}, median {np.median(cosine):.5f}")
 
 
 if __name__ == "__main__":
