@@ -82,7 +82,7 @@ class Pixels:
 
     on_image: Callable
     table: Any = None  # 3 × 256 float32 tensor
-    copies: dict = field(default_factory=dict, compare=False, repr=False)  # the table on each device
+    copies: dict = field(default_factory=dict, compare=False, repr=False)  # device → (flat table, row offsets)
 
     def model_input(self, images, device):
         """A batch (… × 3 × H × W) of ``on_image``'s tensors as the model's input on ``device``."""
@@ -91,12 +91,11 @@ class Pixels:
         images = images.to(device, non_blocking=True)
         if self.table is None:
             return images
-        table = self.copies.get(str(device))
-        if table is None:
-            table = self.copies[str(device)] = self.table.reshape(-1).to(device)
-        index = images.to(torch.int64)
-        index += torch.arange(0, 3 * 256, 256, device=device).view(3, 1, 1)  # channel c reads row c
-        return table[index]
+        if str(device) not in self.copies:
+            offsets = torch.arange(0, 3 * 256, 256, device=device).view(3, 1, 1)  # channel c reads row c
+            self.copies[str(device)] = self.table.reshape(-1).to(device), offsets
+        table, offsets = self.copies[str(device)]
+        return table[images.to(torch.int64) + offsets]
 
 
 def split_transform(transform: Callable) -> Pixels:
@@ -154,7 +153,7 @@ class RawBytes:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Item:
-        try:  # readinto releases the GIL while it reads (numpy's fromfile held it: 16 readers starved the encoder)
+        try:  # readinto releases the GIL while it reads (numpy's fromfile held it, and the encoding thread waited)
             with open(self.paths[index], "rb", buffering=0) as file:
                 data = bytearray(os.fstat(file.fileno()).st_size)
                 size = file.readinto(data)
