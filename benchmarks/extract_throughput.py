@@ -13,7 +13,11 @@ On generated 500 × 375 JPEGs, measures images per second of
 - on a CUDA device also: JPEG decoding on the GPU alone (bytes read by --workers threads, decoded,
   resized, cropped and normalised on the decoding stream) and extraction with --decode gpu end to end,
   each with every decoder that works there (TorchCodec, torchvision), and the cosine similarity of the
-  --decode gpu features to the default path's on the same images.
+  --decode gpu features to the default path's on the same images. The encoder alone and --decode gpu
+  are measured twice, alternately: with recurring batch shapes replayed from CUDA graphs (as
+  APECLI_CUDA_GRAPHS=1 runs them), and with the encoder eager (every kernel launched from Python, the
+  default), the baseline of the graphs' ratio, --repeat times, which goes first alternating. The other
+  figures are the default's.
 --repeat N measures the loader's ceiling and the extraction loops N times, alternately, since a shared
 machine's ceiling moves between runs.
 
@@ -57,11 +61,16 @@ def make_jpegs(folder: Path, count: int) -> list[Path]:
         return list(pool.map(write, range(count)))
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row by row."""
+    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
 def main() -> None:
     import torch
 
     from apecli import images
-    from apecli.encoder import EncoderSpec, load_encoder
+    from apecli.encoder import EncoderSpec, Graphs, load_encoder
     from apecli.errors import ApecliError
     from apecli.extract import ExtractSettings, encode_split
     from apecli.images import Batch, PilImages, decoded_batches, pieces, pil_batches, split_transform
@@ -119,8 +128,20 @@ def main() -> None:
             for batch in decoded_batches(paths, batches, args.workers, encoder, pixels):
                 pixels.model_input(batch.images, encoder.device)
 
+        # the encoder as APECLI_CUDA_GRAPHS=1 runs it, and eager (the default, and the graphs' baseline)
+        graphed, eager = Graphs(encoder.encode_eagerly, encoder.capture_graph if on_gpu else None), Graphs(encoder.encode_eagerly, None)
         batch = torch.randn(args.batch_size, 3, *encoder.image_size, device=encoder.device)
-        encoder.encode_images(batch)  # warm-up: the kernels for this batch size
+
+        def with_graphs(on: bool, measure):
+            """``measure()`` with the encoder's CUDA graphs, or with every batch eager (the default)."""
+            encoder.graphs = graphed if on else eager
+            try:
+                return measure()
+            finally:
+                encoder.graphs = eager
+
+        for on in (False, True):  # warm-up: the kernels for this batch size, and on CUDA its graph
+            with_graphs(on, lambda: [encoder.encode_images(batch) for _ in range(2)])
 
         def encode() -> None:  # ready tensors already on the device, batches queued back to back
             pending = [encoder.start_encoding(batch) for _ in range(0, args.images, args.batch_size)]
@@ -154,7 +175,14 @@ def main() -> None:
                 images.jpeg_decoder.cache_clear()
             return rates
 
-        encode_rate = rate(encode)
+        def both_ways(measure) -> list[tuple]:
+            """(eager, with CUDA graphs) ``measure()``, --repeat times; which goes first alternates."""
+            return [tuple(reversed([with_graphs(on, measure) for on in (True, False)])) if turn % 2 else
+                    tuple(with_graphs(on, measure) for on in (False, True)) for turn in range(args.repeat)]
+
+        encodes = both_ways(lambda: rate(encode)) if on_gpu else [(rate(encode), None)]
+        encode_rate = float(np.mean([eager for eager, _ in encodes]))
+        encode_graphed = float(np.mean([graphed for _, graphed in encodes])) if on_gpu else None
         serial = rate(lambda: extraction(few, 0), len(few))
         decode_one = rate(lambda: decode_whole(few, 0), len(few))
         whole_many = None if args.gpu_only else rate(lambda: decode_whole(paths, args.workers))
@@ -165,8 +193,11 @@ def main() -> None:
             overlapped.append(rate(lambda: extraction(paths, args.workers)))
         if on_gpu:
             gpu_decode = each_decoder(lambda: rate(decode_gpu))
-            gpu_end_to_end = each_decoder(lambda: [rate(lambda: extraction(paths, args.workers, "gpu"))
-                                                   for _ in range(args.repeat)])
+            gpu_end_to_end = each_decoder(lambda: both_ways(lambda: rate(lambda: extraction(paths, args.workers, "gpu"))))
+            both = []  # the features of --decode gpu with CUDA graphs and eager
+            for on in (True, False):
+                with_graphs(on, lambda: extraction(few, args.workers, "gpu"))
+                both.append(features["gpu"])
             if not args.gpu_only:
                 extraction(paths, args.workers, "gpu")  # with the preferred decoder, for the features
     device = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({os.cpu_count()} cores)"
@@ -177,7 +208,11 @@ def main() -> None:
           f"{images.LOADER_TENSORS} images")
     print(f"decode (PIL + whole eval transform): {decode_one:8.1f} img/s in 1 process ({len(few)} images)"
           + ("" if whole_many is None else f", {whole_many:8.1f} img/s in {args.workers} workers (a batch each)"))
-    print(f"encode alone:                        {encode_rate:8.1f} img/s")
+    print(f"encode alone:                        {encode_rate:8.1f} img/s"
+          + ("" if encode_graphed is None else f" eager (the default), {encode_graphed:8.1f} img/s with CUDA graphs, "
+                                               f"ratio {encode_graphed / encode_rate:.2f}x (means of {args.repeat})"))
+    if graphed.failure:
+        print(f"CUDA graph capture failed: {graphed.failure}")
     print(f"share of a serial loop's time spent decoding: {share:.0%}")
     print(f"apecli extraction, decoding in the main process (baseline, {len(few)} images): {serial:8.1f} img/s")
     for number, (ceiling, loader, value) in enumerate(zip(ceilings, loaders, overlapped), 1):
@@ -187,16 +222,21 @@ def main() -> None:
     if on_gpu:
         for name, value in gpu_decode.items():
             print(f"decode on the GPU with {name} (bytes read by {args.workers} threads, resize/crop/normalise): {value:8.1f} img/s")
-        for name, values in gpu_end_to_end.items():
+        for name, pairs in gpu_end_to_end.items():
+            values, graphs = [a for a, _ in pairs], [b for _, b in pairs]
             print(f"apecli extraction with --decode gpu ({name}): {runs(values)} img/s (mean {np.mean(values):,.1f}); "
                   f"ratio {np.mean(values) / serial:.2f}x to the baseline, "
-                  f"{np.mean(values) / min(encode_rate, gpu_decode[name]):.0%} of the slower stage")
+                  f"{np.mean(values) / min(encode_rate, gpu_decode[name]):.0%} of the slower stage; "
+                  f"with CUDA graphs: {runs(graphs)} img/s (mean {np.mean(graphs):,.1f}), "
+                  f"graphs/eager {np.mean(graphs) / np.mean(values):.2f}x")
+        same = np.all(both[0] == both[1], axis=1)
+        print(f"features with CUDA graphs against eager ({len(few)} images, --decode gpu): {same.sum()} equal bit for bit, "
+              f"largest difference {np.abs(both[0] - both[1]).max():.2e}, min cosine {cosine(*both).min():.6f}")
         if args.gpu_only:
             return
-        pil, gpu = (features[d] / np.linalg.norm(features[d], axis=1, keepdims=True) for d in ("pil", "gpu"))
-        cosine = np.sum(pil * gpu, axis=1)
+        cosines = cosine(features["pil"], features["gpu"])
         print(f"cosine of --decode gpu features ({images.jpeg_decoder(str(encoder.device)).name}) to the PIL path's: "
-              f"min {cosine.min():.5f}, mean {cosine.mean():.5f}, median {np.median(cosine):.5f}")
+              f"min {cosines.min():.5f}, mean {cosines.mean():.5f}, median {np.median(cosines):.5f}")
 
 
 if __name__ == "__main__":

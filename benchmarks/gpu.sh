@@ -4,9 +4,12 @@
 # training and ProKeR's search at ImageNet's shape on the GPU against the CPU.
 #
 #   bash benchmarks/gpu.sh [OUTPUT_FOLDER]          # default: gpu-results; PYTHON=... to pick the interpreter
-#   STEPS="tests throughput" bash benchmarks/gpu.sh # some of the steps: tests, throughput, device
+#   STEPS="tests throughput" bash benchmarks/gpu.sh # some of the steps: tests, throughput, decode, device
 #
-# Each step's output is also saved in OUTPUT_FOLDER (gpu.txt, tests.txt, throughput.txt, device.txt).
+# decode (not run by default): --decode gpu alone, with the encoder eager and with CUDA graphs, with 16
+# and with 8 reading threads (about a minute each).
+# Each step's output is also saved in OUTPUT_FOLDER (gpu.txt, tests.txt, throughput.txt, decode-16.txt,
+# decode-8.txt, device.txt).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-results}
@@ -30,6 +33,12 @@ fi
 if [[ $steps == *" throughput "* ]]; then
     "$python" benchmarks/extract_throughput.py --model ViT-B-16 --images 8192 --batch-size 256 \
         --workers "${WORKERS:-16}" --device cuda --repeat 2 2>&1 | tee "$out/throughput.txt" || status=1
+fi
+if [[ $steps == *" decode "* ]]; then
+    for threads in 16 8; do
+        "$python" benchmarks/extract_throughput.py --model ViT-B-16 --images 8192 --batch-size 256 --workers $threads \
+            --device cuda --repeat 4 --gpu-only 2>&1 | tee "$out/decode-$threads.txt" || status=1
+    done
 fi
 if [[ $steps == *" device "* ]]; then
     "$python" benchmarks/device_speed.py --device cuda 2>&1 | tee "$out/device.txt" || status=1

@@ -1029,3 +1029,42 @@ def test_decoding_ahead_in_a_thread_keeps_order_and_stops_with_its_consumer(tiny
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         next(decoding)
     assert not leftover()
+
+
+def test_recurring_batch_shapes_are_replayed_and_a_failed_capture_stays_eager(tiny, monkeypatch, caplog):
+    """The encoder's graph policy, with a stand-in capture: a shape's first batch runs eagerly, its second
+    is captured, later ones replay; at most ``most`` shapes; a capture that fails is said once and leaves
+    every later batch eager. Encoders capture only with APECLI_CUDA_GRAPHS=1."""
+    from apecli.encoder import Graphs, load_encoder
+
+    calls: list[tuple] = []
+
+    def capture(shape):
+        calls.append(("capture", shape))
+        return lambda batch: calls.append(("replay", tuple(batch.shape))) or "replayed"
+
+    def run(batch):
+        calls.append(("eager", tuple(batch.shape)))
+        return "eager"
+
+    graphs = Graphs(run, capture, most=1)
+    outputs = [graphs(np.zeros(shape)) for shape in ((4, 3), (4, 3), (2, 3), (4, 3), (2, 3), (2, 3))]
+    assert outputs == ["eager", "replayed", "eager", "replayed", "eager", "eager"]
+    assert calls == [("eager", (4, 3)), ("capture", (4, 3)), ("replay", (4, 3)), ("eager", (2, 3)),
+                     ("replay", (4, 3)), ("eager", (2, 3)), ("eager", (2, 3))]  # (2, 3): beyond most=1
+
+    def failing(shape):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    graphs = Graphs(run, failing)
+    with caplog.at_level("WARNING", logger="apecli"):
+        assert [graphs(np.zeros((4, 3))) for _ in range(4)] == ["eager"] * 4
+    assert graphs.failure == "operation not permitted when stream is capturing" and not graphs.replays
+    assert [record.getMessage() for record in caplog.records] == \
+        ["encoding without CUDA graphs: capture failed (operation not permitted when stream is capturing)"]
+
+    monkeypatch.delenv("APECLI_CUDA_GRAPHS", raising=False)
+    assert load_encoder(tiny).graphs.capture is None
+    monkeypatch.setenv("APECLI_CUDA_GRAPHS", "1")
+    encoder = load_encoder(tiny)
+    assert encoder.graphs.capture == encoder.capture_graph

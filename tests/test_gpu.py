@@ -52,6 +52,44 @@ def test_batches_in_flight_give_what_batches_one_by_one_give(tiny):
         np.testing.assert_allclose(queued, alone, rtol=0, atol=1e-3)
 
 
+def test_batches_replayed_from_cuda_graphs_give_the_eager_features(tiny):
+    """Batches queued before any is read, a shape's second one captured and later ones replayed into the
+    same output buffer: each batch's features are its own and what the eager forward pass gives."""
+    from apecli.encoder import Graphs
+
+    encoder = load_encoder(replace(tiny, device="cuda"))
+    encoder.graphs = Graphs(encoder.encode_eagerly, encoder.capture_graph)  # as APECLI_CUDA_GRAPHS=1 has it
+    generator = torch.Generator().manual_seed(1)
+    shapes = [64, 64, 64, 40, 64, 40, 40, 64]
+    batches = [torch.randn(n, 3, *encoder.image_size, generator=generator).cuda() for n in shapes]
+    started = [encoder.start_encoding(batch) for batch in batches]
+    graphed = [result() for result in started]
+    assert encoder.graphs.failure is None
+    assert sorted(encoder.graphs.replays) == [(40, 3, *encoder.image_size), (64, 3, *encoder.image_size)]
+    encoder.graphs = Graphs(encoder.encode_eagerly, None)
+    eager = [encoder.encode_images(batch) for batch in batches]
+    exact = sum(np.array_equal(a, b) for a, b in zip(graphed, eager))
+    print(f"graphed batches equal to the eager ones bit for bit: {exact} of {len(eager)}")
+    for replayed, alone in zip(graphed, eager):
+        np.testing.assert_allclose(replayed, alone, rtol=0, atol=1e-3)
+    assert not np.allclose(graphed[1], graphed[2], atol=1e-2)  # not one buffer read twice
+
+
+def test_graphs_captured_while_the_decoding_thread_runs_give_the_eager_features(tiny, caltech, tmp_path, monkeypatch):
+    """With APECLI_CUDA_GRAPHS=1, --decode gpu extraction captures its batch shapes while the decoding
+    thread decodes the next batches on its stream: the capture succeeds, and the features are the eager ones."""
+    paths = [path for path, _ in read_coop("caltech101", caltech).splits["train"]]  # 15: batches of 2, 2, 1 a chunk
+    settings = ExtractSettings(batch_size=2, workers=2, chunk_images=5, decode="gpu")
+    eager = load_encoder(replace(tiny, device="cuda"))
+    expected, _, _ = encode_split(eager, "eager", paths, 0, tmp_path / "eager", settings, None)
+    monkeypatch.setenv("APECLI_CUDA_GRAPHS", "1")
+    encoder = load_encoder(replace(tiny, device="cuda"))
+    graphed, ok, _ = encode_split(encoder, "graphed", paths, 0, tmp_path / "graphed", settings, None)
+    assert encoder.graphs.failure is None and len(encoder.graphs.replays) == 2 and not eager.graphs.replays
+    assert ok.all()
+    np.testing.assert_allclose(graphed, expected, rtol=0, atol=1e-3)
+
+
 def test_gpu_features_agree_with_cpu_features(tiny, caltech, tmp_path):
     paths = [path for path, _ in read_coop("caltech101", caltech).splits["test"]]
     settings = ExtractSettings(batch_size=4, chunk_images=5)

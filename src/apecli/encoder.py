@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,41 @@ def _checkpoint_sha256(path: str, size: int, modified_ns: int) -> str:
     return file_sha256(path)
 
 
+GRAPH_SHAPES = 2  # batch shapes an encoder keeps a CUDA graph for: a chunk's full batches and its last one
+
+
+class Graphs:
+    """A forward pass that runs batch shapes seen before as CUDA graphs.
+
+    Run eagerly, each of a model's kernels is launched from Python, and each launch needs the GIL, which
+    extraction's reading and decoding threads take turns with; a graph's replay is one call a batch.
+    The second batch of a shape is captured (the first runs eagerly, so a one-batch run captures
+    nothing), for at most :data:`GRAPH_SHAPES` shapes; other shapes run eagerly. A capture that fails
+    leaves the forward pass eager, said once on stderr. The graphs share one memory pool: they run one
+    after another on one stream, and each output is copied off before the next replay. ``capture``
+    None: every batch eager.
+    """
+
+    def __init__(self, run: Callable, capture: Callable | None, most: int = GRAPH_SHAPES) -> None:
+        self.run, self.capture, self.most = run, capture, most
+        self.seen: dict[tuple[int, ...], int] = {}
+        self.replays: dict[tuple[int, ...], Callable] = {}
+        self.failure: str | None = None
+
+    def __call__(self, batch):
+        shape = tuple(batch.shape)
+        replay = self.replays.get(shape)
+        if replay is None and self.capture is not None and self.failure is None and len(self.replays) < self.most:
+            self.seen[shape] = self.seen.get(shape, 0) + 1
+            if self.seen[shape] >= 2:
+                try:
+                    replay = self.replays[shape] = self.capture(shape)
+                except Exception as failure:  # noqa: BLE001 - an operation CUDA graphs cannot hold: stay eager
+                    self.failure = str(failure).splitlines()[0][:200] if str(failure) else type(failure).__name__
+                    logging.getLogger("apecli").warning(f"encoding without CUDA graphs: capture failed ({self.failure})")
+        return self.run(batch) if replay is None else replay(batch)
+
+
 class Encoder:
     """A loaded CLIP model with its transforms and tokenizer."""
 
@@ -227,16 +263,17 @@ class Encoder:
         """Queue a batch on the device; the returned function waits for its features and returns them.
 
         On CUDA the features travel back to pinned memory asynchronously, so the caller can prepare the
-        next batch (read it, decode it on the GPU's JPEG engines) while this one is encoded.
+        next batch (read it, decode it on the GPU's JPEG engines) while this one is encoded, and a batch
+        shape seen before runs as one CUDA graph (see :class:`Graphs`).
         """
         import torch
 
         with torch.inference_mode():
-            features = self.model.encode_image(batch.to(self.device, self.dtype, non_blocking=True)).float()
             if self.device.type != "cuda":
-                return features.cpu().numpy
+                return self.model.encode_image(batch.to(self.device, self.dtype)).float().cpu().numpy
+            features = self.graphs(batch)
             host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
-            host.copy_(features, non_blocking=True)
+            host.copy_(features, non_blocking=True)  # before the next replay overwrites a graph's output: same stream
             done = torch.cuda.Event(blocking=True)  # the waiting thread sleeps: loader processes need the cores
             done.record(torch.cuda.current_stream(self.device))  # the encoder's GPU, which need not be the current one
 
@@ -245,6 +282,48 @@ class Encoder:
             return host.numpy()
 
         return result
+
+    @functools.cached_property
+    def graphs(self) -> "Graphs":
+        """The CUDA encoder's forward pass; with ``APECLI_CUDA_GRAPHS=1``, replayed from a graph for
+        recurring batch shapes (off by default until measured on a GPU against the eager pass)."""
+        enabled = os.environ.get("APECLI_CUDA_GRAPHS", "").strip().lower() in ("1", "yes", "on", "true")
+        return Graphs(self.encode_eagerly, self.capture_graph if enabled else None)
+
+    @functools.cached_property
+    def _graph_pool(self):
+        import torch
+
+        return torch.cuda.graph_pool_handle()
+
+    def encode_eagerly(self, batch: "torch.Tensor") -> "torch.Tensor":
+        return self.model.encode_image(batch.to(self.device, self.dtype, non_blocking=True)).float()
+
+    def capture_graph(self, shape: tuple[int, ...]) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+        """The forward pass for batches of ``shape`` captured in a CUDA graph: a function that copies a batch
+        into the graph's input, replays it on the current stream and returns its output (overwritten by the
+        next replay)."""
+        import torch
+
+        with torch.cuda.device(self.device):
+            static = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            warm = torch.cuda.Stream(self.device)  # warm-up off the capturing stream, as capture requires
+            warm.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(warm):
+                for _ in range(2):
+                    self.model.encode_image(static)
+            torch.cuda.current_stream(self.device).wait_stream(warm)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the decoding thread goes on with its own CUDA calls meanwhile
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+                output = self.model.encode_image(static).float()
+
+        def replay(batch: "torch.Tensor") -> "torch.Tensor":
+            static.copy_(batch, non_blocking=True)
+            graph.replay()
+            return output
+
+        return replay
 
     def text_classifier(self, class_names: tuple[str, ...], templates: tuple[str, ...],
                         prompts: dict[str, list[str]] | None = None) -> np.ndarray:
