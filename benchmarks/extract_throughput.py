@@ -1,6 +1,8 @@
 """Extraction throughput: decoding, encoding, and apecli's extraction loop that overlaps them.
 
-On generated 500 × 375 JPEGs, measures images per second of
+On generated 500 × 375 JPEGs (or, with --sizes varied, JPEGs whose width and height are each drawn
+from 200 to 640 pixels, so that nearly every image has a size of its own, as in Caltech101 or DTD),
+measures images per second of
 - PIL decoding in --workers loader processes alone: what extraction's workers do (decode, resize,
   crop, hand over uint8 pixels in pieces), received and dropped, the ceiling of the default path; the
   same received as extraction receives it (pinned, moved to the device, joined, normalised) with no
@@ -26,6 +28,7 @@ machine's ceiling moves between runs.
     python benchmarks/extract_throughput.py --model ViT-B-16 --images 8192 --batch-size 256 --workers 16 --device cuda --repeat 2
     python benchmarks/extract_throughput.py --model ViT-B-16 --images 8192 --batch-size 256 --workers 16 --device cuda \
         --repeat 4 --gpu-only                                                    # a short GPU check of --decode gpu
+    python benchmarks/extract_throughput.py ... --sizes varied                   # images of many sizes
 """
 
 from __future__ import annotations
@@ -41,18 +44,23 @@ from pathlib import Path
 import numpy as np
 
 
-def make_jpegs(folder: Path, count: int) -> list[Path]:
-    """``count`` 500 × 375 JPEGs: a colour per image, a gradient, and noise cut from one shared field."""
+SIZES = {"fixed": "500x375", "varied": "200-640 x 200-640"}
+
+
+def make_jpegs(folder: Path, count: int, varied: bool = False) -> list[Path]:
+    """``count`` JPEGs, 500 × 375 or (``varied``) of widths and heights drawn from 200 to 640: a colour
+    per image, a gradient, and noise cut from one shared field."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    field = rng.normal(scale=40, size=(375 + 64, 500 + 64, 3)).astype(np.float32)
-    gradient = np.linspace(0, 80, 500, dtype=np.float32)[None, :, None]
+    field = rng.normal(scale=40, size=(640 + 64, 640 + 64, 3)).astype(np.float32)
     corners, bases = rng.integers(0, 64, size=(count, 2)), rng.integers(0, 255, size=(count, 1, 1, 3))
+    sizes = rng.integers(200, 641, size=(count, 2)) if varied else np.tile([500, 375], (count, 1))
 
     def write(index: int) -> Path:
-        top, left = corners[index]
-        pixels = np.clip(bases[index] + field[top : top + 375, left : left + 500] + gradient, 0, 255).astype(np.uint8)
+        (top, left), (width, height) = corners[index], sizes[index]
+        gradient = np.linspace(0, 80, width, dtype=np.float32)[None, :, None]
+        pixels = np.clip(bases[index] + field[top : top + height, left : left + width] + gradient, 0, 255).astype(np.uint8)
         path = folder / f"{index:05d}.jpg"
         Image.fromarray(pixels).save(path, quality=90)
         return path
@@ -84,6 +92,7 @@ def main() -> None:
     parser.add_argument("--baseline-images", type=int, default=512, help="images the single-process rates are taken on")
     parser.add_argument("--repeat", type=int, default=1, help="times the ceiling and the extraction loops are measured")
     parser.add_argument("--gpu-only", action="store_true", help="the encoder, the baseline and the --decode gpu steps alone")
+    parser.add_argument("--sizes", choices=sorted(SIZES), default="fixed", help="the JPEGs' sizes (see above)")
     args = parser.parse_args()
 
     shown = args.model
@@ -96,7 +105,7 @@ def main() -> None:
         on_gpu = encoder.device.type == "cuda"
         if args.gpu_only and not on_gpu:
             parser.error("--gpu-only needs a CUDA device")
-        paths = make_jpegs(Path(folder), args.images)
+        paths = make_jpegs(Path(folder), args.images, args.sizes == "varied")
         few = paths[: min(args.baseline_images, len(paths))]
         pixels = split_transform(encoder.eval_transform)
         batches = [list(range(start, min(start + args.batch_size, len(paths)))) for start in range(0, len(paths), args.batch_size)]
@@ -204,7 +213,7 @@ def main() -> None:
     share = (1 / decode_one) / (1 / decode_one + 1 / encode_rate)
     runs = lambda values: ", ".join(f"{value:,.1f}" for value in values)  # noqa: E731
     print(f"machine: {platform.machine()}, {device}, torch {torch.__version__}; {shown} {encoder.spec.resolved_precision()}, "
-          f"{args.images} JPEGs 500x375, batch {args.batch_size}, {args.workers} workers, loader pieces of "
+          f"{args.images} JPEGs {SIZES[args.sizes]}, batch {args.batch_size}, {args.workers} workers, loader pieces of "
           f"{images.LOADER_TENSORS} images")
     print(f"decode (PIL + whole eval transform): {decode_one:8.1f} img/s in 1 process ({len(few)} images)"
           + ("" if whole_many is None else f", {whole_many:8.1f} img/s in {args.workers} workers (a batch each)"))
