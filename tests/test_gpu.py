@@ -1,5 +1,5 @@
-"""What only a CUDA GPU exercises: batches in flight, nvJPEG decoding, fp16 features, searches and training
-there. Skipped without one.
+"""What only a CUDA GPU exercises: batches in flight, CUDA graphs, nvJPEG decoding, fp16 features, searches
+and training there, NCCL. Skipped without one.
 
 `bash benchmarks/gpu.sh` runs these together with the throughput benchmark on a GPU machine.
 """
@@ -239,3 +239,24 @@ def test_eval_and_fit_on_the_gpu_from_the_command_line(tmp_path):
     on_cpu = evaluate_artifact(store.open_artifact(adapter, ["adapter"]), "training-required")
     assert (evaluation["alpha"], evaluation["beta"], evaluation["val_accuracy"]) == (on_cpu.alpha, on_cpu.beta,
                                                                                      on_cpu.val_accuracy)
+
+
+def test_the_nccl_calls_of_extraction_work_in_a_group_of_one(tmp_path):
+    """Two ranks need two GPUs; on one, a process group of one takes the calls several ranks make through
+    NCCL: the barrier on the GPU join() chose, rank 0's decision broadcast, and leaving."""
+    import torch.distributed as dist
+
+    from apecli.distributed import Ranks, agree, barrier, backend_for, leave
+
+    if not dist.is_nccl_available():
+        pytest.skip("this torch was built without NCCL")
+    assert backend_for("cuda:0") == "nccl"
+    torch.cuda.set_device(0)  # as join() does before joining
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    several = Ranks(0, 2)  # the calls several ranks make; the group itself has one
+    try:
+        barrier(several)
+        assert agree(several, {"request": "abc", "chunks": [1, 2]}) == {"request": "abc", "chunks": [1, 2]}
+    finally:
+        leave(several)
+    assert not dist.is_initialized()
