@@ -21,7 +21,8 @@ measures images per second of
   default), the baseline of the graphs' ratio, --repeat times, which goes first alternating. The other
   figures are the default's.
 --repeat N measures the loader's ceiling and the extraction loops N times, alternately, since a shared
-machine's ceiling moves between runs.
+machine's ceiling moves between runs. One more run of each extraction loop tells where its main thread
+spends the time: waiting for batches, queueing the encoder's work, waiting for the features, the rest.
 
     python benchmarks/extract_throughput.py --model ViT-B-16 --images 64            # CPU, encoder-bound
     python benchmarks/extract_throughput.py --model tiny --images 512               # CPU, decoding-bound
@@ -72,6 +73,57 @@ def make_jpegs(folder: Path, count: int, varied: bool = False) -> list[Path]:
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row by row."""
     return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def main_thread_time(encoder, run) -> dict[str, float]:
+    """Seconds extraction's main thread spends in one ``run()``: waiting for the next batch from the
+    loader or the decoding thread, queueing the encoder's work (``start_encoding``), waiting for the
+    features, and the rest (joining pieces, saving chunks, progress), with the whole as "run"."""
+    from apecli import extract
+
+    spent = dict.fromkeys(("waiting for batches", "queueing the encoder", "waiting for features"), 0.0)
+
+    def timed_batches(source):
+        def batches(*args, **kwargs):
+            inner = source(*args, **kwargs)
+            try:
+                while True:
+                    start = time.perf_counter()
+                    try:
+                        batch = next(inner)
+                    except StopIteration:
+                        return
+                    finally:
+                        spent["waiting for batches"] += time.perf_counter() - start
+                    yield batch
+            finally:
+                inner.close()
+        return batches
+
+    def start_encoding(batch):
+        start = time.perf_counter()
+        result = type(encoder).start_encoding(encoder, batch)
+        spent["queueing the encoder"] += time.perf_counter() - start
+
+        def features():
+            start = time.perf_counter()
+            try:
+                return result()
+            finally:
+                spent["waiting for features"] += time.perf_counter() - start
+        return features
+
+    sources = extract.decoded_batches, extract.pil_batches
+    extract.decoded_batches, extract.pil_batches = (timed_batches(source) for source in sources)
+    encoder.start_encoding = start_encoding
+    start = time.perf_counter()
+    try:
+        run()
+    finally:
+        extract.decoded_batches, extract.pil_batches = sources
+        del encoder.start_encoding
+    whole = time.perf_counter() - start
+    return {**spent, "the rest": whole - sum(spent.values()), "run": whole}
 
 
 def main() -> None:
@@ -200,9 +252,12 @@ def main() -> None:
             ceilings.append(rate(workers_alone))
             loaders.append(rate(loader_alone))
             overlapped.append(rate(lambda: extraction(paths, args.workers)))
+        pil_times = None if args.gpu_only else main_thread_time(encoder, lambda: extraction(paths, args.workers))
         if on_gpu:
             gpu_decode = each_decoder(lambda: rate(decode_gpu))
             gpu_end_to_end = each_decoder(lambda: both_ways(lambda: rate(lambda: extraction(paths, args.workers, "gpu"))))
+            gpu_times = {on: with_graphs(on, lambda: main_thread_time(encoder, lambda: extraction(paths, args.workers, "gpu")))
+                         for on in (False, True)}
             both = []  # the features of --decode gpu with CUDA graphs and eager
             for on in (True, False):
                 with_graphs(on, lambda: extraction(few, args.workers, "gpu"))
@@ -212,6 +267,10 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({os.cpu_count()} cores)"
     share = (1 / decode_one) / (1 / decode_one + 1 / encode_rate)
     runs = lambda values: ", ".join(f"{value:,.1f}" for value in values)  # noqa: E731
+
+    def shares(times: dict[str, float]) -> str:
+        return f"{times['run']:.2f} s: " + ", ".join(f"{what} {seconds / times['run']:.0%}" for what, seconds in times.items()
+                                                      if what != "run")
     print(f"machine: {platform.machine()}, {device}, torch {torch.__version__}; {shown} {encoder.spec.resolved_precision()}, "
           f"{args.images} JPEGs {SIZES[args.sizes]}, batch {args.batch_size}, {args.workers} workers, loader pieces of "
           f"{images.LOADER_TENSORS} images")
@@ -228,6 +287,8 @@ def main() -> None:
         print(f"run {number}: {args.workers} PIL workers alone (the ceiling): {ceiling:8.1f} img/s; extraction without "
               f"the encoder: {loader:8.1f} img/s; extraction, default path: {value:8.1f} img/s, {value / ceiling:.0%} of the ceiling, "
               f"ratio {value / serial:.2f}x to the baseline, {value / min(ceiling, encode_rate):.0%} of the slower stage")
+    if pil_times is not None:
+        print(f"extraction's main thread in one more run of the default path, {shares(pil_times)}")
     if on_gpu:
         for name, value in gpu_decode.items():
             print(f"decode on the GPU with {name} (bytes read by {args.workers} threads, resize/crop/normalise): {value:8.1f} img/s")
@@ -238,6 +299,9 @@ def main() -> None:
                   f"{np.mean(values) / min(encode_rate, gpu_decode[name]):.0%} of the slower stage; "
                   f"with CUDA graphs: {runs(graphs)} img/s (mean {np.mean(graphs):,.1f}), "
                   f"graphs/eager {np.mean(graphs) / np.mean(values):.2f}x")
+        for on, times in gpu_times.items():
+            print(f"extraction's main thread in one more run of --decode gpu ({images.jpeg_decoder(str(encoder.device)).name}, "
+                  f"{'CUDA graphs' if on else 'eager'}), {shares(times)}")
         same = np.all(both[0] == both[1], axis=1)
         print(f"features with CUDA graphs against eager ({len(few)} images, --decode gpu): {same.sum()} equal bit for bit, "
               f"largest difference {np.abs(both[0] - both[1]).max():.2e}, min cosine {cosine(*both).min():.6f}")
