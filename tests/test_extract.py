@@ -449,6 +449,8 @@ def test_command_line_refusals(tiny, caltech, tmp_path):
     assert_one_line_error(runner.invoke(app, ["extract", "--dataset", "caltech101", "--root", str(caltech), "--model",
                                               tiny.model, "--pretrained", str(tmp_path / "gone.pt"), "--shots", "1"]),
                           "gone.pt: no such checkpoint file")
+    assert_one_line_error(runner.invoke(app, base + ["--dataset", "caltech101", "--root", str(caltech), "--shots", "1"],
+                                        env={"APECLI_CUDA_GRAPHS": "sometimes"}), "APECLI_CUDA_GRAPHS=sometimes: give 1")
     assert not (tmp_path / "s").exists()
 
 
@@ -1068,3 +1070,6 @@ def test_recurring_batch_shapes_are_replayed_and_a_failed_capture_stays_eager(ti
     monkeypatch.setenv("APECLI_CUDA_GRAPHS", "1")
     encoder = load_encoder(tiny)
     assert encoder.graphs.capture == encoder.capture_graph
+    monkeypatch.setenv("APECLI_CUDA_GRAPHS", "sometimes")
+    with pytest.raises(ApecliError, match="APECLI_CUDA_GRAPHS=sometimes: give 1"):
+        load_encoder(tiny)

@@ -191,6 +191,15 @@ def _checkpoint_sha256(path: str, size: int, modified_ns: int) -> str:
 
 
 GRAPH_SHAPES = 2  # batch shapes an encoder keeps a CUDA graph for: a chunk's full batches and its last one
+SWITCH = {"1": True, "yes": True, "on": True, "true": True, "0": False, "no": False, "off": False, "false": False, "": False}
+
+
+def cuda_graphs_wanted() -> bool:
+    """Whether ``APECLI_CUDA_GRAPHS`` asks for CUDA graphs (unset: no); another value is refused in one line."""
+    value = os.environ.get("APECLI_CUDA_GRAPHS", "")
+    if value.strip().lower() not in SWITCH:
+        raise ApecliError(f"APECLI_CUDA_GRAPHS={value}: give 1 (CUDA graphs for the encoder) or 0 (none, the default)")
+    return SWITCH[value.strip().lower()]
 
 
 class Graphs:
@@ -247,6 +256,7 @@ class Encoder:
             transforms.ToTensor(),
             transforms.Normalize(self.mean, self.std),
         ])
+        self.use_graphs = cuda_graphs_wanted()
         self.preprocess_config = {**{k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
                                   "size": list(self.image_size), "train_augmentation":
                                   "RandomResizedCrop(scale=(0.5, 1), bicubic) + RandomHorizontalFlip(0.5)"}
@@ -287,8 +297,7 @@ class Encoder:
     def graphs(self) -> "Graphs":
         """The CUDA encoder's forward pass; with ``APECLI_CUDA_GRAPHS=1``, replayed from a graph for
         recurring batch shapes (off by default until measured on a GPU against the eager pass)."""
-        enabled = os.environ.get("APECLI_CUDA_GRAPHS", "").strip().lower() in ("1", "yes", "on", "true")
-        return Graphs(self.encode_eagerly, self.capture_graph if enabled else None)
+        return Graphs(self.encode_eagerly, self.capture_graph if self.use_graphs else None)
 
     @functools.cached_property
     def _graph_pool(self):
