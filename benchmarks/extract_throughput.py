@@ -1,8 +1,8 @@
 """Extraction throughput: decoding, encoding, and apecli's extraction loop that overlaps them.
 
 On generated 500 × 375 JPEGs (or, with --sizes varied, JPEGs whose width and height are each drawn
-from 200 to 640 pixels, so that nearly every image has a size of its own, as in Caltech101 or DTD),
-measures images per second of
+from 200 to 640 pixels, so that nearly every image has a size of its own, as photos gathered from many
+sources have), measures images per second of
 - PIL decoding in --workers loader processes alone: what extraction's workers do (decode, resize,
   crop, hand over uint8 pixels in pieces), received and dropped, the ceiling of the default path; the
   same received as extraction receives it (pinned, moved to the device, joined, normalised) with no

@@ -191,15 +191,15 @@ def _checkpoint_sha256(path: str, size: int, modified_ns: int) -> str:
 
 
 GRAPH_SHAPES = 2  # batch shapes an encoder keeps a CUDA graph for: a chunk's full batches and its last one
-SWITCH = {"1": True, "yes": True, "on": True, "true": True, "0": False, "no": False, "off": False, "false": False, "": False}
+_SWITCH = {"1": True, "yes": True, "on": True, "true": True, "0": False, "no": False, "off": False, "false": False, "": False}
 
 
 def cuda_graphs_wanted() -> bool:
     """Whether ``APECLI_CUDA_GRAPHS`` asks for CUDA graphs (unset: no); another value is refused in one line."""
     value = os.environ.get("APECLI_CUDA_GRAPHS", "")
-    if value.strip().lower() not in SWITCH:
+    if value.strip().lower() not in _SWITCH:
         raise ApecliError(f"APECLI_CUDA_GRAPHS={value}: give 1 (CUDA graphs for the encoder) or 0 (none, the default)")
-    return SWITCH[value.strip().lower()]
+    return _SWITCH[value.strip().lower()]
 
 
 class Graphs:
@@ -280,7 +280,7 @@ class Encoder:
 
         with torch.inference_mode():
             if self.device.type != "cuda":
-                return self.model.encode_image(batch.to(self.device, self.dtype)).float().cpu().numpy
+                return self.encode_eagerly(batch).cpu().numpy
             features = self.graphs(batch)
             host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(features, non_blocking=True)  # before the next replay overwrites a graph's output: same stream
