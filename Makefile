@@ -20,6 +20,7 @@ bench:
 	$(BIN)/python benchmarks/grid_speed.py
 	$(BIN)/python benchmarks/imagenet_scale.py --images 20000  # the baselines need ~13 GB at 50,000
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/extract_throughput.py --model tiny --images 512
+	$(BIN)/python benchmarks/resize_batch.py --device cpu --repeat 3
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/extract_seeds.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/fit_speed.py
 	$(BIN)/python benchmarks/fit_imagenet.py  # 3 epochs; --epochs 20 for ImageNet's whole fit

@@ -6,10 +6,11 @@
 #   bash benchmarks/gpu.sh [OUTPUT_FOLDER]          # default: gpu-results; PYTHON=... to pick the interpreter
 #   STEPS="tests throughput" bash benchmarks/gpu.sh # some of the steps: tests, throughput, decode, device
 #
-# decode (not run by default): --decode gpu alone, with the encoder eager and with CUDA graphs, with 16
-# and with 8 reading threads, and with 16 on JPEGs of many sizes (about a minute each).
-# Each step's output is also saved in OUTPUT_FOLDER (gpu.txt, tests.txt, throughput.txt, decode-16.txt,
-# decode-8.txt, decode-16-varied.txt, device.txt).
+# decode (not run by default): resizing a decoded batch of one size and of many (seconds), then
+# --decode gpu alone, with the encoder eager and with CUDA graphs, with 16 and with 8 reading threads,
+# and with 16 on JPEGs of many sizes (about a minute each).
+# Each step's output is also saved in OUTPUT_FOLDER (gpu.txt, tests.txt, throughput.txt, resize.txt,
+# decode-16.txt, decode-8.txt, decode-16-varied.txt, device.txt).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-results}
@@ -35,6 +36,7 @@ if [[ $steps == *" throughput "* ]]; then
         --workers "${WORKERS:-16}" --device cuda --repeat 2 2>&1 | tee "$out/throughput.txt" || status=1
 fi
 if [[ $steps == *" decode "* ]]; then
+    "$python" benchmarks/resize_batch.py --device cuda 2>&1 | tee "$out/resize.txt" || status=1
     for run in "16 fixed decode-16" "8 fixed decode-8" "16 varied decode-16-varied"; do
         set -- $run  # reading threads, JPEG sizes, output file
         "$python" benchmarks/extract_throughput.py --model ViT-B-16 --images 8192 --batch-size 256 --workers "$1" \

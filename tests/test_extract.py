@@ -514,6 +514,85 @@ def test_device_decoding_does_not_depend_on_the_batch(tiny, tmp_path):
     torch.testing.assert_close(together.images, torch.cat([one.images for one in alone]), rtol=0, atol=0)
 
 
+def _decoded_images(shapes: list[tuple[int, int]]) -> dict:
+    """uint8 3×H×W images of the given (height, width), keyed by their position, as a decoder gives them."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return {index: torch.randint(0, 256, (3, *shape), generator=generator, dtype=torch.uint8)
+            for index, shape in enumerate(shapes)}
+
+
+# portrait, landscape, square, already the model's size, odd margins to crop, and repeated sizes
+SHAPES = [(41, 32), (32, 57), (45, 45), (32, 32), (70, 33), (41, 32), (33, 70), (32, 57), (41, 32)]
+
+
+@pytest.mark.parametrize("resize_mode, interpolation", [("shortest", "bicubic"), ("squash", "bilinear")])
+def test_resizing_in_float_gives_torchvisions_resizing_of_each_image_on_a_gpu(resize_mode, interpolation):
+    """Each image of a batch of many sizes comes out of the batch-wide float path as torchvision resizes
+    and crops it alone on a GPU (in float32, clamped and rounded back to uint8), bit for bit; and within
+    rounding of what the CPU's path (torchvision's fixed-point uint8 resampling) gives."""
+    from types import SimpleNamespace
+
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    from apecli.images import _resize_crop, _resize_in_float
+
+    encoder = SimpleNamespace(image_size=(32, 32), preprocess_config={"resize_mode": resize_mode,
+                                                                      "interpolation": interpolation})
+    mode = F.InterpolationMode.BILINEAR if interpolation == "bilinear" else F.InterpolationMode.BICUBIC
+    size = [32, 32] if resize_mode == "squash" else [32]
+    images = _decoded_images(SHAPES)
+    ready, on_the_cpu = _resize_in_float(images, encoder), _resize_crop(images, encoder)
+    assert sorted(ready) == sorted(on_the_cpu) == sorted(images)
+    for index, image in images.items():
+        as_on_a_gpu = F.resize(image.float()[None], size, interpolation=mode, antialias=True)
+        as_on_a_gpu = F.center_crop(as_on_a_gpu.clamp(0, 255).round().to(torch.uint8), [32, 32])[0]
+        assert ready[index].dtype == torch.uint8 and ready[index].shape == (3, 32, 32)
+        torch.testing.assert_close(ready[index], as_on_a_gpu, rtol=0, atol=0)
+        in_fixed_point = F.center_crop(F.resize(image, size, interpolation=mode, antialias=True), [32, 32])
+        assert torch.equal(on_the_cpu[index], in_fixed_point)
+        # noise overshoots bicubic's range, which fixed point clips between its two passes
+        assert (ready[index].float() - in_fixed_point.float()).abs().mean() < 0.5
+    assert _resize_crop({}, encoder) == {}
+
+
+def test_resizing_in_float_costs_one_operation_a_size_beyond_a_fixed_few():
+    """The device operations a batch of many sizes costs: one interpolation per size, and the same few
+    others (joining, casting, rounding) whether it holds four images or all nine."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from apecli.images import _resize_in_float
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.resizing, self.others = 0, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "upsample" in func.name():
+                self.resizing += 1
+            elif func.namespace == "aten" and not func.is_view:  # a view launches nothing
+                self.others.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    encoder = SimpleNamespace(image_size=(32, 32), preprocess_config={"resize_mode": "squash"})
+    counts = []
+    for shapes in (SHAPES[:4], SHAPES):
+        images = {index: torch.empty((3, *shape), dtype=torch.uint8, device="meta") for index, shape in enumerate(shapes)}
+        with Count() as count:
+            _resize_in_float(images, encoder)
+        counts.append(count)
+    few, many = counts
+    assert few.resizing == 3  # four sizes, one already the model's
+    assert many.resizing == 5  # six sizes
+    assert few.others == many.others and len(many.others) <= 6, many.others
+
+
 def _encoded_jpeg(size: tuple[int, int], mode: str, quality: int, seed: int) -> bytes:
     import io
 

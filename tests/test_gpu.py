@@ -130,6 +130,28 @@ def test_pixels_are_normalised_on_the_gpu_bit_for_bit_as_on_the_cpu(tiny):
     assert torch.equal(on_gpu.cpu(), pixels.model_input(uint8, "cpu"))
 
 
+@pytest.mark.parametrize("resize_mode, interpolation", [("shortest", "bicubic"), ("squash", "bilinear")])
+def test_a_batch_of_many_sizes_is_resized_as_torchvision_resizes_each_image_on_the_gpu(resize_mode, interpolation):
+    from types import SimpleNamespace
+
+    from torchvision.transforms.v2 import functional as F
+
+    from apecli.images import _resize_crop
+
+    encoder = SimpleNamespace(image_size=(224, 224), preprocess_config={"resize_mode": resize_mode,
+                                                                        "interpolation": interpolation})
+    mode = F.InterpolationMode.BILINEAR if interpolation == "bilinear" else F.InterpolationMode.BICUBIC
+    size = [224, 224] if resize_mode == "squash" else [224]
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(375, 500), (500, 375), (333, 500), (224, 224), (375, 500), (640, 201), (300, 300), (333, 500)]
+    images = {index: torch.randint(0, 256, (3, *shape), generator=generator, dtype=torch.uint8).cuda()
+              for index, shape in enumerate(shapes)}
+    ready = _resize_crop(images, encoder)
+    for index, image in images.items():  # torchvision's own uint8 resizing on the GPU, one image at a time
+        alone = F.center_crop(F.resize(image, size, interpolation=mode, antialias=True), [224, 224])
+        assert ready[index].is_cuda and torch.equal(ready[index], alone)
+
+
 def test_decoding_on_its_own_stream_gives_what_the_encoders_stream_gives(tiny, tmp_path):
     """Batches decoded on the side stream, then used on the encoder's: the same pixels, in order, as
     decoded one batch at a time on the current stream and synchronised; features as the CPU's."""

@@ -403,8 +403,8 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixel
     """A batch of raw bytes as uint8 images of the model's size on the encoder's device, as ``pixels``
     gives them (JPEGs decoded together there, other files by PIL and ``pixels.on_image``).
 
-    The JPEGs are decoded in one call, and images of the same size are resized and cropped together, so
-    the number of device operations does not grow with the batch.
+    The JPEGs are decoded in one call and resized together (:func:`_resize_crop`): on a GPU a batch of
+    one size costs a fixed number of device operations, and each further size one more.
     """
     import torch
 
@@ -455,19 +455,76 @@ def device_decoder(encoder) -> JpegDecoder:
 def _resize_crop(images: dict, encoder) -> dict:
     """uint8 C×H×W images → uint8 3×size images, as the model's evaluation transform resizes and crops
     them: the shortest side to size then a centre crop (``shortest``), or straight to size (``squash``),
-    antialiased, with the model's interpolation."""
-    import torch
-    from torchvision.transforms.v2 import functional as F
+    antialiased, with the model's interpolation: torchvision's ``resize`` and ``center_crop`` of each
+    image, as :func:`_resize_each_size` makes them on the CPU (where torchvision resamples uint8 in
+    fixed point) and :func:`_resize_in_float` elsewhere."""
+    if not images:
+        return {}
+    if next(iter(images.values())).device.type == "cpu":
+        return _resize_each_size(images, encoder)
+    return _resize_in_float(images, encoder)
 
-    size, config = list(encoder.image_size), encoder.preprocess_config
-    interpolation = F.InterpolationMode.BILINEAR if config.get("interpolation") == "bilinear" else F.InterpolationMode.BICUBIC
-    squash = config.get("resize_mode", "shortest") == "squash"
+
+def _resizing(encoder) -> tuple[tuple[int, int], str, bool]:
+    """The model's size, its interpolation (``bicubic`` or ``bilinear``) and whether it squashes."""
+    config = encoder.preprocess_config
+    mode = "bilinear" if config.get("interpolation") == "bilinear" else "bicubic"
+    return tuple(encoder.image_size), mode, config.get("resize_mode", "shortest") == "squash"
+
+
+def _by_shape(images: dict) -> dict[tuple[int, ...], list[int]]:
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for index, image in images.items():
         by_shape.setdefault(tuple(image.shape), []).append(index)
+    return by_shape
+
+
+def _resize_each_size(images: dict, encoder) -> dict:
+    """The images of each size stacked, resized by torchvision's ``resize`` of uint8 tensors and
+    centre-cropped: half a dozen device operations a size on a GPU (casts to float32 and back in each
+    call), two on the CPU."""
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    size, mode, squash = _resizing(encoder)
+    interpolation = F.InterpolationMode.BILINEAR if mode == "bilinear" else F.InterpolationMode.BICUBIC
     ready = {}
-    for indices in by_shape.values():
+    for indices in _by_shape(images).values():
         batch = torch.stack([images[index] for index in indices])
-        batch = F.resize(batch, size if squash else [size[0]], interpolation=interpolation, antialias=True)
-        ready.update(zip(indices, batch if squash else F.center_crop(batch, size)))
+        batch = F.resize(batch, list(size) if squash else [size[0]], interpolation=interpolation, antialias=True)
+        ready.update(zip(indices, batch if squash else F.center_crop(batch, list(size))))
     return ready
+
+
+def _resize_in_float(images: dict, encoder) -> dict:
+    """What torchvision's ``resize`` of uint8 tensors gives on a GPU (interpolation in float32, then
+    clamped, rounded and cast back), bit for bit, with the casts made once for the whole batch: a few
+    device operations a batch, plus one interpolation for each size in it."""
+    import torch
+    from torch.nn.functional import interpolate
+
+    size, mode, squash = _resizing(encoder)
+    by_shape = _by_shape(images)
+    order = [index for indices in by_shape.values() for index in indices]  # each size's images side by side
+    pixels = torch.cat([images[index].reshape(-1) for index in order]).to(torch.float32)
+    resized, start = [], 0
+    for shape, indices in by_shape.items():
+        count = len(indices) * int(np.prod(shape))
+        group = pixels[start:start + count].view(len(indices), *shape)
+        start += count
+        target = size if squash else _shortest_side_to(shape[1:], size[0])
+        if target != tuple(shape[1:]):
+            group = interpolate(group, size=list(target), mode=mode, align_corners=False, antialias=True)
+        top, left = (round((have - want) / 2.0) for have, want in zip(target, size))  # torchvision's centre
+        resized.append(group[:, :, top:top + size[0], left:left + size[1]])
+    batch = resized[0] if len(resized) == 1 else torch.cat(resized)
+    return dict(zip(order, batch.clamp_(0, 255).round_().to(torch.uint8).unbind()))
+
+
+def _shortest_side_to(shape: Sequence[int], side: int) -> tuple[int, int]:
+    """(height, width) with the shorter side made ``side`` and the longer scaled as torchvision's
+    ``resize`` scales it (truncated)."""
+    height, width = shape
+    short, long = sorted((height, width))
+    scaled = int(side * long / short)
+    return (side, scaled) if height <= width else (scaled, side)

@@ -1,0 +1,106 @@
+"""Resizing a decoded batch for the encoder (`--decode gpu`): batch-wide casts against one resize per size.
+
+The decoding thread hands `_resize_crop` a batch of uint8 images as nvJPEG decodes them and gets them back
+at the model's size, resized and centre-cropped as open_clip's evaluation transform does (ViT-B-16's:
+shortest side to 224, bicubic, antialiased, then a 224 × 224 crop). On a GPU it casts the whole batch to
+float32 once, interpolates each size, and rounds the batch back to uint8 at once (`_resize_in_float`).
+The baseline, in the same run, is the way it was done before, and still is on the CPU: each size stacked,
+resized by torchvision's `resize` of uint8 (which on a GPU casts to float32 and back in every call) and
+centre-cropped (`_resize_each_size`). On a GPU both give the same values, bit for bit (tests/test_gpu.py).
+
+Two batches: 500 × 375 for every image (one size), and widths and heights each drawn from 200 to 640 (a
+size an image, as in photo collections). For each: the device operations a batch costs, and the time a
+batch takes on the device, synchronised. The operations are counted at PyTorch's dispatcher on the meta
+device (shapes without pixels), views left out; each is a kernel launch on a GPU, made by the decoding
+thread under the GIL the encoding thread needs too. (On the CPU torchvision resizes uint8 in fixed point
+without the casts, so there the baseline makes fewer operations than it does on a GPU.)
+
+    python benchmarks/resize_batch.py --device cuda
+    python benchmarks/resize_batch.py --device cpu --images 64 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from apecli.images import _resize_each_size, _resize_in_float
+
+SIZE = 224
+ENCODER = SimpleNamespace(image_size=(SIZE, SIZE), preprocess_config={"resize_mode": "shortest",
+                                                                      "interpolation": "bicubic"})
+
+
+class Launches(TorchDispatchMode):
+    """Counts the operations on tensors that reach PyTorch's dispatcher, views left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.namespace == "aten" and not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def decoded(count: int, varied: bool, device: str) -> dict:
+    """uint8 3 × H × W images of random pixels, as a decoder gives them."""
+    rng = np.random.default_rng(0)
+    shapes = rng.integers(200, 641, size=(count, 2)) if varied else np.tile([375, 500], (count, 1))
+    return {index: torch.randint(0, 256, (3, int(h), int(w)), dtype=torch.uint8, device=device)
+            for index, (h, w) in enumerate(shapes)}
+
+
+def operations(resize, images: dict) -> int:
+    """The device operations ``resize`` makes for a batch of images of these shapes, as on a GPU."""
+    shaped = {index: torch.empty(image.shape, dtype=torch.uint8, device="meta") for index, image in images.items()}
+    with Launches() as launches:
+        resize(shaped, ENCODER)
+    return launches.count
+
+
+def timed(resize, images: dict, device: str, repeat: int) -> float:
+    """Median seconds a batch, synchronised on a GPU."""
+    times = []
+    for _ in range(repeat + 1):  # the first call warms up
+        start = time.perf_counter()
+        resize(images, ENCODER)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--images", type=int, default=256, help="images a batch")
+    parser.add_argument("--repeat", type=int, default=20, help="timed batches, after one to warm up")
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
+    print(f"batches of {args.images} images to {SIZE} x {SIZE} (shortest side, bicubic, antialiased, centre crop)")
+    for varied in (False, True):
+        images = decoded(args.images, varied, args.device)
+        sizes = len({tuple(image.shape) for image in images.values()})
+        row = {}
+        for name, resize in (("each size", _resize_each_size), ("in float", _resize_in_float)):
+            row[name] = (operations(resize, images), timed(resize, images, args.device, args.repeat))
+        (base_ops, base_time), (ops, seconds) = row.values()
+        print(f"{'200-640 x 200-640' if varied else '500 x 375'}, {sizes} sizes: "
+              f"each size (baseline) {base_ops} operations on a GPU, {base_time * 1e3:.2f} ms a batch "
+              f"({base_time / args.images * 1e6:.1f} us an image); in float {ops} operations, "
+              f"{seconds * 1e3:.2f} ms a batch ({seconds / args.images * 1e6:.1f} us an image); "
+              f"ratio {base_time / seconds:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
