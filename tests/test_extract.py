@@ -555,7 +555,25 @@ def test_resizing_in_float_gives_torchvisions_resizing_of_each_image_on_a_gpu(re
         assert torch.equal(on_the_cpu[index], in_fixed_point)
         # noise overshoots bicubic's range, which fixed point clips between its two passes
         assert (ready[index].float() - in_fixed_point.float()).abs().mean() < 0.5
+    a_few_at_once = _resize_in_float(images, encoder, most=3 * 45 * 45)  # at most one 45 × 45 image at once
+    assert all(torch.equal(a_few_at_once[index], ready[index]) for index in images)
     assert _resize_crop({}, encoder) == {}
+
+
+def test_images_are_cast_to_float_a_bounded_number_of_pixels_at_once():
+    from apecli.images import _by_shape, _float_chunks
+
+    images = {index: np.empty((3, *shape)) for index, shape in enumerate(SHAPES)}
+    for most in (1, 3 * 32 * 32, 3 * 45 * 45, 3 * 45 * 90, 10**9):
+        chunks = _float_chunks(_by_shape(images), most)
+        assert [index for chunk in chunks for _, indices in chunk for index in indices] == \
+            [index for indices in _by_shape(images).values() for index in indices]  # each image once, in order
+        for chunk in chunks:
+            values = sum(np.prod(shape) * len(indices) for shape, indices in chunk)
+            assert values <= most or len(chunk) == 1 and len(chunk[0][1]) == 1  # or a single image, larger
+            assert all(images[index].shape == shape for shape, indices in chunk for index in indices)
+    assert len(_float_chunks(_by_shape(images), 10**9)) == 1
+    assert len(_float_chunks(_by_shape(images), 1)) == len(SHAPES)
 
 
 def test_resizing_in_float_costs_one_operation_a_size_beyond_a_fixed_few():

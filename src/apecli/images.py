@@ -496,19 +496,47 @@ def _resize_each_size(images: dict, encoder) -> dict:
     return ready
 
 
-def _resize_in_float(images: dict, encoder) -> dict:
+FLOAT_VALUES = 2**28  # pixel values cast to float32 at once while resizing: 1 GiB
+
+
+def _resize_in_float(images: dict, encoder, most: int = FLOAT_VALUES) -> dict:
     """What torchvision's ``resize`` of uint8 tensors gives on a GPU (interpolation in float32, then
-    clamped, rounded and cast back), bit for bit, with the casts made once for the whole batch: a few
-    device operations a batch, plus one interpolation for each size in it."""
+    clamped, rounded and cast back), bit for bit, with the casts made once for many images: a few
+    device operations for each ``most`` pixel values (a batch of 256 images of 500 × 375 at once), plus
+    one interpolation for each size among them.
+    """
+    ready: dict = {}
+    for sizes in _float_chunks(_by_shape(images), most):
+        ready.update(_resize_chunk_in_float(images, sizes, encoder))
+    return ready
+
+
+def _float_chunks(by_shape: dict, most: int) -> list[list[tuple[tuple[int, ...], list[int]]]]:
+    """The images of each size, in order, cut into chunks of at most ``most`` pixel values (an image
+    larger than that alone)."""
+    chunks, chunk, values = [], [], 0
+    for shape, indices in by_shape.items():
+        each = int(np.prod(shape))
+        at_once = max(1, most // each)
+        for start in range(0, len(indices), at_once):
+            piece = indices[start:start + at_once]
+            if chunk and values + each * len(piece) > most:
+                chunks.append(chunk)
+                chunk, values = [], 0
+            chunk.append((shape, piece))
+            values += each * len(piece)
+    return chunks + [chunk] if chunk else chunks
+
+
+def _resize_chunk_in_float(images: dict, sizes: list, encoder) -> dict:
     import torch
     from torch.nn.functional import interpolate
 
     size, mode, squash = _resizing(encoder)
-    by_shape = _by_shape(images)
-    order = [index for indices in by_shape.values() for index in indices]  # each size's images side by side
+    order = [index for _, indices in sizes for index in indices]  # each size's images side by side
     pixels = torch.cat([images[index].reshape(-1) for index in order]).to(torch.float32)
     resized, start = [], 0
-    for shape, indices in by_shape.items():
+    for shape, indices in sizes:
         count = len(indices) * int(np.prod(shape))
         group = pixels[start:start + count].view(len(indices), *shape)
         start += count
