@@ -514,6 +514,31 @@ def test_device_decoding_does_not_depend_on_the_batch(tiny, tmp_path):
     torch.testing.assert_close(together.images, torch.cat([one.images for one in alone]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("count, bad, most_calls", [(256, set(), 1), (256, {77}, 17), (256, {0, 200, 201}, 31),
+                                                     (8, set(range(8)), 15)])
+def test_files_the_decoder_cannot_read_cost_a_few_calls_not_one_a_file(count, bad, most_calls):
+    """A file the batched decoder cannot read fails its whole call: halving finds it (and any others)
+    in about 2·log₂ n calls; every other image is decoded once, as itself, and the bad ones left out."""
+    import torch
+
+    from apecli.images import _decode_jpegs
+
+    calls = []
+
+    def decode(data: list, device) -> list:
+        calls.append(len(data))
+        if any(int(one[0]) in bad for one in data):
+            raise RuntimeError("nvjpeg: bad file")
+        return [one.to(torch.int64) * 10 for one in data]
+
+    jpegs = [(100 + index, np.array([index, 1], dtype=np.uint8)) for index in range(count)]
+    decoded = _decode_jpegs(decode, jpegs, "cpu")
+    assert sorted(decoded) == [100 + index for index in range(count) if index not in bad]
+    assert all(decoded[100 + index].tolist() == [10 * index, 10] for index in range(count) if index not in bad)
+    assert len(calls) <= most_calls and (not bad or len(calls) > 1)
+    assert _decode_jpegs(decode, [], "cpu") == {}
+
+
 def _decoded_images(shapes: list[tuple[int, int]]) -> dict:
     """uint8 3×H×W images of the given (height, width), keyed by their position, as a decoder gives them."""
     import torch

@@ -403,26 +403,15 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixel
     """A batch of raw bytes as uint8 images of the model's size on the encoder's device, as ``pixels``
     gives them (JPEGs decoded together there, other files by PIL and ``pixels.on_image``).
 
-    The JPEGs are decoded in one call and resized together (:func:`_resize_crop`): on a GPU a batch of
-    one size costs a fixed number of device operations, and each further size one more.
+    The JPEGs are decoded in one call (:func:`_decode_jpegs`) and resized together
+    (:func:`_resize_crop`): on a GPU a batch of one size costs a fixed number of device operations, and
+    each further size one more.
     """
     import torch
 
     device = encoder.device
-    decode = jpeg_decoder(str(device)).decode
     jpegs = [(index, data) for index, data in zip(batch.readable, batch.images) if is_jpeg(data)]
-    decoded: dict[int, torch.Tensor] = {}
-    if jpegs:
-        try:
-            images = decode([torch.from_numpy(data) for _, data in jpegs], device)
-            decoded = {index: image for (index, _), image in zip(jpegs, images)}
-        except (RuntimeError, ValueError):  # one bad file spoils the batch: decode one by one
-            for index, data in jpegs:
-                try:
-                    decoded[index] = decode([torch.from_numpy(data)], device)[0]
-                except (RuntimeError, ValueError):
-                    pass
-    ready = _resize_crop(decoded, encoder)
+    ready = _resize_crop(_decode_jpegs(jpeg_decoder(str(device)).decode, jpegs, device), encoder)
     errors, tensors = list(batch.errors), []
     for position, index in enumerate(batch.indices):
         if errors[position] is not None:
@@ -436,6 +425,25 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixel
             errors[position] = str(failure).split("\n")[0] or type(failure).__name__
     images = torch.stack(tensors) if tensors else torch.empty((0, 3, *encoder.image_size), dtype=torch.uint8, device=device)
     return Batch(batch.indices, errors, images)
+
+
+def _decode_jpegs(decode: Callable, jpegs: list, device) -> dict:
+    """index → decoded image for the (index, bytes) pairs ``decode`` reads, in one call where it reads
+    them all. A file it cannot read fails the whole call, so then each half is decoded on its own, and
+    so on down to the files that fail, which are left out (for PIL): one bad file in a batch of n costs
+    about 2·log₂ n calls, rather than n calls of one image each."""
+    import torch
+
+    if not jpegs:
+        return {}
+    try:
+        images = decode([torch.from_numpy(data) for _, data in jpegs], device)
+        return {index: image for (index, _), image in zip(jpegs, images)}
+    except (RuntimeError, ValueError):
+        if len(jpegs) == 1:
+            return {}
+        half = len(jpegs) // 2
+        return {**_decode_jpegs(decode, jpegs[:half], device), **_decode_jpegs(decode, jpegs[half:], device)}
 
 
 def device_decoder(encoder) -> JpegDecoder:
