@@ -6,14 +6,16 @@ shortest side to 224, bicubic, antialiased, then a 224 × 224 crop). On a GPU it
 float32 once, interpolates each size, and rounds the batch back to uint8 at once (`_resize_in_float`).
 The baseline, in the same run, is the way it was done before, and still is on the CPU: each size stacked,
 resized by torchvision's `resize` of uint8 (which on a GPU casts to float32 and back in every call) and
-centre-cropped (`_resize_each_size`). On a GPU both give the same values, bit for bit (tests/test_gpu.py).
+centre-cropped (`_resize_each_size`). On a GPU both should give the same values, bit for bit, as
+tests/test_gpu.py checks there (tests/test_extract.py checks it on the CPU against torchvision's float32 path).
 
 Two batches: 500 × 375 for every image (one size), and widths and heights each drawn from 200 to 640 (a
 size an image, as in photo collections). For each: the device operations a batch costs, and the time a
 batch takes on the device, synchronised. The operations are counted at PyTorch's dispatcher on the meta
 device (shapes without pixels), views left out; each is a kernel launch on a GPU, made by the decoding
-thread under the GIL the encoding thread needs too. (On the CPU torchvision resizes uint8 in fixed point
-without the casts, so there the baseline makes fewer operations than it does on a GPU.)
+thread under the GIL the encoding thread needs too. The counts printed are a GPU's on any machine (on
+the CPU torchvision resizes uint8 in fixed point, without the casts). It also prints how many images
+the two give identically: all of them on a GPU, fewer on the CPU, where the baseline is fixed point.
 
     python benchmarks/resize_batch.py --device cuda
     python benchmarks/resize_batch.py --device cpu --images 64 --repeat 3
@@ -95,11 +97,13 @@ def main() -> None:
         for name, resize in (("each size", _resize_each_size), ("in float", _resize_in_float)):
             row[name] = (operations(resize, images), timed(resize, images, args.device, args.repeat))
         (base_ops, base_time), (ops, seconds) = row.values()
+        baseline, in_float = _resize_each_size(images, ENCODER), _resize_in_float(images, ENCODER)
+        same = sum(torch.equal(baseline[index], in_float[index]) for index in images)
         print(f"{'200-640 x 200-640' if varied else '500 x 375'}, {sizes} sizes: "
               f"each size (baseline) {base_ops} operations on a GPU, {base_time * 1e3:.2f} ms a batch "
               f"({base_time / args.images * 1e6:.1f} us an image); in float {ops} operations, "
               f"{seconds * 1e3:.2f} ms a batch ({seconds / args.images * 1e6:.1f} us an image); "
-              f"ratio {base_time / seconds:.2f}x")
+              f"ratio {base_time / seconds:.2f}x; identical images {same} of {len(images)}")
 
 
 if __name__ == "__main__":
