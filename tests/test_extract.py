@@ -518,25 +518,36 @@ def test_device_decoding_does_not_depend_on_the_batch(tiny, tmp_path):
                                                      (8, set(range(8)), 15)])
 def test_files_the_decoder_cannot_read_cost_a_few_calls_not_one_a_file(count, bad, most_calls):
     """A file the batched decoder cannot read fails its whole call: halving finds it (and any others)
-    in about 2·log₂ n calls; every other image is decoded once, as itself, and the bad ones left out."""
+    in about 2·log₂ n calls; every other image is decoded once, as itself, and the bad ones left out.
+    What each call decodes is handed on (resized, in extraction) before the next call."""
     import torch
 
     from apecli.images import _decode_jpegs
 
-    calls = []
+    events = []
 
     def decode(data: list, device) -> list:
-        calls.append(len(data))
-        if any(int(one[0]) in bad for one in data):
+        failed = any(int(one[0]) in bad for one in data)
+        events.append(("failed" if failed else "decoded", len(data)))
+        if failed:
             raise RuntimeError("nvjpeg: bad file")
         return [one.to(torch.int64) * 10 for one in data]
 
+    def then(images: dict) -> dict:
+        events.append(("handed on", len(images)))
+        return {index: image * -1 for index, image in images.items()}
+
     jpegs = [(100 + index, np.array([index, 1], dtype=np.uint8)) for index in range(count)]
-    decoded = _decode_jpegs(decode, jpegs, "cpu")
-    assert sorted(decoded) == [100 + index for index in range(count) if index not in bad]
-    assert all(decoded[100 + index].tolist() == [10 * index, 10] for index in range(count) if index not in bad)
-    assert len(calls) <= most_calls and (not bad or len(calls) > 1)
+    decoded = _decode_jpegs(decode, jpegs, "cpu", then)
+    good = [index for index in range(count) if index not in bad]
+    assert sorted(decoded) == [100 + index for index in good]
+    assert all(decoded[100 + index].tolist() == [-10 * index, -10] for index in good)
+    calls = [event for event in events if event[0] != "handed on"]
+    assert len(calls) <= most_calls and (len(calls) == 1) == (not bad)
+    for event, following in zip(events, events[1:] + [None]):  # each success handed on at once, whole
+        assert event[0] != "decoded" or following == ("handed on", event[1])
     assert _decode_jpegs(decode, [], "cpu") == {}
+    assert list(_decode_jpegs(decode, jpegs[:1], "cpu")) == ([] if 0 in bad else [100])  # then: as decoded
 
 
 def _decoded_images(shapes: list[tuple[int, int]]) -> dict:

@@ -411,7 +411,7 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixel
 
     device = encoder.device
     jpegs = [(index, data) for index, data in zip(batch.readable, batch.images) if is_jpeg(data)]
-    ready = _resize_crop(_decode_jpegs(jpeg_decoder(str(device)).decode, jpegs, device), encoder)
+    ready = _decode_jpegs(jpeg_decoder(str(device)).decode, jpegs, device, lambda images: _resize_crop(images, encoder))
     errors, tensors = list(batch.errors), []
     for position, index in enumerate(batch.indices):
         if errors[position] is not None:
@@ -427,23 +427,24 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixel
     return Batch(batch.indices, errors, images)
 
 
-def _decode_jpegs(decode: Callable, jpegs: list, device) -> dict:
-    """index → decoded image for the (index, bytes) pairs ``decode`` reads, in one call where it reads
-    them all. A file it cannot read fails the whole call, so then each half is decoded on its own, and
-    so on down to the files that fail, which are left out (for PIL): one bad file in a batch of n costs
-    about 2·log₂ n calls, rather than n calls of one image each."""
+def _decode_jpegs(decode: Callable, jpegs: list, device, then: Callable[[dict], dict] = dict) -> dict:
+    """``then`` (index → decoded image) for the (index, bytes) pairs ``decode`` reads, in one call where
+    it reads them all. A file it cannot read fails the whole call, so then each half is decoded on its
+    own (and passed to ``then``, which frees the full-size images of one half before the next is
+    decoded), and so on down to the files that fail, which are left out (for PIL): one bad file in a
+    batch of n costs about 2·log₂ n calls, rather than n calls of one image each."""
     import torch
 
     if not jpegs:
         return {}
     try:
         images = decode([torch.from_numpy(data) for _, data in jpegs], device)
-        return {index: image for (index, _), image in zip(jpegs, images)}
     except (RuntimeError, ValueError):
         if len(jpegs) == 1:
             return {}
         half = len(jpegs) // 2
-        return {**_decode_jpegs(decode, jpegs[:half], device), **_decode_jpegs(decode, jpegs[half:], device)}
+        return {**_decode_jpegs(decode, jpegs[:half], device, then), **_decode_jpegs(decode, jpegs[half:], device, then)}
+    return then({index: image for (index, _), image in zip(jpegs, images)})
 
 
 def device_decoder(encoder) -> JpegDecoder:
