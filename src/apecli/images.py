@@ -404,8 +404,8 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixel
     gives them (JPEGs decoded together there, other files by PIL and ``pixels.on_image``).
 
     The JPEGs are decoded in one call (:func:`_decode_jpegs`) and resized together
-    (:func:`_resize_crop`): on a GPU a batch of one size costs a fixed number of device operations, and
-    each further size one more.
+    (:func:`_resize_crop`): a batch of one size costs a fixed number of device operations, and each
+    further size one more.
     """
     import torch
 
@@ -461,24 +461,24 @@ def device_decoder(encoder) -> JpegDecoder:
     return jpeg_decoder(str(encoder.device))
 
 
-def _resize_crop(images: dict, encoder) -> dict:
+FLOAT_VALUES = 2**28  # pixel values cast to float32 at once while resizing: 1 GiB
+
+
+def _resize_crop(images: dict, encoder, most: int = FLOAT_VALUES) -> dict:
     """uint8 C×H×W images → uint8 3×size images, as the model's evaluation transform resizes and crops
     them: the shortest side to size then a centre crop (``shortest``), or straight to size (``squash``),
-    antialiased, with the model's interpolation: torchvision's ``resize`` and ``center_crop`` of each
-    image, as :func:`_resize_each_size` makes them on the CPU (where torchvision resamples uint8 in
-    fixed point) and :func:`_resize_in_float` elsewhere."""
-    if not images:
-        return {}
-    if next(iter(images.values())).device.type == "cpu":
-        return _resize_each_size(images, encoder)
-    return _resize_in_float(images, encoder)
+    antialiased, with the model's interpolation.
 
-
-def _resizing(encoder) -> tuple[tuple[int, int], str, bool]:
-    """The model's size, its interpolation (``bicubic`` or ``bilinear``) and whether it squashes."""
-    config = encoder.preprocess_config
-    mode = "bilinear" if config.get("interpolation") == "bilinear" else "bicubic"
-    return tuple(encoder.image_size), mode, config.get("resize_mode", "shortest") == "squash"
+    The values are what torchvision's ``resize`` of uint8 tensors gives on a GPU (interpolation in
+    float32, then clamped, rounded and cast back) and its ``center_crop``, bit for bit, on any device,
+    with the casts made once for many images: a few device operations for each ``most`` pixel values (a
+    batch of 256 images of 500 × 375 at once), plus one interpolation for each size among them, where
+    torchvision's ``resize`` costs half a dozen a size.
+    """
+    ready: dict = {}
+    for sizes in _float_chunks(_by_shape(images), most):
+        ready.update(_resize_chunk(images, sizes, encoder))
+    return ready
 
 
 def _by_shape(images: dict) -> dict[tuple[int, ...], list[int]]:
@@ -486,38 +486,6 @@ def _by_shape(images: dict) -> dict[tuple[int, ...], list[int]]:
     for index, image in images.items():
         by_shape.setdefault(tuple(image.shape), []).append(index)
     return by_shape
-
-
-def _resize_each_size(images: dict, encoder) -> dict:
-    """The images of each size stacked, resized by torchvision's ``resize`` of uint8 tensors and
-    centre-cropped: half a dozen device operations a size on a GPU (casts to float32 and back in each
-    call), two on the CPU."""
-    import torch
-    from torchvision.transforms.v2 import functional as F
-
-    size, mode, squash = _resizing(encoder)
-    interpolation = F.InterpolationMode.BILINEAR if mode == "bilinear" else F.InterpolationMode.BICUBIC
-    ready = {}
-    for indices in _by_shape(images).values():
-        batch = torch.stack([images[index] for index in indices])
-        batch = F.resize(batch, list(size) if squash else [size[0]], interpolation=interpolation, antialias=True)
-        ready.update(zip(indices, batch if squash else F.center_crop(batch, list(size))))
-    return ready
-
-
-FLOAT_VALUES = 2**28  # pixel values cast to float32 at once while resizing: 1 GiB
-
-
-def _resize_in_float(images: dict, encoder, most: int = FLOAT_VALUES) -> dict:
-    """What torchvision's ``resize`` of uint8 tensors gives on a GPU (interpolation in float32, then
-    clamped, rounded and cast back), bit for bit, with the casts made once for many images: a few
-    device operations for each ``most`` pixel values (a batch of 256 images of 500 × 375 at once), plus
-    one interpolation for each size among them.
-    """
-    ready: dict = {}
-    for sizes in _float_chunks(_by_shape(images), most):
-        ready.update(_resize_chunk_in_float(images, sizes, encoder))
-    return ready
 
 
 def _float_chunks(by_shape: dict, most: int) -> list[list[tuple[tuple[int, ...], list[int]]]]:
@@ -537,11 +505,14 @@ def _float_chunks(by_shape: dict, most: int) -> list[list[tuple[tuple[int, ...],
     return chunks + [chunk] if chunk else chunks
 
 
-def _resize_chunk_in_float(images: dict, sizes: list, encoder) -> dict:
+def _resize_chunk(images: dict, sizes: list, encoder) -> dict:
+    """:func:`_resize_crop` of one chunk of :func:`_float_chunks`: (shape, indices) pairs."""
     import torch
     from torch.nn.functional import interpolate
 
-    size, mode, squash = _resizing(encoder)
+    size, config = tuple(encoder.image_size), encoder.preprocess_config
+    mode = "bilinear" if config.get("interpolation") == "bilinear" else "bicubic"
+    squash = config.get("resize_mode", "shortest") == "squash"
     order = [index for _, indices in sizes for index in indices]  # each size's images side by side
     pixels = torch.cat([images[index].reshape(-1) for index in order]).to(torch.float32)
     resized, start = [], 0
