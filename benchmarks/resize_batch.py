@@ -1,6 +1,6 @@
 """Resizing a decoded batch for the encoder (`--decode gpu`): batch-wide casts against one resize per size.
 
-The decoding thread hands `_resize_crop` a batch of uint8 images as nvJPEG decodes them and gets them back
+The decoding thread hands `resize_crop` a batch of uint8 images as nvJPEG decodes them and gets them back
 at the model's size, resized and centre-cropped as open_clip's evaluation transform does (ViT-B-16's:
 shortest side to 224, bicubic, antialiased, then a 224 × 224 crop). It casts the whole batch to float32
 once, interpolates each size, and rounds the batch back to uint8 at once. The baseline, in the same run,
@@ -36,7 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms.v2 import functional as F
 
-from apecli.images import _resize_crop
+from apecli.images import resize_crop
 
 SIZE = 224
 ENCODER = SimpleNamespace(image_size=(SIZE, SIZE), preprocess_config={"resize_mode": "shortest",
@@ -110,10 +110,10 @@ def main() -> None:
         images = decoded(args.images, varied, args.device)
         sizes = len({tuple(image.shape) for image in images.values()})
         row = {}
-        for name, resize in (("each size", each_size), ("in float", _resize_crop)):
+        for name, resize in (("each size", each_size), ("in float", resize_crop)):
             row[name] = (operations(resize, images), timed(resize, images, args.device, args.repeat))
         (base_ops, base_time), (ops, seconds) = row.values()
-        baseline, in_float = each_size(images, ENCODER), _resize_crop(images, ENCODER)
+        baseline, in_float = each_size(images, ENCODER), resize_crop(images, ENCODER)
         same = sum(torch.equal(baseline[index], in_float[index]) for index in images)
         print(f"{'200-640 x 200-640' if varied else '500 x 375'}, {sizes} sizes: "
               f"each size (baseline) {base_ops} operations on a GPU, {base_time * 1e3:.2f} ms a batch "

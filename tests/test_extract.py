@@ -573,14 +573,14 @@ def test_resizing_a_batch_gives_torchvisions_resizing_of_each_image_on_a_gpu(res
     import torch
     from torchvision.transforms.v2 import functional as F
 
-    from apecli.images import _resize_crop
+    from apecli.images import resize_crop
 
     encoder = SimpleNamespace(image_size=(32, 32), preprocess_config={"resize_mode": resize_mode,
                                                                       "interpolation": interpolation})
     mode = F.InterpolationMode.BILINEAR if interpolation == "bilinear" else F.InterpolationMode.BICUBIC
     size = [32, 32] if resize_mode == "squash" else [32]
     images = _decoded_images(SHAPES)
-    ready = _resize_crop(images, encoder)
+    ready = resize_crop(images, encoder)
     assert sorted(ready) == sorted(images)
     for index, image in images.items():
         as_on_a_gpu = F.resize(image.float()[None], size, interpolation=mode, antialias=True)
@@ -590,9 +590,9 @@ def test_resizing_a_batch_gives_torchvisions_resizing_of_each_image_on_a_gpu(res
         in_fixed_point = F.center_crop(F.resize(image, size, interpolation=mode, antialias=True), [32, 32])
         # noise overshoots bicubic's range, which fixed point clips between its two passes
         assert (ready[index].float() - in_fixed_point.float()).abs().mean() < 0.5
-    a_few_at_once = _resize_crop(images, encoder, most=3 * 45 * 45)  # at most one 45 × 45 image at once
+    a_few_at_once = resize_crop(images, encoder, most=3 * 45 * 45)  # at most one 45 × 45 image at once
     assert all(torch.equal(a_few_at_once[index], ready[index]) for index in images)
-    assert _resize_crop({}, encoder) == {}
+    assert resize_crop({}, encoder) == {}
 
 
 def test_images_are_cast_to_float_a_bounded_number_of_pixels_at_once():
@@ -619,7 +619,7 @@ def test_resizing_a_batch_costs_one_operation_a_size_beyond_a_fixed_few():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from apecli.images import _resize_crop
+    from apecli.images import resize_crop
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -638,7 +638,7 @@ def test_resizing_a_batch_costs_one_operation_a_size_beyond_a_fixed_few():
     for shapes in (SHAPES[:4], SHAPES):
         images = {index: torch.empty((3, *shape), dtype=torch.uint8, device="meta") for index, shape in enumerate(shapes)}
         with Count() as count:
-            _resize_crop(images, encoder)
+            resize_crop(images, encoder)
         counts.append(count)
     few, many = counts
     assert few.resizing == 3  # four sizes, one already the model's

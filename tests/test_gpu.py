@@ -136,7 +136,7 @@ def test_a_batch_of_many_sizes_is_resized_as_torchvision_resizes_each_image_on_t
 
     from torchvision.transforms.v2 import functional as F
 
-    from apecli.images import _resize_crop
+    from apecli.images import resize_crop
 
     encoder = SimpleNamespace(image_size=(224, 224), preprocess_config={"resize_mode": resize_mode,
                                                                         "interpolation": interpolation})
@@ -146,7 +146,7 @@ def test_a_batch_of_many_sizes_is_resized_as_torchvision_resizes_each_image_on_t
     shapes = [(375, 500), (500, 375), (333, 500), (224, 224), (375, 500), (640, 201), (300, 300), (333, 500)]
     images = {index: torch.randint(0, 256, (3, *shape), generator=generator, dtype=torch.uint8).cuda()
               for index, shape in enumerate(shapes)}
-    ready = _resize_crop(images, encoder)
+    ready = resize_crop(images, encoder)
     for index, image in images.items():  # torchvision's own uint8 resizing on the GPU, one image at a time
         alone = F.center_crop(F.resize(image, size, interpolation=mode, antialias=True), [224, 224])
         assert ready[index].is_cuda and torch.equal(ready[index], alone)

@@ -404,14 +404,14 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixel
     gives them (JPEGs decoded together there, other files by PIL and ``pixels.on_image``).
 
     The JPEGs are decoded in one call (:func:`_decode_jpegs`) and resized together
-    (:func:`_resize_crop`): a batch of one size costs a fixed number of device operations, and each
+    (:func:`resize_crop`): a batch of one size costs a fixed number of device operations, and each
     further size one more.
     """
     import torch
 
     device = encoder.device
     jpegs = [(index, data) for index, data in zip(batch.readable, batch.images) if is_jpeg(data)]
-    ready = _decode_jpegs(jpeg_decoder(str(device)).decode, jpegs, device, lambda images: _resize_crop(images, encoder))
+    ready = _decode_jpegs(jpeg_decoder(str(device)).decode, jpegs, device, lambda images: resize_crop(images, encoder))
     errors, tensors = list(batch.errors), []
     for position, index in enumerate(batch.indices):
         if errors[position] is not None:
@@ -464,7 +464,7 @@ def device_decoder(encoder) -> JpegDecoder:
 FLOAT_VALUES = 2**28  # pixel values cast to float32 at once while resizing: 1 GiB
 
 
-def _resize_crop(images: dict, encoder, most: int = FLOAT_VALUES) -> dict:
+def resize_crop(images: dict, encoder, most: int = FLOAT_VALUES) -> dict:
     """uint8 C×H×W images → uint8 3×size images, as the model's evaluation transform resizes and crops
     them: the shortest side to size then a centre crop (``shortest``), or straight to size (``squash``),
     antialiased, with the model's interpolation.
@@ -506,7 +506,7 @@ def _float_chunks(by_shape: dict, most: int) -> list[list[tuple[tuple[int, ...],
 
 
 def _resize_chunk(images: dict, sizes: list, encoder) -> dict:
-    """:func:`_resize_crop` of one chunk of :func:`_float_chunks`: (shape, indices) pairs."""
+    """:func:`resize_crop` of one chunk of :func:`_float_chunks`: (shape, indices) pairs."""
     import torch
     from torch.nn.functional import interpolate
 
