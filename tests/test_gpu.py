@@ -152,6 +152,35 @@ def test_a_batch_of_many_sizes_is_resized_as_torchvision_resizes_each_image_on_t
         assert ready[index].is_cuda and torch.equal(ready[index], alone)
 
 
+def test_photos_stored_turned_come_out_as_asked_from_the_gpu_decoder(tiny, tmp_path):
+    """Every EXIF orientation, turned upright or left as stored, whether or not the decoder turns
+    photos itself on the GPU (the probe says which; the provenance's decoder name, the test's output)."""
+    from PIL import Image, ImageOps
+
+    from apecli.images import Batch, RawBytes, decode_on_device, jpeg_decoder, split_transform
+    from apecli.synthetic import make_image
+
+    paths = []
+    for orientation in range(1, 9):
+        source = make_image(tmp_path / f"plain-{orientation}.jpg", orientation % 3, orientation, size=48)
+        with Image.open(source) as image:
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            image.save(tmp_path / f"{orientation}.jpg", quality=95, exif=exif)
+        paths.append(tmp_path / f"{orientation}.jpg")
+    encoder = load_encoder(replace(tiny, device="cuda"))
+    pixels = split_transform(encoder.eval_transform)
+    decoder = jpeg_decoder(str(encoder.device))
+    print(f"{decoder.name} on the GPU turns photos by their EXIF orientation itself: {decoder.turns}")
+    raw = RawBytes(paths)
+    for upright in (True, False):
+        decoded = decode_on_device(Batch.collate([raw[i] for i in range(len(paths))]), paths, encoder, pixels, upright)
+        for row, path in enumerate(paths):
+            with Image.open(path) as image:
+                expected = pixels.on_image((ImageOps.exif_transpose(image) if upright else image).convert("RGB"))
+            assert (decoded.images[row].cpu().float() - expected.float()).abs().mean() < 3  # nvJPEG's IDCT, resampling
+
+
 def test_decoding_on_its_own_stream_gives_what_the_encoders_stream_gives(tiny, tmp_path):
     """Batches decoded on the side stream, then used on the encoder's: the same pixels, in order, as
     decoded one batch at a time on the current stream and synchronised; features as the CPU's."""

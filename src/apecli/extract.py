@@ -69,6 +69,7 @@ class ExtractSettings:
     chunk_images: int = 512
     skip_bad: bool = False
     decode: str = "pil"  # or "gpu": JPEGs of validation and test decoded on the encoder's device
+    exif_orientation: bool = False  # photos turned upright by their EXIF orientation tag (not APE's protocol)
 
     def __post_init__(self) -> None:
         if self.decode not in ("pil", "gpu"):
@@ -117,6 +118,8 @@ def _request_hash(dataset: ImageDataset, encoder: dict[str, Any], settings: Extr
         "split_file": dataset.split_file_sha256, "skip_bad": settings.skip_bad, "templates": list(templates),
         "prompts": prompts or {}, "decode": settings.decode,
     }
+    if settings.exif_orientation:  # absent otherwise: the requests of stores made before it stay the same
+        request["exif_orientation"] = True
     if few_shot:
         request.update(shots=sorted(settings.shots), seed=settings.seed, views=settings.views)
     digest.update(json.dumps(request, sort_keys=True).encode())
@@ -215,9 +218,10 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
 
     report(0)
     if settings.decode == "gpu" and views == 0:  # files are read by threads: decoding is the GPU's
-        loader = decoded_batches(paths, batches, settings.workers, encoder, pixels)
+        loader = decoded_batches(paths, batches, settings.workers, encoder, pixels, upright=settings.exif_orientation)
     else:
-        loader = pil_batches(paths, batches, pixels.on_image, views, settings.seed, settings.workers, encoder.device)
+        loader = pil_batches(paths, batches, pixels.on_image, views, settings.seed, settings.workers, encoder.device,
+                             settings.exif_orientation)
     buffers: dict[int, dict[int, tuple[np.ndarray | None, str]]] = {}
 
     def start(batch: Batch) -> Callable[[], dict[int, np.ndarray]]:
@@ -417,7 +421,8 @@ def _save_extracted(dataset: ImageDataset, encoder: Encoder, chosen: Plan, work:
         "root": str(dataset.root.resolve()),
         "split_file": str(dataset.split_file) if dataset.split_file else None,
         "split_file_sha256": dataset.split_file_sha256, "seed": settings.seed, "shots": sorted(caches),
-        "views": settings.views, "decode": settings.decode, "jpeg_decoder": decoder, "templates": list(dataset.templates),
+        "views": settings.views, "decode": settings.decode, "jpeg_decoder": decoder,
+        "exif_orientation": settings.exif_orientation, "templates": list(dataset.templates),
         "prompted_classes": len(prompts or {}),
         "skipped": chosen.skipped, "notes": list(dataset.notes), "software": software_versions(),
     }

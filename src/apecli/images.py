@@ -45,11 +45,71 @@ def readable(path: Path) -> str | None:
         return str(error).split("\n")[0] or type(error).__name__
 
 
-def _open_rgb(path: Path):
+def _open_rgb(path: Path, upright: bool = False):
+    """The image as RGB; ``upright``: turned as its EXIF orientation tag says, as photo viewers show it."""
     from PIL import Image
 
     with Image.open(path) as image:
-        return image.convert("RGB")
+        orientation = image.getexif().get(ORIENTATION, 1) if upright else 1
+        return (image.transpose(TRANSPOSES[orientation]) if orientation in TRANSPOSES else image).convert("RGB")
+
+
+ORIENTATION = 0x0112  # the EXIF tag
+# EXIF orientation → the PIL transpose that turns the stored pixels upright, by Image.Transpose's value:
+# FLIP_LEFT_RIGHT 0, FLIP_TOP_BOTTOM 1, ROTATE_90 2, ROTATE_180 3, ROTATE_270 4, TRANSPOSE 5, TRANSVERSE 6
+TRANSPOSES = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
+
+
+def exif_orientation(data) -> int:
+    """The EXIF orientation (1 to 8) that JPEG bytes carry, 1 where they carry none or cannot say.
+
+    Reads the markers before the image data, and in an APP1 ``Exif`` segment the first directory of
+    its TIFF header: a few hundred bytes, without decoding anything.
+    """
+    head = memoryview(data if isinstance(data, bytes) else np.ascontiguousarray(data, dtype=np.uint8)).cast("B")
+    if head[:2] != b"\xff\xd8":
+        return 1
+    at = 2
+    while at + 4 <= len(head) and head[at] == 0xFF:
+        marker, length = head[at + 1], int.from_bytes(head[at + 2 : at + 4], "big")
+        if marker == 0xDA or length < 2:  # the image data: no EXIF after it
+            break
+        if marker == 0xE1 and head[at + 4 : at + 10] == b"Exif\0\0":
+            return _tiff_orientation(head[at + 10 : at + 2 + length])
+        at += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: memoryview) -> int:
+    order = {b"II": "little", b"MM": "big"}.get(bytes(tiff[:2]))
+    if order is None or len(tiff) < 8:
+        return 1
+    directory = int.from_bytes(tiff[4:8], order)
+    count = int.from_bytes(tiff[directory : directory + 2], order) if directory + 2 <= len(tiff) else 0
+    for entry in range(directory + 2, min(directory + 2 + 12 * count, len(tiff) - 11), 12):
+        if int.from_bytes(tiff[entry : entry + 2], order) == ORIENTATION:
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)  # a SHORT, first in its value field
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+UNDO = {6: 8, 8: 6}  # the orientation whose turn undoes each one's (the others undo themselves)
+
+
+def _upright(image, orientation: int):
+    """A C×H×W tensor as stored, turned as EXIF ``orientation`` says (what PIL's transposes do)."""
+    import torch
+
+    if orientation in (5, 6, 7, 8):  # a quarter turn: height and width swap
+        image = image.transpose(-2, -1)
+        orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]
+    if orientation == 2:
+        return torch.flip(image, (-1,))
+    if orientation == 3:
+        return torch.flip(image, (-2, -1))
+    if orientation == 4:
+        return torch.flip(image, (-2,))
+    return image
 
 
 class UpToTensor:
@@ -120,8 +180,8 @@ class PilImages:
     index and the view's number, so results do not depend on batching or workers.
     """
 
-    def __init__(self, paths: Sequence[Path], transform: Callable, views: int, seed: int) -> None:
-        self.paths, self.transform, self.views, self.seed = paths, transform, views, seed
+    def __init__(self, paths: Sequence[Path], transform: Callable, views: int, seed: int, upright: bool = False) -> None:
+        self.paths, self.transform, self.views, self.seed, self.upright = paths, transform, views, seed, upright
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -130,7 +190,7 @@ class PilImages:
         import torch
 
         try:
-            image = _open_rgb(self.paths[index])
+            image = _open_rgb(self.paths[index], self.upright)
         except (OSError, ValueError, SyntaxError) as error:
             return index, None, str(error).split("\n")[0] or type(error).__name__
         if self.views == 0:
@@ -207,9 +267,9 @@ def _piece_images(views: int) -> int:
 
 
 def pil_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], transform: Callable, views: int, seed: int,
-                workers: int, device) -> Iterator["Batch"]:
-    """The given batches, decoded by PIL and ``transform`` (see :class:`PilImages`) in ``workers``
-    loader processes, each on ``device``.
+                workers: int, device, upright: bool = False) -> Iterator["Batch"]:
+    """The given batches, decoded by PIL (``upright``: turned by their EXIF orientation) and ``transform``
+    (see :class:`PilImages`) in ``workers`` loader processes, each on ``device``.
 
     Workers decode pieces of about :data:`LOADER_TENSORS` tensors, which are joined back into the
     batches here: with a whole batch a worker, 16 workers given 256 images each would deliver nothing
@@ -218,7 +278,7 @@ def pil_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], transfo
     import torch
 
     step = _piece_images(views)
-    loader = torch.utils.data.DataLoader(PilImages(paths, transform, views, seed), batch_sampler=pieces(batches, views),
+    loader = torch.utils.data.DataLoader(PilImages(paths, transform, views, seed, upright), batch_sampler=pieces(batches, views),
                                          num_workers=workers, collate_fn=Batch.collate,
                                          pin_memory=torch.device(device).type == "cuda")
     decoded = iter(loader)
@@ -227,7 +287,7 @@ def pil_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], transfo
 
 
 def decoded_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], threads: int, encoder,
-                    pixels: Pixels, ahead: int = 2) -> Iterator["Batch"]:
+                    pixels: Pixels, ahead: int = 2, upright: bool = False) -> Iterator["Batch"]:
     """The given batches read by :func:`read_batches` and decoded by :func:`decode_on_device` on the
     encoder's device, by a thread of their own, up to ``ahead`` batches before the one in use.
 
@@ -263,7 +323,7 @@ def decoded_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], thr
         try:
             with torch.cuda.stream(side) if side is not None else nullcontext():
                 for batch in reading:
-                    batch = decode_on_device(batch, paths, encoder, pixels)
+                    batch = decode_on_device(batch, paths, encoder, pixels, upright)
                     done = None
                     if side is not None:
                         done = torch.cuda.Event()
@@ -344,10 +404,12 @@ def is_jpeg(data: np.ndarray) -> bool:
 @dataclass(frozen=True)
 class JpegDecoder:
     """A batched JPEG decoder: ``decode(list of 1-D uint8 CPU tensors, device)`` → RGB C×H×W uint8 tensors
-    on ``device``; ``name`` says which library and version, for the artifact's provenance."""
+    on ``device``; ``name`` says which library and version, for the artifact's provenance; ``turns``:
+    whether it turns images upright by their EXIF orientation itself (TorchCodec's does on the CPU)."""
 
     name: str
     decode: Callable[[list, Any], list]
+    turns: bool = False
 
 
 def _torchcodec() -> JpegDecoder:
@@ -383,25 +445,27 @@ def jpeg_decoder(device: str) -> JpegDecoder:
     import torch
     from PIL import Image
 
-    encoded = io.BytesIO()
-    Image.new("L", (8, 8), 128).save(encoded, "JPEG")  # grey: also tries the conversion to RGB
+    encoded, exif = io.BytesIO(), Image.Exif()
+    exif[ORIENTATION] = 6  # stored a quarter turn anticlockwise: does the decoder turn it?
+    Image.new("L", (16, 8), 128).save(encoded, "JPEG", exif=exif)  # grey: also tries the conversion to RGB
     probe = torch.frombuffer(bytearray(encoded.getvalue()), dtype=torch.uint8)
     failures = []
     for library, make in DECODERS:  # in order of preference
         try:
             decoder = make()
             image = decoder.decode([probe], device)[0]
-            if tuple(image.shape) == (3, 8, 8) and image.device.type == torch.device(device).type:
-                return decoder
+            if tuple(image.shape) in ((3, 8, 16), (3, 16, 8)) and image.device.type == torch.device(device).type:
+                return replace(decoder, turns=tuple(image.shape) == (3, 16, 8))
             failures.append(f"{decoder.name}: a {tuple(image.shape)} image on {image.device}")
         except Exception as failure:  # noqa: BLE001 - a missing library, another ABI, no nvJPEG: try the next
             failures.append(f"{library}: {str(failure).splitlines()[0] if str(failure) else type(failure).__name__}")
     raise ApecliError(f"--decode gpu: no JPEG decoder works on {device} ({'; '.join(failures)}); use --decode pil")
 
 
-def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixels) -> Batch:
+def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixels, upright: bool = False) -> Batch:
     """A batch of raw bytes as uint8 images of the model's size on the encoder's device, as ``pixels``
-    gives them (JPEGs decoded together there, other files by PIL and ``pixels.on_image``).
+    gives them (JPEGs decoded together there, other files by PIL and ``pixels.on_image``); ``upright``:
+    each turned as its EXIF orientation says first.
 
     The JPEGs are decoded in one call (:func:`_decode_jpegs`) and resized together
     (:func:`resize_crop`): a batch of one size costs a fixed number of device operations, and each
@@ -410,8 +474,17 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixel
     import torch
 
     device = encoder.device
+    decoder = jpeg_decoder(str(device))
     jpegs = [(index, data) for index, data in zip(batch.readable, batch.images) if is_jpeg(data)]
-    ready = _decode_jpegs(jpeg_decoder(str(device)).decode, jpegs, device, lambda images: resize_crop(images, encoder))
+    turns = {}  # what is left to do after the decoder: turn upright, or undo the decoder's turn
+    if upright != decoder.turns:
+        turns = {index: exif_orientation(data) for index, data in jpegs}
+        turns = {index: UNDO.get(turn, turn) if decoder.turns else turn for index, turn in turns.items() if turn != 1}
+
+    def resized(images: dict) -> dict:
+        return resize_crop({index: _upright(image, turns.get(index, 1)) for index, image in images.items()}, encoder)
+
+    ready = _decode_jpegs(decoder.decode, jpegs, device, resized)
     errors, tensors = list(batch.errors), []
     for position, index in enumerate(batch.indices):
         if errors[position] is not None:
@@ -420,7 +493,7 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixel
             tensors.append(ready[index])
             continue
         try:  # not a JPEG, or not one the decoder reads: the faithful path
-            tensors.append(pixels.on_image(_open_rgb(paths[index])).to(device))
+            tensors.append(pixels.on_image(_open_rgb(paths[index], upright)).to(device))
         except (OSError, ValueError, SyntaxError) as failure:
             errors[position] = str(failure).split("\n")[0] or type(failure).__name__
     images = torch.stack(tensors) if tensors else torch.empty((0, 3, *encoder.image_size), dtype=torch.uint8, device=device)

@@ -178,7 +178,8 @@ def predict(
     features = model.features
     with tempfile.TemporaryDirectory() as folder:
         encoder = load_encoder(encoder_spec(features, device, Path(folder)))
-        settings = ExtractSettings(batch_size=batch_size, workers=workers, skip_bad=skip_bad)
+        settings = ExtractSettings(batch_size=batch_size, workers=workers, skip_bad=skip_bad,  # as the features were
+                                   exif_orientation=bool(features.provenance.get("exif_orientation", False)))
         encoded, ok, errors = encode_split(encoder, "images", list(paths), 0, Path(folder), settings, progress)
     x = encoded[ok].astype(np.float64)
     probabilities = (model.probabilities(x / np.linalg.norm(x, axis=1, keepdims=True)) if ok.any()

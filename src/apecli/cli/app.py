@@ -150,6 +150,10 @@ def extract(
     workers: Annotated[int, typer.Option("--workers", help="Image decoding processes (threads reading the files with --decode gpu; and threads that check the few-shot images decode).")] = min(4, os.cpu_count() or 1),
     decode: Annotated[str, typer.Option("--decode", help="pil (faithful) or gpu (JPEGs of val/test decoded on the GPU).")] = "pil",
     chunk_images: Annotated[int, typer.Option("--chunk-images", help="Images per saved chunk (the unit of resuming and of sharding across ranks).")] = 512,
+    exif_orientation: Annotated[Optional[bool], typer.Option(
+        "--exif-orientation/--no-exif-orientation", help="Turn photos upright by their EXIF orientation tag, as photo "
+        "viewers show them (default: on with --images; off with --dataset, as APE's protocol reads the files).",
+        show_default=False)] = None,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
@@ -162,7 +166,8 @@ def extract(
     if dataset is None and images is None:
         raise ApecliError("give --dataset NAME (a CoOp benchmark under --root) or --images DIR|CSV")
     counts = _integers(shots, "--shots") if shots is not None else PROTOCOL_SHOTS
-    settings = ExtractSettings(counts, seed, views, batch_size, workers, chunk_images, skip_bad, decode)
+    upright = images is not None if exif_orientation is None else exif_orientation
+    settings = ExtractSettings(counts, seed, views, batch_size, workers, chunk_images, skip_bad, decode, upright)
     spec = EncoderSpec(model, pretrained, device, precision)
     if decode == "gpu" and not spec.resolved_device().startswith("cuda"):
         raise ApecliError("--decode gpu needs a CUDA device (this run's device is cpu); use --decode pil")
