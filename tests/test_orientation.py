@@ -75,6 +75,30 @@ def test_bytes_that_say_nothing_clear_are_read_as_upright():
         assert exif_orientation(np.frombuffer(data, dtype=np.uint8)) == 1
 
 
+def test_a_damaged_exif_block_is_read_as_pil_reads_it(tmp_path):
+    import warnings
+
+    from PIL import Image
+
+    from apecli.images import _open_rgb
+
+    six = _jpeg(6)
+    start = six.index(b"Exif") + 6  # the TIFF header
+    damaged = {"byte order": six[:start] + b"XX" + six[start + 2:],
+               "directory past the end": six[:start + 4] + b"\xff\xff\xff\x7f" + six[start + 8:],
+               "too many entries": six[:start + 8] + b"\xff\xff" + six[start + 10:]}
+    for name, data in damaged.items():
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(data)
+        with warnings.catch_warnings():  # PIL's own, of the damage, as it opens the file
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                told = image.getexif().get(0x0112, 1)
+            size = _open_rgb(path, upright=True).size
+        assert exif_orientation(np.frombuffer(data, dtype=np.uint8)) == told, name
+        assert size == ((24, 40) if told == 6 else (40, 24)), name  # read, and turned where PIL reads a 6
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_a_tensor_is_turned_upright_as_pil_turns_the_image(orientation):
     import torch

@@ -50,8 +50,18 @@ def _open_rgb(path: Path, upright: bool = False):
     from PIL import Image
 
     with Image.open(path) as image:
-        orientation = image.getexif().get(ORIENTATION, 1) if upright else 1
+        orientation = _orientation(image) if upright else 1
         return (image.transpose(TRANSPOSES[orientation]) if orientation in TRANSPOSES else image).convert("RGB")
+
+
+def _orientation(image) -> int:
+    """A PIL image's EXIF orientation, 1 where it has none or its EXIF cannot be read (as stored, then)."""
+    try:
+        with warnings.catch_warnings():  # PIL warns of a damaged EXIF block, image after image
+            warnings.simplefilter("ignore")
+            return int(image.getexif().get(ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block does not make the image unreadable
+        return 1
 
 
 ORIENTATION = 0x0112  # the EXIF tag
