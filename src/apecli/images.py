@@ -486,13 +486,13 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixel
     device = encoder.device
     decoder = jpeg_decoder(str(device))
     jpegs = [(index, data) for index, data in zip(batch.readable, batch.images) if is_jpeg(data)]
-    turns = {}  # what is left to do after the decoder: turn upright, or undo the decoder's turn
+    to_turn = {}  # what is left after the decoder: turning upright, or undoing the decoder's turn
     if upright != decoder.turns:
-        turns = {index: exif_orientation(data) for index, data in jpegs}
-        turns = {index: UNDO.get(turn, turn) if decoder.turns else turn for index, turn in turns.items() if turn != 1}
+        read = ((index, exif_orientation(data)) for index, data in jpegs)
+        to_turn = {index: UNDO.get(turn, turn) if decoder.turns else turn for index, turn in read if turn != 1}
 
     def resized(images: dict) -> dict:
-        return resize_crop({index: _upright(image, turns.get(index, 1)) for index, image in images.items()}, encoder)
+        return resize_crop({index: _upright(image, to_turn.get(index, 1)) for index, image in images.items()}, encoder)
 
     ready = _decode_jpegs(decoder.decode, jpegs, device, resized)
     errors, tensors = list(batch.errors), []
