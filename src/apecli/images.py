@@ -73,8 +73,9 @@ TRANSPOSES = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
 def exif_orientation(data) -> int:
     """The EXIF orientation (1 to 8) that JPEG bytes carry, 1 where they carry none or cannot say.
 
-    Reads the markers before the image data, and in an APP1 ``Exif`` segment the first directory of
-    its TIFF header: a few hundred bytes, without decoding anything.
+    Reads the application segments that open the file (where the Exif standard puts its APP1 segment)
+    and in an APP1 ``Exif`` segment the first directory of its TIFF header: a few hundred bytes,
+    without decoding anything.
     """
     head = memoryview(data if isinstance(data, bytes) else np.ascontiguousarray(data, dtype=np.uint8)).cast("B")
     if head[:2] != b"\xff\xd8":
@@ -82,7 +83,7 @@ def exif_orientation(data) -> int:
     at = 2
     while at + 4 <= len(head) and head[at] == 0xFF:
         marker, length = head[at + 1], int.from_bytes(head[at + 2 : at + 4], "big")
-        if marker == 0xDA or length < 2:  # the image data: no EXIF after it
+        if not (0xE0 <= marker <= 0xEF or marker == 0xFE) or length < 2:  # past the APPn and comments
             break
         if marker == 0xE1 and head[at + 4 : at + 10] == b"Exif\0\0":
             return _tiff_orientation(head[at + 10 : at + 2 + length])
