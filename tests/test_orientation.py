@@ -41,14 +41,14 @@ def _jpeg(orientation: int | None, pixels: np.ndarray | None = None, **options) 
 
 def _big_endian(orientation: int) -> bytes:
     """A JPEG whose EXIF is in Motorola byte order (PIL writes Intel's), after a JFIF segment."""
-    tiff = b"MM\x00\x2a" + (8).to_bytes(4, "big") + (1).to_bytes(2, "big")
-    tiff += (0x0112).to_bytes(2, "big") + (3).to_bytes(2, "big") + (1).to_bytes(4, "big") + orientation.to_bytes(2, "big") + b"\0\0"
-    tiff += (0).to_bytes(4, "big")
+    tiff = b"MM\x00\x2a" + (8).to_bytes(4, "big") + (1).to_bytes(2, "big")  # header, then one entry:
+    tiff += (0x0112).to_bytes(2, "big") + (3).to_bytes(2, "big") + (1).to_bytes(4, "big")  # tag, SHORT, 1 value
+    tiff += orientation.to_bytes(2, "big") + b"\0\0" + (0).to_bytes(4, "big")  # the value; no next directory
     app1 = b"Exif\x00\x00" + tiff
     plain = _jpeg(None)
     assert plain[2:4] == b"\xff\xe0"  # SOI, then PIL's JFIF segment
-    return plain[:2] + b"\xff\xe0" + plain[4:6] + plain[6:4 + int.from_bytes(plain[4:6], "big")] + \
-        b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + plain[4 + int.from_bytes(plain[4:6], "big"):]
+    end = 4 + int.from_bytes(plain[4:6], "big")
+    return plain[:end] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + plain[end:]
 
 
 @pytest.mark.parametrize("orientation", [None, *range(1, 9)])
@@ -63,7 +63,7 @@ def test_the_orientation_is_read_from_the_bytes_as_pil_reads_it(orientation):
     assert exif_orientation(_big_endian(orientation or 1)) == (orientation or 1)
 
 
-def test_bytes_that_say_nothing_clear_are_read_as_upright():
+def test_bytes_that_say_nothing_clear_are_left_as_stored():
     from PIL import Image
 
     six = _jpeg(6)
