@@ -36,7 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms.v2 import functional as F
 
-from apecli.images import resize_crop
+from apecli.images import _by_shape, resize_crop
 
 SIZE = 224
 ENCODER = SimpleNamespace(image_size=(SIZE, SIZE), preprocess_config={"resize_mode": "shortest",
@@ -46,11 +46,8 @@ ENCODER = SimpleNamespace(image_size=(SIZE, SIZE), preprocess_config={"resize_mo
 def each_size(images: dict, encoder) -> dict:
     """The baseline: the images of each size stacked, resized by torchvision's uint8 ``resize`` and
     centre-cropped."""
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for index, image in images.items():
-        by_shape.setdefault(tuple(image.shape), []).append(index)
     ready = {}
-    for indices in by_shape.values():
+    for indices in _by_shape(images).values():
         batch = F.resize(torch.stack([images[index] for index in indices]), [SIZE],
                          interpolation=F.InterpolationMode.BICUBIC, antialias=True)
         ready.update(zip(indices, F.center_crop(batch, [SIZE, SIZE])))
@@ -109,10 +106,8 @@ def main() -> None:
     for varied in (False, True):
         images = decoded(args.images, varied, args.device)
         sizes = len({tuple(image.shape) for image in images.values()})
-        row = {}
-        for name, resize in (("each size", each_size), ("in float", resize_crop)):
-            row[name] = (operations(resize, images), timed(resize, images, args.device, args.repeat))
-        (base_ops, base_time), (ops, seconds) = row.values()
+        (base_ops, base_time), (ops, seconds) = [(operations(resize, images), timed(resize, images, args.device, args.repeat))
+                                                 for resize in (each_size, resize_crop)]
         baseline, in_float = each_size(images, ENCODER), resize_crop(images, ENCODER)
         same = sum(torch.equal(baseline[index], in_float[index]) for index in images)
         print(f"{'200-640 x 200-640' if varied else '500 x 375'}, {sizes} sizes: "

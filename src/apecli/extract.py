@@ -221,7 +221,7 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
         loader = decoded_batches(paths, batches, settings.workers, encoder, pixels, upright=settings.exif_orientation)
     else:
         loader = pil_batches(paths, batches, pixels.on_image, views, settings.seed, settings.workers, encoder.device,
-                             settings.exif_orientation)
+                             upright=settings.exif_orientation)
     buffers: dict[int, dict[int, tuple[np.ndarray | None, str]]] = {}
 
     def start(batch: Batch) -> Callable[[], dict[int, np.ndarray]]:

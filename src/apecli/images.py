@@ -14,6 +14,10 @@ is not a JPEG, or that fails to decode that way, goes through PIL instead. It se
 transform; augmented training views always use PIL. The JPEG decoder is TorchCodec's where it is
 installed and works on the device, else torchvision's (deprecated since torchvision 0.29 in favour
 of TorchCodec).
+
+Either path can turn each photo upright by its EXIF orientation tag first (``upright``), as PIL's
+``ImageOps.exif_transpose`` does; the device path reads the tag from the bytes and turns the decoded
+tensor, or undoes the turn of a decoder that makes it unasked.
 """
 
 from __future__ import annotations
@@ -553,11 +557,12 @@ def resize_crop(images: dict, encoder, most: int = FLOAT_VALUES) -> dict:
     them: the shortest side to size then a centre crop (``shortest``), or straight to size (``squash``),
     antialiased, with the model's interpolation.
 
-    The values are what torchvision's ``resize`` of uint8 tensors gives on a GPU (interpolation in
-    float32, then clamped, rounded and cast back) and its ``center_crop``, bit for bit, on any device,
-    with the casts made once for many images: a few device operations for each ``most`` pixel values (a
-    batch of 256 images of 500 × 375 at once), plus one interpolation for each size among them, where
-    torchvision's ``resize`` costs half a dozen a size.
+    Each image comes out as torchvision's ``resize`` and ``center_crop`` of it alone, computed as
+    torchvision computes uint8 tensors on a GPU (interpolation in float32, then clamped, rounded and
+    cast back), bit for bit on the device it runs on; but the casts are made once for many images: a
+    few device operations for each ``most`` pixel values (a batch of 256 images of 500 × 375 at once),
+    plus one interpolation for each size among them, where torchvision's ``resize`` costs half a dozen
+    a size.
     """
     ready: dict = {}
     for sizes in _float_chunks(_by_shape(images), most):
