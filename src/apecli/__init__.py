@@ -38,6 +38,7 @@ from apecli.importers import export_npz, import_npz, import_tip_adapter  # noqa:
 from apecli.encoder import EncoderSpec  # noqa: E402
 from apecli.extract import ExtractSettings  # noqa: E402
 from apecli.predict import load_classifier  # noqa: E402
+from apecli.classes import class_report  # noqa: E402
 
 __all__ = [
     "ApecliError",
@@ -48,6 +49,7 @@ __all__ = [
     "Refinement",
     "SearchGrid",
     "channel_criterion",
+    "class_report",
     "default_grid",
     "evaluate_artifact",
     "evaluate_training_free",

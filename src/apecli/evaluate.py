@@ -93,10 +93,10 @@ def class_accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
 
 def _zero_shot(features: FeatureSet, split: str) -> float:
     part = features.split(split)
-    return percent(int((_zero_shot_predictions(features, split) == part.labels).sum()), part.labels.shape[0])
+    return percent(int((zero_shot_predictions(features, split) == part.labels).sum()), part.labels.shape[0])
 
 
-def _zero_shot_predictions(features: FeatureSet, split: str) -> np.ndarray:
+def zero_shot_predictions(features: FeatureSet, split: str) -> np.ndarray:
     x = features.split(split).features.astype(np.float64)
     return predicted(100.0 * x @ features.classifier.astype(np.float64).T)
 
@@ -135,7 +135,7 @@ def default_grid(features: FeatureSet) -> SearchGrid:
 
 def evaluate_zero_shot(features: FeatureSet) -> Evaluation:
     """CLIP's zero-shot accuracy: the argmax of 100 · f Wᵀ."""
-    return scored("zero-shot", features, None, _zero_shot(features, "val"), _zero_shot_predictions(features, "test"))
+    return scored("zero-shot", features, None, _zero_shot(features, "val"), zero_shot_predictions(features, "test"))
 
 
 def evaluate_training_free(

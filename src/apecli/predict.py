@@ -49,7 +49,7 @@ class Classifier:
     probabilities: Scores
 
 
-def _features_of(artifact: store.Artifact) -> FeatureSet:
+def features_of(artifact: store.Artifact) -> FeatureSet:
     """The feature set at the root of an artifact's parents (each checked unchanged)."""
     while artifact.kind != "features":
         if not artifact.parents:
@@ -64,7 +64,7 @@ def load_classifier(evaluation: store.Artifact) -> Classifier:
         raise ApecliError(f"{evaluation.path}: is an artifact of kind '{evaluation.kind}'; expected an evaluation (from apecli eval)")
     meta = evaluation.metadata
     mode = meta.get("mode")
-    features = _features_of(evaluation)
+    features = features_of(evaluation)
     text = features.classifier.astype(np.float64)
 
     def made(scores: Scores, probabilities: Callable[[np.ndarray], np.ndarray] = softmax) -> Classifier:

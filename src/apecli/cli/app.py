@@ -331,6 +331,39 @@ def transfer(
 
 @app.command()
 @reports_errors
+def classes(
+    source: Input = None,
+    worst: Annotated[int, typer.Option("--worst", min=0, help="Classes to list, lowest accuracy first (0: every "
+                                       "class; --json always holds every class).")] = 20,
+    store_dir: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Per-class test accuracy of an evaluation, lowest first, beside zero-shot CLIP's, with what each
+    class is mistaken for."""
+    from apecli.classes import class_report
+
+    evaluation = resolve_input(source, store_dir, ["evaluation"])
+    report = class_report(evaluation)
+    shown = report.classes[:worst] if worst else report.classes
+    scope = f"the {len(shown)} lowest of {len(report.classes)}" if len(shown) < len(report.classes) else f"all {len(shown)}"
+    table = Table(title=f"{_heading(report.dataset, report.mode, report.shots)} · test accuracy per class ({scope})",
+                  title_justify="left")
+    for column in ("class", "images", f"{METHOD_NAMES.get(report.mode, report.mode)} %", "zero-shot %", "mistaken for"):
+        table.add_column(column, justify="right" if column.endswith("%") or column == "images" else "left")
+    for result in shown:
+        mistaken = ", ".join(f"{report.class_names[label]} ({count})" for label, count in result.mistaken_for[:2])
+        more = len(result.mistaken_for) - 2
+        table.add_row(result.name, f"{result.images:,}", f"{result.accuracy:.1f}", f"{result.zero_shot_accuracy:.1f}",
+                      mistaken + (f" +{more}" if more > 0 else ""))
+    console.print(table)
+    perfect = sum(result.correct == result.images for result in report.classes)
+    console.print(f"mean over {len(report.classes)} classes {report.mean_accuracy:.2f} %; {perfect} without a mistake"
+                  + (f"; no test image: {', '.join(report.absent)}" if report.absent else ""))
+    emit(evaluation, report.summary(), as_json)
+
+
+@app.command()
+@reports_errors
 def fit(
     source: Input = None,
     shots: Shots = None,
@@ -679,9 +712,13 @@ METHOD_NAMES = {"zero-shot": "zero-shot CLIP", "training-free": "APE", "training
                 "tip-adapter-f": "Tip-Adapter-F", "gda": "GDA", "proker": "ProKeR"}
 
 
+def _heading(dataset: str | None, mode: str | None, shots: int | None) -> str:
+    """What a result table is about: ``caltech101 · training-free · 16 shots``."""
+    return f"{dataset or 'features'} · {mode}" + (f" · {shots} shot{'s' if shots > 1 else ''}" if shots else "")
+
+
 def _print_evaluation(result: dict) -> None:
-    table = Table(title=f"{result['dataset'] or 'features'} · {result['mode']}"
-                  + (f" · {result['shots']} shot{'s' if result['shots'] > 1 else ''}" if result.get("shots") else "")
+    table = Table(title=_heading(result["dataset"], result["mode"], result.get("shots"))
                   + (f" · validation: {result['val_shots']} a class" if result.get("val_shots") else ""))
     for column in ("method", "val %", "test %", "chosen on validation"):
         table.add_column(column, justify="left" if column in ("method", "chosen on validation") else "right")
