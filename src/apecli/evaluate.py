@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -161,6 +161,39 @@ def evaluate_training_free(
                   device=on.type)
 
 
+def evaluate_training_free_over_k(
+    features: FeatureSet,
+    ks: Sequence[int],
+    shots: int | None = None,
+    grid: SearchGrid | None = None,
+    progress: Progress | None = None,
+    device: str | None = None,
+) -> Evaluation:
+    """Training-free APE with k chosen on validation too: for each k of ``ks`` in turn, the top k
+    channels of one criterion (APE's prior refinement, the dataset's weights) and the search over
+    ``grid``; the k of greatest validation accuracy wins, the first of equal ones (as in the grid).
+    The evaluation records every k tried (``k_tried``) with its best validation accuracy
+    (``k_val_accuracy``)."""
+    from apecli.refine import select_channels, top_channels
+
+    if not ks:
+        raise ApecliError("give at least one k to choose among")
+    outside = [k for k in ks if not 1 <= k <= features.dim]
+    if outside:  # refused before any search runs
+        raise ApecliError(f"k must be between 1 and the feature width {features.dim}, got {outside[0]}")
+    refinement = select_channels(features, k=ks[0], shots=shots)
+    best, accuracies = None, []
+    for turn, k in enumerate(ks):
+        report = None if progress is None else (
+            lambda done, total, turn=turn: progress(turn * total + done, len(ks) * total))
+        evaluation = evaluate_training_free(
+            features, replace(refinement, channels=top_channels(refinement.criterion, k)), grid, report, device)
+        accuracies.append(evaluation.val_accuracy)
+        if best is None or evaluation.val_accuracy > best.val_accuracy:
+            best = evaluation
+    return replace(best, extra={**best.extra, "k_tried": list(ks), "k_val_accuracy": accuracies})
+
+
 def evaluate_training_required(
     features: FeatureSet, fitted: "FitResult", grid: SearchGrid | None = None, progress: Progress | None = None,
     device: str | None = None,
@@ -206,10 +239,12 @@ def evaluate_artifact(
     progress: Progress | None = None,
     device: str | None = None,
     val_shots: int | None = None,
+    ks: Sequence[int] | None = None,
 ) -> Evaluation:
     """Evaluate a features, refinement or adapter artifact in ``mode``.
 
-    Training-free on a features artifact refines first, with the dataset's default k and weights; every
+    Training-free on a features artifact refines first, with the dataset's weights and its default k,
+    or the k of ``ks`` chosen on validation (:func:`evaluate_training_free_over_k`); every
     mode on a refinement uses the cache it was made from; training-required needs an adapter. Values
     fixed in ``grid`` (:meth:`SearchGrid.fixing`) replace the search of their axis; a mode refuses one it
     does not have (GIVEN). ``device`` (the CPU by default) runs the searches of the modes that have one,
@@ -228,6 +263,12 @@ def evaluate_artifact(
         from apecli.devices import torch_device
 
         torch_device(device)  # a mistyped device is refused by every mode, even one that computes on the CPU
+    if ks and mode != "training-free":
+        raise ApecliError(f"mode {mode} has no k to choose; k is the channel count of training-free APE"
+                          + (" (an adapter's is set when fitting: apecli fit --k)" if mode == "training-required" else ""))
+    if ks and artifact.kind == "refinement":
+        raise ApecliError(f"{artifact.path}: a refinement has chosen its k ({artifact.metadata.get('k')}); "
+                          "evaluate its features artifact to choose k on validation")
     given = grid.given if grid is not None else {}
     unknown = [name for name in given if name not in GIVEN[mode]]
     if unknown:
@@ -274,8 +315,10 @@ def evaluate_artifact(
         else:
             evaluation = baselines.evaluate_proker(features, shots, grid, progress, device)
         return recorded(evaluation, val_shots)
+    if ks and len(ks) > 1:
+        return recorded(evaluate_training_free_over_k(features, ks, shots, grid, progress, device), val_shots)
     if refinement is None:
-        refinement = select_channels(features, shots=shots)
+        refinement = select_channels(features, ks[0] if ks else None, shots=shots)
     return recorded(evaluate_training_free(features, refinement, grid, progress, device), val_shots)
 
 

@@ -273,6 +273,9 @@ def evaluate(
     gamma: Annotated[Optional[float], typer.Option("--gamma", help="Use this γ instead of searching it (APE).",
                                                    show_default=False)] = None,
     val_shots: ValShots = None,
+    k: Annotated[Optional[str], typer.Option("--k", help="Training-free on a features artifact: the channels to keep, "
+                                             "or several, comma-separated, to choose among on validation (default: "
+                                             "the dataset's k, scaled to D).", show_default=False)] = None,
     device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
@@ -290,9 +293,10 @@ def evaluate(
     preset = preset_for(artifact.metadata.get("dataset"))
     grid = SearchGrid(tuple(search_scale or preset.search_scale), tuple(search_step or preset.search_step)).fixing(
         beta=beta, alpha=alpha, gamma=gamma)
-    tried = settings_tried(mode, grid)
+    ks = _integers(k, "--k") if k is not None else None
+    tried = settings_tried(mode, grid) * (len(ks) if ks else 1)
     with progress.steps(f"searching {tried:,} setting{'s' if tried != 1 else ''}" if tried else "evaluating") as advance:
-        evaluation = evaluate_artifact(artifact, mode, shots, grid, advance, device, val_shots)
+        evaluation = evaluate_artifact(artifact, mode, shots, grid, advance, device, val_shots, ks)
     stem = f"eval-{mode}" + (f"-{evaluation.shots}shot" if evaluation.shots else "")
     saved = save_evaluation(evaluation, [artifact], store.in_store(store_dir, evaluation.dataset, stem))
     _print_evaluation(evaluation.summary())
@@ -726,6 +730,8 @@ def _print_evaluation(result: dict) -> None:
     if result["mode"] != "zero-shot":
         settings = [(key, f"{symbol}={result[key]:.4g}") for key, symbol in SYMBOLS.items() if result.get(key) is not None]
         chosen = [text for key, text in settings if key not in result.get("given", {})]
+        if "k_tried" in result:  # k was chosen on validation too
+            chosen.insert(0, f"k={result['k']}")
         if "best_epoch" in result:
             chosen.append(f"epoch {result['best_epoch']}/{result['epochs']}")
         given = [text for key, text in settings if key in result.get("given", {})]
