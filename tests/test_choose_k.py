@@ -103,6 +103,8 @@ def test_the_command_chooses_k_in_increasing_order_and_the_model_predicts_with_i
     out = json.loads(result.stdout)
     assert out["k_tried"] == [4, 8, 16] and out["k"] in (4, 8, 16)
     assert f"k={out['k']} α=" in result.stderr
+    listed = runner.invoke(app, ["ls", str(tmp_path / "s"), "--kind", "evaluation"]).stdout
+    assert f"k={out['k']} of 3 tried" in listed
     evaluation = store.open_artifact(out["artifact"])
     classifier = load_classifier(evaluation)
     test = saved.split("test")

@@ -526,7 +526,8 @@ def _summary(artifact: store.Artifact) -> str:
                                                      for t in meta.get("targets", []))
     given = " ".join(f"{symbol}={meta['given'][name]:.4g}" for name, symbol in SYMBOLS.items() if name in meta.get("given", {}))
     return (f"{meta.get('mode')}, val {meta.get('val_accuracy', 0):.2f}%{_on_validation(meta.get('val_shots'))}, "
-            f"test {meta.get('test_accuracy', 0):.2f}%" + (f", given {given}" if given else ""))
+            f"test {meta.get('test_accuracy', 0):.2f}%" + (f", given {given}" if given else "")
+            + (f", k={meta.get('k')} of {len(meta['k_tried'])} tried" if "k_tried" in meta else ""))
 
 
 def _on_validation(val_shots: int | None) -> str:
