@@ -133,7 +133,10 @@ def test_the_command_lists_the_lowest_classes_and_passes_the_evaluation_on(featu
     rows = [line.split("│")[1].strip() for line in result.stderr.splitlines() if line.startswith("│")]
     shown = [row for row in rows if row]  # a row the last column wraps onto has an empty first column
     assert sorted(shown) == sorted(lowest[:2])
-    assert f"mean over 6 classes {report.mean_accuracy:.2f} %" in result.stderr
+    below = sum(r.correct < r.zero_shot_correct for r in report.classes)
+    perfect = sum(r.correct == r.images for r in report.classes)
+    assert f"mean over 6 classes {report.mean_accuracy:.2f} %; {perfect} without a mistake; {below} below zero-shot CLIP" \
+        in result.stderr
 
 
 def test_the_command_reads_the_evaluation_from_a_pipe_and_gives_every_class_as_json(features, tmp_path):

@@ -361,7 +361,9 @@ def classes(
                       mistaken + (f" +{more}" if more > 0 else ""))
     console.print(table)
     perfect = sum(result.correct == result.images for result in report.classes)
+    below = sum(result.correct < result.zero_shot_correct for result in report.classes)
     console.print(f"mean over {len(report.classes)} classes {report.mean_accuracy:.2f} %; {perfect} without a mistake"
+                  + (f"; {below} below zero-shot CLIP" if report.mode != "zero-shot" else "")
                   + (f"; no test image: {', '.join(report.absent)}" if report.absent else ""))
     emit(evaluation, report.summary(), as_json)
 
