@@ -171,3 +171,34 @@ def test_real_flowers_classes_match_the_predictions_by_label(tmp_path):
         mine = labels == result.label
         assert result.images == mine.sum() and result.correct == (predictions[mine] == result.label).sum()
     assert report.mean_accuracy == pytest.approx(evaluation.metadata["test_class_accuracy"], abs=1e-9)
+
+
+def test_a_transfer_target_is_reported_over_its_own_classes(tmp_path):
+    from apecli.transfer import save_transfer, transfer
+    from test_transfer import MODEL, shifted
+
+    made = synthetic_features(num_classes=6, dim=32, shots=(4,), val_per_class=8, test_per_class=10, seed=5)
+    source = save_features(replace(made, model=MODEL), tmp_path / "source.h5")
+    evaluation = save_evaluation(evaluate_artifact(source.artifact, "training-free", None, GRID), [source.artifact],
+                                 tmp_path / "eval.h5")
+    one, two = shifted(source, tmp_path, (4, 1, 3), name="one.h5"), shifted(source, tmp_path, (0, 5), name="two.h5")
+    results = transfer(evaluation, [one.artifact, two.artifact])
+    saved = save_transfer(evaluation, [one.artifact, two.artifact], results, tmp_path / "transfer.h5")
+    for target, result, kept in (("two.h5", results[1], (0, 5)), (str(tmp_path / "one.h5"), results[0], (4, 1, 3))):
+        report = class_report(saved, target)
+        assert report.class_names == tuple(source.class_names[c] for c in kept)
+        assert (report.dataset, report.chosen_on, report.mode) == ("shifted", "synthetic", "training-free")
+        assert sum(r.correct for r in report.classes) == result.correct
+        assert sum(r.images for r in report.classes) == result.total
+    with pytest.raises(ApecliError, match=r"holds 2 targets \(shifted, shifted\); name one"):
+        class_report(saved)
+    with pytest.raises(ApecliError, match="2 targets are 'shifted'; name one by its features path"):
+        class_report(saved, "shifted")
+    with pytest.raises(ApecliError, match="has no target 'three.h5'"):
+        class_report(saved, "three.h5")
+    with pytest.raises(ApecliError, match="is an evaluation, of its own test split"):
+        class_report(evaluation, "two.h5")
+    result = runner.invoke(app, ["classes", str(saved.path), "--target", "two.h5"])
+    assert result.exit_code == 0, result.stderr
+    assert "shifted · training-free chosen on synthetic · 4 shots · test accuracy per class (all 2)" in result.stderr
+    assert_one_line_error(runner.invoke(app, ["classes", str(saved.path)]), "holds 2 targets")

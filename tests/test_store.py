@@ -120,6 +120,22 @@ def test_a_refinement_refuses_a_changed_parent(small_features, tmp_path):
         load_refinement(tmp_path / "r.h5")
 
 
+def test_parents_of_one_kind_are_opened_by_their_place_among_them(small_features, tmp_path):
+    from dataclasses import replace
+
+    features = save_features(small_features, tmp_path / "first.h5")
+    first = features.artifact
+    second = save_features(replace(small_features, dataset="other"), tmp_path / "second.h5").artifact
+    refinement = save_refinement(select_channels(features, k=8), features, tmp_path / "r.h5").artifact
+    child = store.write_artifact(tmp_path / "child.h5", "transfer", {}, {}, [refinement, first, second])
+    assert child.parent("features").path == first.path == child.parent("features", 0).path
+    assert child.parent("features", 1).metadata["dataset"] == "other"
+    with pytest.raises(ApecliError, match="records only 2 parents of kind 'features'"):
+        child.parent("features", 2)
+    with pytest.raises(ApecliError, match="records no parent of kind 'adapter'"):
+        child.parent("adapter")
+
+
 def test_a_moved_store_keeps_its_links(small_features, tmp_path):
     features = save_features(small_features, tmp_path / "a" / "f.h5")
     save_refinement(select_channels(features, k=8), features, tmp_path / "a" / "r.h5")

@@ -1,14 +1,16 @@
 """Per-class results of an evaluation: how well the chosen model does on each class's test images, how
-well zero-shot CLIP did there, and which classes it takes each one for.
+well zero-shot CLIP did there, and which classes it takes each one for; likewise on a target of a
+transfer (a shifted test set, over its own classes).
 
-Everything comes from what the store already holds: the evaluation's test predictions and, through its
-parents, the feature set's test labels, class names, text classifier and (for extracted stores) image
-paths. Nothing is encoded or searched again.
+Everything comes from what the store already holds: the evaluation's (or transfer's) test predictions
+and, through its parents, the feature set's test labels, class names, text classifier and (for
+extracted stores) image paths. Nothing is encoded or searched again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -47,6 +49,7 @@ class ClassReport:
     class_names: tuple[str, ...]  # every class, by label
     classes: tuple[ClassResult, ...]  # the classes present in the test split
     misclassified: tuple[tuple[str, int, int], ...]  # (path, label, predicted) of each wrong test image, when paths are known
+    chosen_on: str | None = None  # of a transfer's target: the dataset the model was chosen on
 
     @property
     def absent(self) -> tuple[str, ...]:
@@ -67,6 +70,7 @@ class ClassReport:
             "mode": self.mode,
             "dataset": self.dataset,
             "shots": self.shots,
+            **({"chosen_on": self.chosen_on} if self.chosen_on else {}),
             "mean_class_accuracy": self.mean_accuracy,
             "classes": [{"label": r.label, "name": r.name, "images": r.images, "correct": r.correct,
                          "accuracy": r.accuracy, "zero_shot_accuracy": r.zero_shot_accuracy,
@@ -106,25 +110,59 @@ def per_class(
     return sorted(results, key=lambda r: (r.correct / r.images, r.label))
 
 
-def class_report(evaluation: store.Artifact) -> ClassReport:
-    """The per-class test results of an evaluation artifact (from ``apecli eval``)."""
+def class_report(artifact: store.Artifact, target: str | None = None) -> ClassReport:
+    """The per-class test results of an evaluation artifact (from ``apecli eval``), or of one target of
+    a transfer artifact (from ``apecli transfer``): ``target`` names it by dataset or features path, and
+    may be left out where there is one target."""
     from apecli.evaluate import zero_shot_predictions
+    from apecli.features import load_features
     from apecli.predict import features_of
 
-    if evaluation.kind != "evaluation":
-        raise ApecliError(f"{evaluation.path}: is an artifact of kind '{evaluation.kind}'; expected an evaluation (from apecli eval)")
-    if "test/predictions" not in evaluation:
-        raise ApecliError(f"{evaluation.path}: holds no test predictions (an evaluation by an earlier apecli); evaluate again")
-    features = features_of(evaluation)
+    meta = artifact.metadata
+    if artifact.kind == "transfer":
+        index = _target_index(artifact, target)
+        features = load_features(artifact.parent("features", index), with_views=False)
+        predictions = artifact.read(f"predictions/{index}")
+    elif artifact.kind == "evaluation":
+        if target is not None:
+            raise ApecliError(f"{artifact.path}: is an evaluation, of its own test split; a target is chosen "
+                              "among a transfer artifact's")
+        if "test/predictions" not in artifact:
+            raise ApecliError(f"{artifact.path}: holds no test predictions (an evaluation by an earlier apecli); evaluate again")
+        features = features_of(artifact)
+        predictions = artifact.read("test/predictions")
+    else:
+        raise ApecliError(f"{artifact.path}: is an artifact of kind '{artifact.kind}'; expected an evaluation "
+                          "(from apecli eval) or a transfer (from apecli transfer)")
     test = features.split("test")
-    predictions = evaluation.read("test/predictions")
     if predictions.shape != test.labels.shape:
-        raise ApecliError(f"{evaluation.path}: holds {predictions.shape[0]} test predictions, but its features "
+        raise ApecliError(f"{artifact.path}: holds {predictions.shape[0]} test predictions, but its features "
                           f"hold {test.labels.shape[0]} test images")
     results = per_class(test.labels, predictions, zero_shot_predictions(features, "test"), features.class_names)
     wrong = np.flatnonzero(predictions != test.labels)
     misclassified = () if test.paths is None else tuple(
         (str(test.paths[i]), int(test.labels[i]), int(predictions[i])) for i in wrong)
-    meta = evaluation.metadata
+    if artifact.kind == "transfer":
+        return ClassReport(meta.get("mode"), features.dataset, meta.get("shots"), tuple(features.class_names),
+                           tuple(results), misclassified, chosen_on=meta.get("dataset") or "its source")
     return ClassReport(meta.get("mode"), meta.get("dataset"), meta.get("shots"), tuple(features.class_names),
                        tuple(results), misclassified)
+
+
+def _target_index(transfer: store.Artifact, target: str | None) -> int:
+    """Which of a transfer's targets ``target`` names: its dataset, or its features artifact's path or
+    file name."""
+    targets = transfer.metadata.get("targets", [])
+    names = [entry.get("dataset") or Path(entry.get("artifact", "")).name for entry in targets]
+    if target is None:
+        if len(targets) == 1:
+            return 0
+        raise ApecliError(f"{transfer.path}: holds {len(targets)} targets ({', '.join(names)}); name one (--target)")
+    given = str(Path(target).resolve())
+    matches = [index for index, entry in enumerate(targets)
+               if target in (entry.get("dataset"), Path(entry.get("artifact", "")).name) or given == entry.get("artifact")]
+    if not matches:
+        raise ApecliError(f"{transfer.path}: has no target '{target}' (it has {', '.join(names)})")
+    if len(matches) > 1:
+        raise ApecliError(f"{transfer.path}: {len(matches)} targets are '{target}'; name one by its features path")
+    return matches[0]

@@ -75,12 +75,14 @@ class Artifact:
         except (OSError, KeyError) as error:
             raise ApecliError(f"{self.path}: cannot read '{name}' ({_reason(error)}); the file may be truncated") from None
 
-    def parent(self, kind: str) -> "Artifact":
-        """Open this artifact's parent of ``kind``, refusing it if it changed since this one was written."""
-        for ref in self.parents:
-            if ref.kind == kind:
-                return _open_parent(self, ref)
-        raise ApecliError(f"{self.path}: records no parent of kind '{kind}'")
+    def parent(self, kind: str, index: int = 0) -> "Artifact":
+        """Open this artifact's parent of ``kind`` (the ``index``-th of them, in recorded order), refusing it
+        if it changed since this one was written."""
+        refs = [ref for ref in self.parents if ref.kind == kind]
+        if index >= len(refs):
+            raise ApecliError(f"{self.path}: records {'no' if not refs else f'only {len(refs)}'} parent"
+                              f"{'s' if len(refs) > 1 else ''} of kind '{kind}'")
+        return _open_parent(self, refs[index])
 
 
 def content_id(kind: str, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any], parents: Iterable[ParentRef]) -> str:

@@ -339,18 +339,22 @@ def classes(
     source: Input = None,
     worst: Annotated[int, typer.Option("--worst", min=0, help="Classes to list, lowest accuracy first (0: every "
                                        "class; --json always holds every class).")] = 20,
+    target: Annotated[Optional[str], typer.Option("--target", help="Of a transfer artifact: the test set to "
+                                                  "report, by dataset or features path (needed where it has several).",
+                                                  show_default=False)] = None,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
-    """Per-class test accuracy of an evaluation, lowest first, beside zero-shot CLIP's, with what each
-    class is mistaken for."""
+    """Per-class test accuracy of an evaluation (or of a transfer's test set), lowest first, beside
+    zero-shot CLIP's, with what each class is mistaken for."""
     from apecli.classes import class_report
 
-    evaluation = resolve_input(source, store_dir, ["evaluation"])
-    report = class_report(evaluation)
+    evaluation = resolve_input(source, store_dir, ["evaluation", "transfer"])
+    report = class_report(evaluation, target)
     shown = report.classes[:worst] if worst else report.classes
     scope = f"the {len(shown)} lowest of {len(report.classes)}" if len(shown) < len(report.classes) else f"all {len(shown)}"
-    table = Table(title=f"{_heading(report.dataset, report.mode, report.shots)} · test accuracy per class ({scope})",
+    mode = f"{report.mode} chosen on {report.chosen_on}" if report.chosen_on else report.mode
+    table = Table(title=f"{_heading(report.dataset, mode, report.shots)} · test accuracy per class ({scope})",
                   title_justify="left")
     for column in ("class", "images", f"{METHOD_NAMES.get(report.mode, report.mode)} %", "zero-shot %", "mistaken for"):
         table.add_column(column, justify="right" if column.endswith("%") or column == "images" else "left")
