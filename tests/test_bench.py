@@ -170,3 +170,36 @@ def test_without_shots_bench_takes_those_every_feature_set_holds(two_stores, tmp
     save_features(only_two, store.in_store(two_stores, "delta", "features"))
     assert_one_line_error(runner.invoke(app, ["bench", "--store", str(two_stores), "--out", str(tmp_path / "other")]),
                           "the feature sets hold no shot count in common: bench them in separate runs")
+
+
+def test_ape_cells_that_choose_k_are_cells_of_their_own(two_stores, tmp_path):
+    from apecli.evaluate import evaluate_artifact
+
+    artifacts = bench.find_features([two_stores])[:1]
+    plain = bench.run_bench(artifacts, [4], ["zero-shot", "training-free"], tmp_path / "out")
+    assert plain[1]["k_tried"] is None and plain[1]["k"] >= 1
+    ran = []
+    rows = bench.run_bench(artifacts, [4], ["zero-shot", "training-free"], tmp_path / "out",
+                           lambda row, skipped: ran.append((row["mode"], skipped)), ks=(16, 4, 8, 4))
+    assert ran == [("zero-shot", True), ("training-free", False)]  # zero-shot has no k: its cell is shared
+    assert len(rows) == 3 and rows[:2] == plain  # the dataset's k is kept beside the choice
+    chosen = rows[2]
+    expected = evaluate_artifact(artifacts[0], "training-free", 4, ks=(4, 8, 16))
+    assert (chosen["k_tried"], chosen["k"]) == ("4,8,16", expected.channels.shape[0])
+    assert chosen["test_accuracy"] == expected.test_accuracy
+    again = bench.run_bench(artifacts, [4], ["training-free"], tmp_path / "out",
+                            lambda row, skipped: ran.append(skipped), ks=(8, 16, 4))
+    assert again == rows and ran[-1] is True
+    with pytest.raises(ApecliError, match="has 24 channels, fewer than k = 32"):
+        bench.run_bench(artifacts, [4], ["training-free"], tmp_path / "other", ks=(8, 32))
+    assert not (tmp_path / "other").exists()
+
+    result = runner.invoke(app, ["bench", str(artifacts[0].path), "--shots", "4", "--modes", "zero-shot,training-free",
+                                 "--k", "8,4,16", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.stderr
+    assert "test accuracy (%), 4 shots, APE's k chosen among 4,8,16" in result.stderr
+    line = next(line for line in result.stderr.splitlines() if line.startswith("│ alpha"))
+    assert plain[1]["test_accuracy"] != chosen["test_accuracy"]  # the table shows the choice, not the dataset's k
+    assert f"{chosen['test_accuracy']:.2f}" in line and f"{plain[1]['test_accuracy']:.2f}" not in line
+    with open(tmp_path / "out" / "results.csv") as handle:
+        assert [row["k_tried"] for row in csv.DictReader(handle)] == ["", "", "4,8,16"]

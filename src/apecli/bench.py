@@ -1,8 +1,9 @@
 """The benchmark runner: every mode × shot count × feature set, into one table of results.
 
 Each finished cell is written at once to ``results.json`` and ``results.csv`` in the output folder;
-running again skips the cells already there (a cell is a feature set's content id, a shot count and
-a mode), so an interrupted benchmark resumes. ``accuracy-vs-shots.png`` draws test accuracy against
+running again skips the cells already there (a cell is a feature set's content id, a shot count, a
+mode, the validation images it chose on and, for APE, the k it chose among), so an interrupted
+benchmark resumes. ``accuracy-vs-shots.png`` draws test accuracy against
 shots, one line per mode, one panel per dataset and one for their average.
 """
 
@@ -24,8 +25,8 @@ from apecli.features import TEST_SET_HINT
 from apecli.files import replacing
 
 COLUMNS = ("dataset", "model", "shots", "mode", "val_shots", "val_accuracy", "test_accuracy", "test_class_accuracy",
-           "zero_shot_accuracy", "alpha", "beta", "gamma", "lambda", "best_epoch", "seconds", "device", "features",
-           "content_id")
+           "zero_shot_accuracy", "alpha", "beta", "gamma", "lambda", "k", "k_tried", "best_epoch", "seconds", "device",
+           "features", "content_id")
 CellProgress = Callable[[dict[str, Any], bool], None]  # the row, and whether it was already done
 
 
@@ -104,7 +105,8 @@ def _row(artifact: store.Artifact, shots: int, mode: str, evaluation: Evaluation
         "mode": mode,
         "val_shots": summary.get("val_shots"),  # validation images per class it chose on (None: the whole split)
         **{key: summary.get(key) for key in ("val_accuracy", "test_accuracy", "test_class_accuracy", "zero_shot_accuracy",
-                                             "alpha", "beta", "gamma", "lambda", "best_epoch")},
+                                             "alpha", "beta", "gamma", "lambda", "k", "best_epoch")},
+        "k_tried": k_choice(summary.get("k_tried")),  # the k APE chose among on validation (None: the dataset's k)
         **({"formula": summary["formula"]} if "formula" in summary else {}),
         "seconds": round(seconds, 3),
         "device": summary.get("device", "cpu"),  # where the cell's search (and training) ran
@@ -121,13 +123,15 @@ def run_bench(
     progress: CellProgress | None = None,
     device: str | None = None,
     val_shots: int | None = None,
+    ks: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every cell not yet in ``out``'s results, searching and training on ``device`` (the CPU by
-    default), choosing on ``val_shots`` validation images per class (None: the whole split); return all
-    results."""
+    default), choosing on ``val_shots`` validation images per class (None: the whole split), and APE's
+    k among ``ks`` (None: the dataset's k); return all results."""
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
         raise ApecliError(f"unknown mode '{unknown[0]}'; choose among {', '.join(MODES)}")
+    ks = tuple(sorted(set(ks))) if ks else None  # in increasing order: of equally good k, the smaller wins
     for artifact in artifacts:
         held = artifact.metadata.get("shots", [])
         if not held:
@@ -135,6 +139,9 @@ def run_bench(
         missing = sorted(set(shots) - set(held))
         if missing:
             raise ApecliError(f"{artifact.path}: has no {missing[0]}-shot cache (it holds {', '.join(map(str, held))} shots)")
+        dim = artifact.metadata.get("dim")
+        if ks and "training-free" in modes and dim is not None and max(ks) > dim:
+            raise ApecliError(f"{artifact.path}: has {dim} channels, fewer than k = {max(ks)}")
     if Path(out).exists() and not Path(out).is_dir():
         raise ApecliError(f"{out}: is a file; the results go to a folder")
     rows = read_results(out)
@@ -142,13 +149,13 @@ def run_bench(
     for artifact in artifacts:
         for count in shots:
             for mode in modes:
-                cell = (artifact.content_id, count, mode, val_shots)
+                cell = (artifact.content_id, count, mode, val_shots, k_choice(ks) if mode == "training-free" else None)
                 if cell in done:
                     if progress is not None:
                         progress(done[cell], True)
                     continue
                 start = time.perf_counter()
-                evaluation = _evaluate(artifact, mode, count, device, val_shots)
+                evaluation = _evaluate(artifact, mode, count, device, val_shots, ks)
                 row = _row(artifact, count, mode, evaluation, time.perf_counter() - start)
                 rows = [kept for kept in rows if _cell(kept) != _cell(row)] + [row]  # replaces an outdated cell
                 write_results(out, rows)
@@ -157,8 +164,13 @@ def run_bench(
     return rows
 
 
-def _cell(row: dict[str, Any]) -> tuple[str, int, str, int | None]:
-    return row["content_id"], row["shots"], row["mode"], row.get("val_shots")
+def _cell(row: dict[str, Any]) -> tuple[str, int, str, int | None, str | None]:
+    return row["content_id"], row["shots"], row["mode"], row.get("val_shots"), row.get("k_tried")
+
+
+def k_choice(ks: Sequence[int] | None) -> str | None:
+    """The k values APE chose among, as a cell records them ("128,256,384"; None: the dataset's k)."""
+    return ",".join(str(k) for k in sorted(set(ks))) if ks else None
 
 
 def _current(row: dict[str, Any]) -> bool:
@@ -167,9 +179,11 @@ def _current(row: dict[str, Any]) -> bool:
     return row["mode"] != "proker" or row.get("formula") == PROKER_FORMULA
 
 
-def _evaluate(artifact: store.Artifact, mode: str, shots: int, device: str | None, val_shots: int | None) -> Evaluation:
+def _evaluate(artifact: store.Artifact, mode: str, shots: int, device: str | None, val_shots: int | None,
+              ks: Sequence[int] | None) -> Evaluation:
     if mode != "training-required":
-        return evaluate_artifact(artifact, mode, shots, device=device, val_shots=val_shots)
+        return evaluate_artifact(artifact, mode, shots, device=device, val_shots=val_shots,
+                                 ks=ks if mode == "training-free" else None)
     from apecli.evaluate import evaluate_training_required, recorded
     from apecli.features import load_features
     from apecli.training_required import FitSettings, fit

@@ -421,6 +421,9 @@ def bench(
     modes: Annotated[str, typer.Option("--modes", help="Modes, comma-separated.")] = "zero-shot,tip-adapter,training-free,gda",
     out: Annotated[Path, typer.Option("--out", help="Folder for results.json, results.csv and the plot.")] = Path("results"),
     val_shots: ValShots = None,
+    k: Annotated[Optional[str], typer.Option("--k", help="APE (training-free) chooses its k on validation among "
+                                             "these, comma-separated (default: the dataset's k, scaled to D).",
+                                             show_default=False)] = None,
     device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
@@ -436,16 +439,19 @@ def bench(
         took = "done before" if skipped else f"{row['seconds']:7.1f} s"
         console.print(f"{took}  {row['dataset']} {row['shots']}-shot {row['mode']}: test {row['test_accuracy']:.2f}%")
 
-    rows = runner.run_bench(artifacts, counts, chosen, out, report, device, val_shots)
+    ks = _integers(k, "--k") if k is not None else None
+    rows = runner.run_bench(artifacts, counts, chosen, out, report, device, val_shots, ks)
     if shots is None:
         console.print(f"shots {','.join(map(str, counts))}: those every feature set holds (--shots sets others)")
     asked = {artifact.content_id for artifact in artifacts}  # the table and plot: this run's cells only
     current = [row for row in rows if row["content_id"] in asked and row["shots"] in counts
-               and row.get("val_shots") == val_shots]
+               and row.get("val_shots") == val_shots
+               and row.get("k_tried") == (runner.k_choice(ks) if row["mode"] == "training-free" else None)]
     picture = runner.plot(current, chosen, out / "accuracy-vs-shots.png")
     for count in counts:
         table = Table(title=f"test accuracy (%), {count} shot{'s' if count > 1 else ''}"
-                      + (f", chosen on {val_shots} validation images a class" if val_shots else ""))
+                      + (f", chosen on {val_shots} validation images a class" if val_shots else "")
+                      + (f", APE's k chosen among {runner.k_choice(ks)}" if ks and "training-free" in chosen else ""))
         table.add_column("dataset")
         for mode in chosen:
             table.add_column(METHOD_NAMES.get(mode, mode), justify="right")
