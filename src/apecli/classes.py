@@ -142,11 +142,10 @@ def class_report(artifact: store.Artifact, target: str | None = None) -> ClassRe
     wrong = np.flatnonzero(predictions != test.labels)
     misclassified = () if test.paths is None else tuple(
         (str(test.paths[i]), int(test.labels[i]), int(predictions[i])) for i in wrong)
-    if artifact.kind == "transfer":
-        return ClassReport(meta.get("mode"), features.dataset, meta.get("shots"), tuple(features.class_names),
-                           tuple(results), misclassified, chosen_on=meta.get("dataset") or "its source")
-    return ClassReport(meta.get("mode"), meta.get("dataset"), meta.get("shots"), tuple(features.class_names),
-                       tuple(results), misclassified)
+    transferred = artifact.kind == "transfer"  # reported under the target's name, chosen on the source
+    return ClassReport(meta.get("mode"), features.dataset if transferred else meta.get("dataset"), meta.get("shots"),
+                       tuple(features.class_names), tuple(results), misclassified,
+                       chosen_on=(meta.get("dataset") or "its source") if transferred else None)
 
 
 def _target_index(transfer: store.Artifact, target: str | None) -> int:

@@ -349,8 +349,8 @@ def classes(
     zero-shot CLIP's, with what each class is mistaken for."""
     from apecli.classes import class_report
 
-    evaluation = resolve_input(source, store_dir, ["evaluation", "transfer"])
-    report = class_report(evaluation, target)
+    artifact = resolve_input(source, store_dir, ["evaluation", "transfer"])
+    report = class_report(artifact, target)
     shown = report.classes[:worst] if worst else report.classes
     scope = f"the {len(shown)} lowest of {len(report.classes)}" if len(shown) < len(report.classes) else f"all {len(shown)}"
     mode = f"{report.mode} chosen on {report.chosen_on}" if report.chosen_on else report.mode
@@ -369,7 +369,7 @@ def classes(
     console.print(f"mean over {len(report.classes)} classes {report.mean_accuracy:.2f} %; {perfect} without a mistake"
                   + (f"; {below} below zero-shot CLIP" if report.mode != "zero-shot" else "")
                   + (f"; no test image: {', '.join(report.absent)}" if report.absent else ""))
-    emit(evaluation, report.summary(), as_json)
+    emit(artifact, report.summary(), as_json)
 
 
 @app.command()
