@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from apecli import store
-from apecli import class_report
+from apecli import class_report, store
 from apecli.classes import per_class
 from apecli.cli import app
 from apecli.errors import ApecliError
@@ -18,13 +17,12 @@ from apecli.evaluate import Evaluation, evaluate_artifact, save_evaluation
 from apecli.features import LabelledFeatures, save_features
 from apecli.importers import import_tip_adapter
 from apecli.synthetic import synthetic_features
-from apecli.training_free import SearchGrid
-from apecli.training_required import FitSettings, fit, save_fit
+from apecli.transfer import save_transfer, transfer
 
 from conftest import assert_one_line_error, real_dataset
+from test_transfer import GRID, MODEL, evaluated, shifted
 
 runner = CliRunner()
-GRID = SearchGrid((7.0, 7.0, 1.0), (8, 6, 4))
 NAMES = ("cat", "dog", "owl", "yak")
 
 
@@ -66,13 +64,6 @@ def features(tmp_path):
     paths = np.array([f"test/{made.class_names[label]}/{i}.jpg" for i, label in enumerate(test.labels)])
     made = replace(made, splits={**made.splits, "test": LabelledFeatures(test.features, test.labels, paths)})
     return save_features(made, store.in_store(tmp_path / "s", "synthetic", "features"))
-
-
-def evaluated(features, mode: str, tmp_path) -> store.Artifact:
-    artifact = features.artifact
-    if mode == "training-required":
-        artifact = save_fit(fit(features, FitSettings(epochs=3, lr=1e-2)), features, tmp_path / "fit.h5").artifact
-    return save_evaluation(evaluate_artifact(artifact, mode, None, GRID), [artifact], tmp_path / f"eval-{mode}.h5")
 
 
 @pytest.mark.parametrize("mode", ["zero-shot", "training-free", "training-required", "gda"])
@@ -174,9 +165,6 @@ def test_real_flowers_classes_match_the_predictions_by_label(tmp_path):
 
 
 def test_a_transfer_target_is_reported_over_its_own_classes(tmp_path):
-    from apecli.transfer import save_transfer, transfer
-    from test_transfer import MODEL, shifted
-
     made = synthetic_features(num_classes=6, dim=32, shots=(4,), val_per_class=8, test_per_class=10, seed=5)
     source = save_features(replace(made, model=MODEL), tmp_path / "source.h5")
     evaluation = save_evaluation(evaluate_artifact(source.artifact, "training-free", None, GRID), [source.artifact],
