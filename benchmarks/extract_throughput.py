@@ -12,7 +12,7 @@ sources have), measures images per second of
 - apecli's extraction (`apecli.extract.encode_split`) with --workers loader processes, and, as the
   baseline the ratio is taken against, with decoding in the main process (--workers 0, on the first
   --baseline-images images: it runs at a single core's pace);
-- on a CUDA device also: JPEG decoding on the GPU alone (bytes read by --workers threads, decoded,
+- on a CUDA device also: JPEG decoding on the GPU alone (bytes read by --read-threads threads, decoded,
   resized, cropped and normalised on the decoding stream) and extraction with --decode gpu end to end,
   each with every decoder that works there (TorchCodec, torchvision), and the cosine similarity of the
   --decode gpu features to the default path's on the same images. The encoder alone and --decode gpu
@@ -132,14 +132,16 @@ def main() -> None:
     from apecli import images
     from apecli.encoder import EncoderSpec, Graphs, load_encoder
     from apecli.errors import ApecliError
-    from apecli.extract import ExtractSettings, encode_split
+    from apecli.extract import ExtractSettings, default_workers, encode_split
     from apecli.images import Batch, PilImages, decoded_batches, pieces, pil_batches, split_transform
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model (random weights: same cost), or 'tiny'")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=default_workers(), help="PIL loader processes")
+    parser.add_argument("--read-threads", type=int, default=default_workers(),
+                        help="threads reading the files for --decode gpu (default: extract's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--baseline-images", type=int, default=512, help="images the single-process rates are taken on")
     parser.add_argument("--repeat", type=int, default=1, help="times the ceiling and the extraction loops are measured")
@@ -186,7 +188,7 @@ def main() -> None:
                 pixels.model_input(batch.images, encoder.device)
 
         def decode_gpu() -> None:  # what --decode gpu does before the encoder
-            for batch in decoded_batches(paths, batches, args.workers, encoder, pixels):
+            for batch in decoded_batches(paths, batches, args.read_threads, encoder, pixels):
                 pixels.model_input(batch.images, encoder.device)
 
         # the encoder as APECLI_CUDA_GRAPHS=1 runs it, and eager (the default, and the graphs' baseline)
@@ -255,15 +257,15 @@ def main() -> None:
         pil_times = None if args.gpu_only else main_thread_time(encoder, lambda: extraction(paths, args.workers))
         if on_gpu:
             gpu_decode = each_decoder(lambda: rate(decode_gpu))
-            gpu_end_to_end = each_decoder(lambda: both_ways(lambda: rate(lambda: extraction(paths, args.workers, "gpu"))))
-            gpu_times = {on: with_graphs(on, lambda: main_thread_time(encoder, lambda: extraction(paths, args.workers, "gpu")))
+            gpu_end_to_end = each_decoder(lambda: both_ways(lambda: rate(lambda: extraction(paths, args.read_threads, "gpu"))))
+            gpu_times = {on: with_graphs(on, lambda: main_thread_time(encoder, lambda: extraction(paths, args.read_threads, "gpu")))
                          for on in (False, True)}
             both = []  # the features of --decode gpu with CUDA graphs and eager
             for on in (True, False):
-                with_graphs(on, lambda: extraction(few, args.workers, "gpu"))
+                with_graphs(on, lambda: extraction(few, args.read_threads, "gpu"))
                 both.append(features["gpu"])
             if not args.gpu_only:
-                extraction(paths, args.workers, "gpu")  # with the preferred decoder, for the features
+                extraction(paths, args.read_threads, "gpu")  # with the preferred decoder, for the features
     device = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({os.cpu_count()} cores)"
     share = (1 / decode_one) / (1 / decode_one + 1 / encode_rate)
     runs = lambda values: ", ".join(f"{value:,.1f}" for value in values)  # noqa: E731
@@ -272,7 +274,8 @@ def main() -> None:
         return f"{times['run']:.2f} s: " + ", ".join(f"{what} {seconds / times['run']:.0%}" for what, seconds in times.items()
                                                       if what != "run")
     print(f"machine: {platform.machine()}, {device}, torch {torch.__version__}; {shown} {encoder.spec.resolved_precision()}, "
-          f"{args.images} JPEGs {SIZES[args.sizes]}, batch {args.batch_size}, {args.workers} workers, loader pieces of "
+          f"{args.images} JPEGs {SIZES[args.sizes]}, batch {args.batch_size}, {args.workers} workers, "
+          + (f"{args.read_threads} reading threads, " if on_gpu else "") + "loader pieces of "
           f"{images.LOADER_TENSORS} images")
     print(f"decode (PIL + whole eval transform): {decode_one:8.1f} img/s in 1 process ({len(few)} images)"
           + ("" if whole_many is None else f", {whole_many:8.1f} img/s in {args.workers} workers (a batch each)"))
@@ -291,7 +294,7 @@ def main() -> None:
         print(f"extraction's main thread in one more run of the default path, {shares(pil_times)}")
     if on_gpu:
         for name, value in gpu_decode.items():
-            print(f"decode on the GPU with {name} (bytes read by {args.workers} threads, resize/crop/normalise): {value:8.1f} img/s")
+            print(f"decode on the GPU with {name} (bytes read by {args.read_threads} threads, resize/crop/normalise): {value:8.1f} img/s")
         for name, pairs in gpu_end_to_end.items():
             values, graphs = [a for a, _ in pairs], [b for _, b in pairs]
             print(f"apecli extraction with --decode gpu ({name}): {runs(values)} img/s (mean {np.mean(values):,.1f}); "

@@ -7,10 +7,10 @@
 #   STEPS="tests throughput" bash benchmarks/gpu.sh # some of the steps: tests, throughput, decode, device
 #
 # decode (not run by default): resizing a decoded batch of one size and of many (seconds), then
-# --decode gpu alone, with the encoder eager and with CUDA graphs, with 16 and with 8 reading threads,
-# and with 16 on JPEGs of many sizes (about a minute each).
+# --decode gpu alone, with the encoder eager and with CUDA graphs, with 4 reading threads (extract's
+# default) and with 2, and with 4 on JPEGs of many sizes (about a minute each).
 # Each step's output is also saved in OUTPUT_FOLDER (gpu.txt, tests.txt, throughput.txt, resize.txt,
-# decode-16.txt, decode-8.txt, decode-16-varied.txt, device.txt).
+# decode-4.txt, decode-2.txt, decode-4-varied.txt, device.txt).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-results}
@@ -37,9 +37,9 @@ if [[ $steps == *" throughput "* ]]; then
 fi
 if [[ $steps == *" decode "* ]]; then
     "$python" benchmarks/resize_batch.py --device cuda 2>&1 | tee "$out/resize.txt" || status=1
-    for run in "16 fixed decode-16" "8 fixed decode-8" "16 varied decode-16-varied"; do
+    for run in "4 fixed decode-4" "2 fixed decode-2" "4 varied decode-4-varied"; do
         set -- $run  # reading threads, JPEG sizes, output file
-        "$python" benchmarks/extract_throughput.py --model ViT-B-16 --images 8192 --batch-size 256 --workers "$1" \
+        "$python" benchmarks/extract_throughput.py --model ViT-B-16 --images 8192 --batch-size 256 --read-threads "$1" \
             --sizes "$2" --device cuda --repeat 4 --gpu-only 2>&1 | tee "$out/$3.txt" || status=1
     done
 fi

@@ -401,6 +401,29 @@ def test_own_images_with_workers_on_the_command_line(tiny, tmp_path):
 
 
 
+def test_extraction_without_workers_given_uses_four_or_the_cores_if_fewer(tiny, tmp_path, monkeypatch):
+    """--workers left out: 4 PIL processes (or --decode gpu's reading threads), never more than the cores."""
+    import apecli.extract
+
+    from apecli.extract import default_workers
+
+    for cores, expected in [(16, 4), (4, 4), (2, 2), (None, 1)]:
+        monkeypatch.setattr(apecli.extract.os, "cpu_count", lambda: cores)
+        assert default_workers() == expected
+    handed = []
+
+    def stop(source, spec, store_dir, settings, *rest):
+        handed.append(settings.workers)
+        raise ApecliError("stopped before encoding")
+
+    monkeypatch.setattr(apecli.extract, "extract", stop)
+    image_folder(tmp_path / "mine", classes=2, per_class=10)
+    common = ["extract", "--images", str(tmp_path / "mine"), "--model", tiny.model, "--pretrained", tiny.pretrained,
+              "--shots", "1,4", "--store", str(tmp_path / "s")]
+    for given, expected in [([], 1), (["--workers", "3"], 3)]:  # with one core, as the loop above left it
+        assert_one_line_error(runner.invoke(app, [*common, *given]), "stopped before encoding")
+        assert handed.pop() == expected
+
 def test_a_handful_of_own_images_per_class_extracts_the_shots_they_can_fill(tiny, tmp_path):
     from dataclasses import replace
 
