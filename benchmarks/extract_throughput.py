@@ -132,15 +132,15 @@ def main() -> None:
     from apecli import images
     from apecli.encoder import EncoderSpec, Graphs, load_encoder
     from apecli.errors import ApecliError
-    from apecli.extract import ExtractSettings, default_workers, encode_split
+    from apecli.extract import ExtractSettings, default_read_threads, encode_split
     from apecli.images import Batch, PilImages, decoded_batches, pieces, pil_batches, split_transform
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model (random weights: same cost), or 'tiny'")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=default_workers(), help="PIL loader processes")
-    parser.add_argument("--read-threads", type=int, default=default_workers(),
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="PIL loader processes")
+    parser.add_argument("--read-threads", type=int, default=default_read_threads(),
                         help="threads reading the files for --decode gpu (default: extract's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--baseline-images", type=int, default=512, help="images the single-process rates are taken on")
@@ -214,7 +214,8 @@ def main() -> None:
         features = {}
 
         def extraction(subset: list[Path], workers: int, decode: str = "pil") -> None:
-            settings = ExtractSettings(batch_size=args.batch_size, workers=workers, chunk_images=len(subset), decode=decode)
+            settings = ExtractSettings(batch_size=args.batch_size, workers=workers, chunk_images=len(subset), decode=decode,
+                                       read_threads=args.read_threads)
             with tempfile.TemporaryDirectory() as work:
                 features[decode], _, _ = encode_split(encoder, "test", subset, 0, Path(work), settings, None)
 
@@ -257,15 +258,15 @@ def main() -> None:
         pil_times = None if args.gpu_only else main_thread_time(encoder, lambda: extraction(paths, args.workers))
         if on_gpu:
             gpu_decode = each_decoder(lambda: rate(decode_gpu))
-            gpu_end_to_end = each_decoder(lambda: both_ways(lambda: rate(lambda: extraction(paths, args.read_threads, "gpu"))))
-            gpu_times = {on: with_graphs(on, lambda: main_thread_time(encoder, lambda: extraction(paths, args.read_threads, "gpu")))
+            gpu_end_to_end = each_decoder(lambda: both_ways(lambda: rate(lambda: extraction(paths, args.workers, "gpu"))))
+            gpu_times = {on: with_graphs(on, lambda: main_thread_time(encoder, lambda: extraction(paths, args.workers, "gpu")))
                          for on in (False, True)}
             both = []  # the features of --decode gpu with CUDA graphs and eager
             for on in (True, False):
-                with_graphs(on, lambda: extraction(few, args.read_threads, "gpu"))
+                with_graphs(on, lambda: extraction(few, args.workers, "gpu"))
                 both.append(features["gpu"])
             if not args.gpu_only:
-                extraction(paths, args.read_threads, "gpu")  # with the preferred decoder, for the features
+                extraction(paths, args.workers, "gpu")  # with the preferred decoder, for the features
     device = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({os.cpu_count()} cores)"
     share = (1 / decode_one) / (1 / decode_one + 1 / encode_rate)
     runs = lambda values: ", ".join(f"{value:,.1f}" for value in values)  # noqa: E731

@@ -401,28 +401,58 @@ def test_own_images_with_workers_on_the_command_line(tiny, tmp_path):
 
 
 
-def test_extraction_without_workers_given_uses_four_or_the_cores_if_fewer(tiny, tmp_path, monkeypatch):
-    """--workers left out: 4 PIL processes (or --decode gpu's reading threads), never more than the cores."""
+def test_workers_and_reading_threads_left_out_follow_the_device_and_the_cores(tiny, tmp_path, monkeypatch):
+    """--workers left out: up to 16 PIL processes for a GPU, up to 4 for the CPU; --read-threads up to 4;
+    never more than the cores this process may use, shared among torchrun's processes on the machine."""
     import apecli.extract
 
-    from apecli.extract import default_workers
+    from apecli.extract import cores, default_read_threads, default_workers
 
-    for cores, expected in [(16, 4), (4, 4), (2, 2), (None, 1)]:
-        monkeypatch.setattr(apecli.extract.os, "cpu_count", lambda: cores)
-        assert default_workers() == expected
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(apecli.extract.os, "sched_getaffinity", lambda pid: set(range(24)), raising=False)
+    assert cores() == 24
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert cores() == 3
+    for allowed, on_gpu, on_cpu, reading in [(32, 16, 4, 4), (16, 16, 4, 4), (6, 6, 4, 4), (2, 2, 2, 2), (1, 1, 1, 1)]:
+        monkeypatch.setattr(apecli.extract, "cores", lambda: allowed)
+        assert (default_workers("cuda:1"), default_workers("cpu"), default_read_threads()) == (on_gpu, on_cpu, reading)
     handed = []
 
     def stop(source, spec, store_dir, settings, *rest):
-        handed.append(settings.workers)
+        handed.append((settings.workers, settings.read_threads))
         raise ApecliError("stopped before encoding")
 
     monkeypatch.setattr(apecli.extract, "extract", stop)
     image_folder(tmp_path / "mine", classes=2, per_class=10)
     common = ["extract", "--images", str(tmp_path / "mine"), "--model", tiny.model, "--pretrained", tiny.pretrained,
-              "--shots", "1,4", "--store", str(tmp_path / "s")]
-    for given, expected in [([], 1), (["--workers", "3"], 3)]:  # with one core, as the loop above left it
+              "--device", "cpu", "--shots", "1,4", "--store", str(tmp_path / "s")]
+    for given, expected in [([], (1, 1)), (["--workers", "3", "--read-threads", "5"], (3, 5))]:  # one core, as above
         assert_one_line_error(runner.invoke(app, [*common, *given]), "stopped before encoding")
         assert handed.pop() == expected
+    assert_one_line_error(runner.invoke(app, [*common, "--read-threads", "0"]), "read threads must be at least 1")
+
+
+def test_decoding_on_the_device_reads_the_files_in_the_threads_asked_for(tiny, caltech, tmp_path, monkeypatch):
+    """--decode gpu's files are read by read_threads threads; the workers are PIL's, for training views."""
+    from dataclasses import replace
+
+    import apecli.extract
+    from apecli.encoder import load_encoder
+    from apecli.extract import encode_split
+    from apecli.images import decoded_batches
+
+    threads = []
+
+    def decoded(paths, batches, count, *rest, **named):
+        threads.append(count)
+        return decoded_batches(paths, batches, count, *rest, **named)
+
+    monkeypatch.setattr(apecli.extract, "decoded_batches", decoded)
+    paths = [path for path, _ in read_coop("caltech101", caltech).splits["val"]][:6]
+    settings = replace(SETTINGS, decode="gpu", workers=0, read_threads=3)
+    _, ok, _ = encode_split(load_encoder(tiny), "val", paths, 0, tmp_path / "work", settings, None)
+    assert ok.all() and threads == [3]
+
 
 def test_a_handful_of_own_images_per_class_extracts_the_shots_they_can_fill(tiny, tmp_path):
     from dataclasses import replace
@@ -506,7 +536,7 @@ def test_device_decoding_stays_close_to_pil(tiny, caltech, tmp_path):
     paths[0] = png
     encoder = load_encoder(tiny)
     pil, ok, _ = encode_split(encoder, "pil", paths, 0, tmp_path / "a", SETTINGS, None)
-    on_device = replace(SETTINGS, decode="gpu", workers=2)  # bytes read by 2 threads
+    on_device = replace(SETTINGS, decode="gpu", read_threads=2)  # bytes read by 2 threads
     tensor, ok_tensor, _ = encode_split(encoder, "gpu", paths, 0, tmp_path / "b", on_device, None)
     assert ok.all() and ok_tensor.all()
     cosine = np.sum(pil * tensor, axis=1) / np.linalg.norm(pil, axis=1) / np.linalg.norm(tensor, axis=1)

@@ -79,7 +79,7 @@ def test_graphs_captured_while_the_decoding_thread_runs_give_the_eager_features(
     """With APECLI_CUDA_GRAPHS=1, --decode gpu extraction captures its batch shapes while the decoding
     thread decodes the next batches on its stream: the capture succeeds, and the features are the eager ones."""
     paths = [path for path, _ in read_coop("caltech101", caltech).splits["train"]]  # 15: batches of 2, 2, 1 a chunk
-    settings = ExtractSettings(batch_size=2, workers=2, chunk_images=5, decode="gpu")
+    settings = ExtractSettings(batch_size=2, workers=2, chunk_images=5, decode="gpu", read_threads=2)
     eager = load_encoder(replace(tiny, device="cuda"))
     expected, _, _ = encode_split(eager, "eager", paths, 0, tmp_path / "eager", settings, None)
     monkeypatch.setenv("APECLI_CUDA_GRAPHS", "1")
@@ -102,7 +102,7 @@ def test_extract_decodes_on_the_gpu_from_the_command_line(tiny, caltech, tmp_pat
     def extract(store: str, *extra: str):
         result = runner.invoke(app, ["extract", "--dataset", "caltech101", "--root", str(caltech), "--model", tiny.model,
                                      "--pretrained", tiny.pretrained, "--device", "cuda", "--shots", "1,2",
-                                     "--views", "2", "--workers", "2", "--batch-size", "4", "--store",
+                                     "--views", "2", "--workers", "2", "--read-threads", "2", "--batch-size", "4", "--store",
                                      str(tmp_path / store), *extra])
         assert result.exit_code == 0, result.stderr
         return load_features(result.stdout.strip())

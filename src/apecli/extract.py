@@ -48,11 +48,25 @@ SplitProgress = Callable[[str, int, int], None]  # split, images done, images in
 PROTOCOL_SHOTS = (1, 2, 4, 8, 16)
 
 
-def default_workers() -> int:
-    """The workers extraction uses when none are asked for: 4 PIL decoding processes, or 4 threads reading
-    the files for --decode gpu, never more than this machine's cores. On an H200 with 16 cores, 2 and 4
-    reading threads fed --decode gpu faster than 8, and 8 faster than 16 (docs/performance.md)."""
-    return min(4, os.cpu_count() or 1)
+def cores() -> int:
+    """The CPU cores this process may run on (a container or ``taskset`` may allow fewer than the machine
+    has), shared among the processes torchrun started on this machine."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, allowed // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def default_workers(device: str) -> int:
+    """The PIL decoding processes extraction uses when none are asked for, never more than :func:`cores`:
+    up to 16 for a CUDA encoder, where decoding bounds extraction (on an H200 with 16 cores, 16 reached
+    94-107 % of what they decode alone; docs/performance.md), and up to 4 for a CPU encoder, which
+    needs the other cores."""
+    return min(16 if device.startswith("cuda") else 4, cores())
+
+
+def default_read_threads() -> int:
+    """The threads that read the files for ``--decode gpu`` when none are asked for: up to 4. On an H200
+    with 16 cores, 2 and 4 fed it faster than 8, and 8 faster than 16 (docs/performance.md)."""
+    return min(4, cores())
 
 
 def fitting_shots(dataset: ImageDataset, wanted: tuple[int, ...] = PROTOCOL_SHOTS) -> tuple[int, ...]:
@@ -78,13 +92,14 @@ class ExtractSettings:
     skip_bad: bool = False
     decode: str = "pil"  # or "gpu": JPEGs of validation and test decoded on the encoder's device
     exif_orientation: bool = False  # photos turned upright by their EXIF orientation tag (not APE's protocol)
+    read_threads: int = 4  # threads reading the files for decode="gpu"; training views use the workers
 
     def __post_init__(self) -> None:
         if self.decode not in ("pil", "gpu"):
             raise ApecliError(f"decode must be pil or gpu, got '{self.decode}'")
         if not self.shots or min(self.shots) < 1:
             raise ApecliError(f"shots must be positive, got {list(self.shots)}")
-        for name in ("views", "batch_size", "chunk_images"):
+        for name in ("views", "batch_size", "chunk_images", "read_threads"):
             if getattr(self, name) < 1:
                 raise ApecliError(f"{name.replace('_', ' ')} must be at least 1")
         if self.workers < 0:
@@ -226,7 +241,7 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
 
     report(0)
     if settings.decode == "gpu" and views == 0:  # files are read by threads: decoding is the GPU's
-        loader = decoded_batches(paths, batches, settings.workers, encoder, pixels, upright=settings.exif_orientation)
+        loader = decoded_batches(paths, batches, settings.read_threads, encoder, pixels, upright=settings.exif_orientation)
     else:
         loader = pil_batches(paths, batches, pixels.on_image, views, settings.seed, settings.workers, encoder.device,
                              upright=settings.exif_orientation)

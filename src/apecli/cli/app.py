@@ -146,8 +146,9 @@ def extract(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, …")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="auto (fp16 on CUDA), fp32, fp16, bf16.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")] = 64,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Image decoding processes, or threads reading the files with --decode gpu; also the threads that check the few-shot images decode (default: 4, or the cores if fewer).", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="PIL image decoding processes; also the threads that check the few-shot images decode (default: up to 16 for a GPU, else up to 4, never more than the cores).", show_default=False)] = None,
     decode: Annotated[str, typer.Option("--decode", help="pil (faithful) or gpu (JPEGs of val/test decoded on the GPU).")] = "pil",
+    read_threads: Annotated[Optional[int], typer.Option("--read-threads", help="Threads reading the files with --decode gpu (default: up to 4, never more than the cores).", show_default=False)] = None,
     chunk_images: Annotated[int, typer.Option("--chunk-images", help="Images per saved chunk (the unit of resuming and of sharding across ranks).")] = 512,
     exif_orientation: Annotated[Optional[bool], typer.Option(
         "--exif-orientation/--no-exif-orientation", help="Turn photos upright by their EXIF orientation tag, as photo "
@@ -160,15 +161,18 @@ def extract(
     from apecli import datasets
     from apecli.encoder import EncoderSpec
     from apecli.distributed import join, leave
-    from apecli.extract import PROTOCOL_SHOTS, ExtractSettings, default_workers, extract as run_extract, fitting_shots
+    from apecli.extract import (PROTOCOL_SHOTS, ExtractSettings, default_read_threads, default_workers, fitting_shots,
+                                extract as run_extract)
 
     if dataset is None and images is None:
         raise ApecliError("give --dataset NAME (a CoOp benchmark under --root) or --images DIR|CSV")
     counts = _integers(shots, "--shots") if shots is not None else PROTOCOL_SHOTS
     upright = images is not None if exif_orientation is None else exif_orientation
-    workers = default_workers() if workers is None else workers
-    settings = ExtractSettings(counts, seed, views, batch_size, workers, chunk_images, skip_bad, decode, upright)
     spec = EncoderSpec(model, pretrained, device, precision)
+    workers = default_workers(spec.resolved_device()) if workers is None else workers
+    read_threads = default_read_threads() if read_threads is None else read_threads
+    settings = ExtractSettings(counts, seed, views, batch_size, workers, chunk_images, skip_bad, decode, upright,
+                               read_threads)
     if decode == "gpu" and not spec.resolved_device().startswith("cuda"):
         raise ApecliError("--decode gpu needs a CUDA device (this run's device is cpu); use --decode pil")
     if images is not None:
