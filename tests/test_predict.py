@@ -141,3 +141,23 @@ def test_predict_on_the_command_line(extracted, tmp_path):
     as_json = runner.invoke(app, ["predict", *images, "--model-artifact", str(evaluation.path), "--json", "--device", "cpu"])
     payload = json.loads(as_json.stdout)
     assert len(payload["predictions"]) == 2 and len(payload["predictions"][0]["top"]) == 3  # only 3 classes
+
+
+def test_workers_left_out_are_extracts_and_give_what_the_main_process_gives(extracted, tmp_path, monkeypatch):
+    import apecli.extract
+
+    evaluation = _evaluation(extracted, "zero-shot", tmp_path)
+    images = [Path(p) for p in extracted.split("test").paths[:6]]
+    used = []
+    encode_split = apecli.extract.encode_split
+
+    def recording(encoder, name, paths, offset, work, settings, progress):
+        used.append(settings.workers)
+        return encode_split(encoder, name, paths, offset, work, settings, progress)
+
+    monkeypatch.setattr(apecli.extract, "encode_split", recording)
+    monkeypatch.setattr(apecli.extract, "cores", lambda: 2)
+    in_workers, _ = predict(images, evaluation, top=3, device="cpu")
+    in_main, _ = predict(images, evaluation, top=3, device="cpu", workers=0)
+    assert used == [2, 0]
+    assert [(p.labels, p.probabilities) for p in in_workers] == [(p.labels, p.probabilities) for p in in_main]

@@ -160,14 +160,15 @@ def predict(
     top: int = 5,
     device: str = "auto",
     batch_size: int = 64,
-    workers: int = 0,
+    workers: int | None = None,
     skip_bad: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[list[Prediction], list[dict[str, str]]]:
     """Top-``top`` labels and probabilities of each image (a folder stands for its image files, see
-    :func:`image_files`); unreadable images fail, or are listed with ``skip_bad``."""
+    :func:`image_files`), decoded in ``workers`` processes (0: in this one; None: as many as extract
+    uses on the device); unreadable images fail, or are listed with ``skip_bad``."""
     from apecli.encoder import load_encoder
-    from apecli.extract import ExtractSettings, encode_split
+    from apecli.extract import ExtractSettings, default_workers, encode_split
 
     if top < 1:
         raise ApecliError(f"--top must be at least 1, got {top}")
@@ -178,6 +179,7 @@ def predict(
     features = model.features
     with tempfile.TemporaryDirectory() as folder:
         encoder = load_encoder(encoder_spec(features, device, Path(folder)))
+        workers = default_workers(str(encoder.device)) if workers is None else workers
         settings = ExtractSettings(batch_size=batch_size, workers=workers, skip_bad=skip_bad,  # as the features were
                                    exif_orientation=bool(features.provenance.get("exif_orientation", False)))
         encoded, ok, errors = encode_split(encoder, "images", list(paths), 0, Path(folder), settings, progress)

@@ -487,7 +487,7 @@ def predict(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Report unreadable files and classify the others.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, …")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")] = 64,
-    workers: Annotated[int, typer.Option("--workers", help="Image decoding processes.")] = 0,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Image decoding processes (0: in the main process; default: as extract's).", show_default=False)] = None,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
