@@ -400,7 +400,6 @@ def test_own_images_with_workers_on_the_command_line(tiny, tmp_path):
     assert json.loads(result.stdout)["dataset"] == "mine"
 
 
-
 def test_workers_and_reading_threads_left_out_follow_the_device_and_the_cores(tiny, tmp_path, monkeypatch):
     """--workers left out: up to 16 PIL processes for a GPU, up to 4 for the CPU; --read-threads up to 4;
     never more than the cores this process may use, shared among torchrun's processes on the machine."""

@@ -144,6 +144,7 @@ def test_predict_on_the_command_line(extracted, tmp_path):
 
 
 def test_workers_left_out_are_extracts_and_give_what_the_main_process_gives(extracted, tmp_path, monkeypatch):
+    """Without workers, predict decodes in as many processes as extract would on its device."""
     import apecli.extract
 
     evaluation = _evaluation(extracted, "zero-shot", tmp_path)
