@@ -1152,6 +1152,24 @@ def test_loader_workers_hand_over_small_pieces_joined_into_the_batches(tmp_path,
         assert torch.cat([batch.images for batch in read]).reshape(-1)[:: 12 * max(views, 1)].tolist() == widths
 
 
+def test_no_more_loader_processes_start_than_there_are_pieces_to_decode(tmp_path, monkeypatch):
+    """Three images are one piece: one process decodes them, however many workers were asked for."""
+    import torch
+
+    from apecli import images
+
+    paths = [make_image(tmp_path / f"{i}.jpg", 0, i) for i in range(3)]
+    started, loader = [], torch.utils.data.DataLoader
+
+    def recording(*args, **named):
+        started.append(named["num_workers"])
+        return loader(*args, **named)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
+    for workers, views, expected in ((16, 0, 1), (16, 20, 3), (2, 20, 2), (0, 0, 0)):  # 20 views: an image a piece
+        read = list(images.pil_batches(paths, [[0, 1, 2]], lambda image: torch.zeros(3, 2, 2), views, 1, workers, "cpu"))
+        assert [batch.indices for batch in read] == [[0, 1, 2]] and started.pop() == expected
+
 def test_extraction_gives_the_features_of_the_whole_transform_batch_by_batch(tiny, tmp_path, monkeypatch):
     """Pieces decoded by two loader processes, joined and normalised on the encoder's device: the same
     features, bit for bit, as the model's transform applied whole and the same batches encoded."""

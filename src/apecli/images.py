@@ -284,7 +284,8 @@ def _piece_images(views: int) -> int:
 def pil_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], transform: Callable, views: int, seed: int,
                 workers: int, device, upright: bool = False) -> Iterator["Batch"]:
     """The given batches, decoded by PIL (``upright``: turned by their EXIF orientation) and ``transform``
-    (see :class:`PilImages`) in ``workers`` loader processes, each on ``device``.
+    (see :class:`PilImages`) in ``workers`` loader processes (no more than there are pieces to decode), each
+    on ``device``.
 
     Workers decode pieces of about :data:`LOADER_TENSORS` tensors, which are joined back into the
     batches here: with a whole batch a worker, 16 workers given 256 images each would deliver nothing
@@ -292,9 +293,9 @@ def pil_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], transfo
     """
     import torch
 
-    step = _piece_images(views)
-    loader = torch.utils.data.DataLoader(PilImages(paths, transform, views, seed, upright), batch_sampler=pieces(batches, views),
-                                         num_workers=workers, collate_fn=Batch.collate,
+    step, sampler = _piece_images(views), pieces(batches, views)
+    loader = torch.utils.data.DataLoader(PilImages(paths, transform, views, seed, upright), batch_sampler=sampler,
+                                         num_workers=min(workers, len(sampler)), collate_fn=Batch.collate,
                                          pin_memory=torch.device(device).type == "cuda")
     decoded = iter(loader)
     for batch in batches:
