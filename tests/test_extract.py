@@ -1153,7 +1153,8 @@ def test_loader_workers_hand_over_small_pieces_joined_into_the_batches(tmp_path,
 
 
 def test_no_more_loader_processes_start_than_there_are_pieces_to_decode(tmp_path, monkeypatch):
-    """Three images are one piece: one process decodes them, however many workers were asked for."""
+    """Three images are one piece: one process decodes them, however many workers were asked for; two
+    images of 20 views each are two pieces, for two processes."""
     import torch
 
     from apecli import images
@@ -1166,9 +1167,10 @@ def test_no_more_loader_processes_start_than_there_are_pieces_to_decode(tmp_path
         return loader(*args, **named)
 
     monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
-    for workers, views, expected in ((16, 0, 1), (16, 20, 3), (2, 20, 2), (0, 0, 0)):  # 20 views: an image a piece
-        read = list(images.pil_batches(paths, [[0, 1, 2]], lambda image: torch.zeros(3, 2, 2), views, 1, workers, "cpu"))
-        assert [batch.indices for batch in read] == [[0, 1, 2]] and started.pop() == expected
+    for batch, workers, views, expected in (([0, 1, 2], 16, 0, 1), ([0, 1], 16, 20, 2), ([0, 1, 2], 1, 20, 1),
+                                            ([0, 1, 2], 0, 0, 0)):  # 20 views: an image a piece
+        read = list(images.pil_batches(paths, [batch], lambda image: torch.zeros(3, 2, 2), views, 1, workers, "cpu"))
+        assert [item.indices for item in read] == [batch] and started.pop() == expected
 
 def test_extraction_gives_the_features_of_the_whole_transform_batch_by_batch(tiny, tmp_path, monkeypatch):
     """Pieces decoded by two loader processes, joined and normalised on the encoder's device: the same
