@@ -92,7 +92,7 @@ class ExtractSettings:
     skip_bad: bool = False
     decode: str = "pil"  # or "gpu": JPEGs of validation and test decoded on the encoder's device
     exif_orientation: bool = False  # photos turned upright by their EXIF orientation tag (not APE's protocol)
-    read_threads: int = 4  # threads reading the files for decode="gpu"; training views use the workers
+    read_threads: int = field(default_factory=default_read_threads)  # for decode="gpu"; training views use the workers
 
     def __post_init__(self) -> None:
         if self.decode not in ("pil", "gpu"):

@@ -169,11 +169,12 @@ def extract(
     counts = _integers(shots, "--shots") if shots is not None else PROTOCOL_SHOTS
     upright = images is not None if exif_orientation is None else exif_orientation
     spec = EncoderSpec(model, pretrained, device, precision)
-    workers = default_workers(spec.resolved_device()) if workers is None else workers
+    on = spec.resolved_device()
+    workers = default_workers(on) if workers is None else workers
     read_threads = default_read_threads() if read_threads is None else read_threads
     settings = ExtractSettings(counts, seed, views, batch_size, workers, chunk_images, skip_bad, decode, upright,
                                read_threads)
-    if decode == "gpu" and not spec.resolved_device().startswith("cuda"):
+    if decode == "gpu" and not on.startswith("cuda"):
         raise ApecliError("--decode gpu needs a CUDA device (this run's device is cpu); use --decode pil")
     if images is not None:
         read = datasets.read_image_list if images.suffix.lower() == ".csv" else datasets.read_image_folder
@@ -187,7 +188,7 @@ def extract(
     else:
         source = datasets.read_coop(dataset, root)
     sentences = datasets.read_prompts(prompts, source.class_names, allow_missing_prompts) if prompts else None
-    ranks = join(spec.resolved_device())
+    ranks = join(on)
     if spec.random_weights and ranks.leader:
         console.print(f"[bold yellow]warning: {model} with RANDOM weights (--pretrained {pretrained}): "
                       "the features mean nothing[/bold yellow]")
