@@ -30,13 +30,15 @@ import time
 
 import numpy as np
 import torch
-
-from apecli.baselines import PROKER_LAMBDAS, ProkerSupport, proker_counts
-from apecli.synthetic import synthetic_features
-from apecli.training_free import SearchGrid, TriEdge, search
-from apecli.training_required import FitSettings, fit
 from fit_imagenet import imagenet_features
 from imagenet_scale import GRID, generated
+
+from apecli.fitting import fit
+from apecli.methods.ape_t import FitSettings
+from apecli.methods.grid import SearchGrid
+from apecli.methods.proker import PROKER_LAMBDAS, ProkerSupport, proker_counts
+from apecli.methods.tri_edge import TriEdge, search
+from apecli.synthetic import synthetic_features
 
 
 def timed(run):

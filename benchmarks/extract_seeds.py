@@ -22,7 +22,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
 from extract_throughput import make_jpegs
 
 

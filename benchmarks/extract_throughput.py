@@ -44,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 SIZES = {"fixed": "500x375", "varied": "200-640 x 200-640"}
 
 
@@ -129,11 +128,12 @@ def main_thread_time(encoder, run) -> dict[str, float]:
 def main() -> None:
     import torch
 
-    from apecli import images
     from apecli.encoder import EncoderSpec, Graphs, load_encoder
     from apecli.errors import ApecliError
     from apecli.extract import ExtractSettings, default_read_threads, encode_split
-    from apecli.images import Batch, PilImages, decoded_batches, pieces, pil_batches, split_transform
+    from apecli.images import gpu as images
+    from apecli.images.gpu import decoded_batches
+    from apecli.images.loading import LOADER_TENSORS, Batch, PilImages, pieces, pil_batches, split_transform
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model (random weights: same cost), or 'tiny'")
@@ -277,7 +277,7 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {device}, torch {torch.__version__}; {shown} {encoder.spec.resolved_precision()}, "
           f"{args.images} JPEGs {SIZES[args.sizes]}, batch {args.batch_size}, {args.workers} workers, "
           + (f"{args.read_threads} reading threads, " if on_gpu else "") + "loader pieces of "
-          f"{images.LOADER_TENSORS} images")
+          f"{LOADER_TENSORS} images")
     print(f"decode (PIL + whole eval transform): {decode_one:8.1f} img/s in 1 process ({len(few)} images)"
           + ("" if whole_many is None else f", {whole_many:8.1f} img/s in {args.workers} workers (a batch each)"))
     print(f"encode alone:                        {encode_rate:8.1f} img/s"

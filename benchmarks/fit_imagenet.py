@@ -22,9 +22,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from apecli.features import LabelledFeatures
+from apecli.fitting import fit
+from apecli.kinds.features import LabelledFeatures
+from apecli.methods.ape_t import FitSettings, val_cache_budget
 from apecli.synthetic import synthetic_features
-from apecli.training_required import FitSettings, fit, val_cache_budget
 
 
 def imagenet_features(images: int):

@@ -18,8 +18,9 @@ import time
 
 import torch
 
+from apecli.fitting import fit
+from apecli.methods.ape_t import FitSettings
 from apecli.synthetic import synthetic_features
-from apecli.training_required import FitSettings, fit
 
 
 def encoder_seconds_per_image(model_name: str, images: int) -> float:

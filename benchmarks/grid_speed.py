@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from apecli.methods.grid import SearchGrid
+from apecli.methods.tri_edge import TriEdge, search, search_loop
 from apecli.refine import select_channels
 from apecli.synthetic import synthetic_features
-from apecli.training_free import SearchGrid, TriEdge, search, search_loop
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-features" / "caltech101"
 GRID = SearchGrid((7.0, 7.0, 1.0), (200, 20, 20))

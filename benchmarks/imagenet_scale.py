@@ -27,7 +27,9 @@ import time
 import numpy as np
 import torch
 
-from apecli.training_free import SearchGrid, TriEdge, count_correct, count_grid, search
+from apecli.methods.grid import SearchGrid, count_grid
+from apecli.methods.scores import count_correct
+from apecli.methods.tri_edge import TriEdge, search
 
 GRID = SearchGrid((7.0, 7.0, 0.5), (200, 20, 5))
 

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from apecli.refine import channel_criterion, top_channels
+from apecli.methods.criterion import channel_criterion, top_channels
 
 C, K, D, TOP = 1000, 16, 1024, 500
 

@@ -36,7 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms.v2 import functional as F
 
-from apecli.images import _by_shape, resize_crop
+from apecli.images.gpu import _by_shape, resize_crop
 
 SIZE = 224
 ENCODER = SimpleNamespace(image_size=(SIZE, SIZE), preprocess_config={"resize_mode": "shortest",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +112,16 @@ def interrupt_encoder(monkeypatch):
         monkeypatch.setattr(Encoder, "start_encoding", start_encoding)
 
     return arm
+
+
+@contextlib.contextmanager
+def raises_said(pattern: str):
+    """An ApecliError whose message, in the command line's words (the library names settings in Python,
+    ``apecli.cli.errors`` turns them into flags), matches ``pattern``."""
+    from apecli.cli.errors import in_flags
+    from apecli.errors import ApecliError
+
+    with pytest.raises(ApecliError) as caught:
+        yield caught
+    said = in_flags(str(caught.value))
+    assert re.search(pattern, said), f"{pattern!r} does not match {said!r}"

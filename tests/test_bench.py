@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from apecli import bench, store
 from apecli.cli import app
 from apecli.errors import ApecliError
-from apecli.features import save_features
+from apecli.kinds.features import save_features
 from apecli.synthetic import synthetic_features
 
 from conftest import assert_one_line_error
@@ -45,7 +45,7 @@ def test_every_cell_once_then_skipped(two_stores, tmp_path, monkeypatch):
     assert all(0 <= float(row["test_class_accuracy"]) <= 100 for row in table)
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == rows
 
-    monkeypatch.setattr(bench, "_evaluate", lambda *a: pytest.fail("a finished cell ran again"))
+    monkeypatch.setattr(bench, "scored", lambda *a: pytest.fail("a finished cell ran again"))
     seen = []
     again = bench.run_bench(artifacts, [1, 4], MODES, tmp_path / "out", lambda row, skipped: seen.append(skipped))
     assert again == rows and seen == [True] * 16
@@ -140,7 +140,7 @@ def test_bench_on_the_command_line(two_stores, tmp_path):
 
 
 def test_a_proker_cell_of_its_earlier_regression_is_computed_again_and_replaced(two_stores, tmp_path):
-    from apecli.baselines import PROKER_FORMULA
+    from apecli.methods.proker import PROKER_FORMULA
 
     artifacts = bench.find_features([two_stores])[:1]
     rows = bench.run_bench(artifacts, [4], ["zero-shot", "proker"], tmp_path / "out")

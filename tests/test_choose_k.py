@@ -11,12 +11,13 @@ from typer.testing import CliRunner
 from apecli import store
 from apecli.cli import app
 from apecli.errors import ApecliError
-from apecli.evaluate import Evaluation, evaluate_artifact, evaluate_training_free, evaluate_training_free_over_k
-from apecli.features import save_features
+from apecli.evaluate import evaluate_artifact, evaluate_training_free, evaluate_training_free_over_k
+from apecli.kinds.features import save_features
+from apecli.kinds.refinement import save_refinement
+from apecli.methods.grid import SearchGrid
 from apecli.predict import load_classifier
-from apecli.refine import save_refinement, select_channels
+from apecli.refine import select_channels
 from apecli.synthetic import synthetic_features
-from apecli.training_free import SearchGrid
 
 from conftest import assert_one_line_error
 
@@ -47,14 +48,17 @@ def test_the_chosen_k_is_the_one_of_best_validation_accuracy_and_each_k_is_its_o
 
 
 def test_the_first_of_equally_good_k_wins(features, monkeypatch):
-    import apecli.evaluate as evaluate
+    from apecli.methods import ape
+    from apecli.methods.grid import SearchResult
+    from apecli.methods.tri_edge import TriEdge
 
     accuracy = {4: 70.0, 8: 75.0, 16: 75.0, 24: 60.0}
 
-    def searched(features, refinement, grid=None, progress=None, device=None):
-        return Evaluation("training-free", None, 0.0, 0.0, accuracy[refinement.k], 0.0, channels=refinement.channels)
+    def searched(task, channels, grid, progress, device):  # every setting as good as the k's accuracy says
+        tri = TriEdge.build(task.text, task.keys, task.key_labels, channels)
+        return ape.Searched(tri, SearchResult(np.full(GRID.shape, int(accuracy[len(channels)])), 100, GRID))
 
-    monkeypatch.setattr(evaluate, "evaluate_training_free", searched)
+    monkeypatch.setattr(ape, "search_channels", searched)
     chosen = evaluate_training_free_over_k(features, (4, 8, 16, 24))
     assert chosen.channels.shape[0] == 8 and chosen.extra["k_val_accuracy"] == [70.0, 75.0, 75.0, 60.0]
 

@@ -7,20 +7,22 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from test_transfer import GRID, MODEL, evaluated, shifted
 from typer.testing import CliRunner
 
 from apecli import class_report, store
 from apecli.classes import per_class
 from apecli.cli import app
 from apecli.errors import ApecliError
-from apecli.evaluate import Evaluation, evaluate_artifact, save_evaluation
-from apecli.features import LabelledFeatures, save_features
+from apecli.evaluate import evaluate_artifact
 from apecli.importers import import_tip_adapter
+from apecli.kinds.evaluation import Evaluation, save_evaluation
+from apecli.kinds.features import LabelledFeatures, save_features
+from apecli.kinds.transfer import save_transfer
 from apecli.synthetic import synthetic_features
-from apecli.transfer import save_transfer, transfer
+from apecli.transfer import transfer
 
 from conftest import assert_one_line_error, real_dataset
-from test_transfer import GRID, MODEL, evaluated, shifted
 
 runner = CliRunner()
 NAMES = ("cat", "dog", "owl", "yak")

@@ -183,7 +183,7 @@ def test_a_changed_parent_is_refused(small_features, imported, store_dir, tmp_pa
     refined = run("refine", imported, "--k", "6", "--store", store_dir).stdout.strip()
     from dataclasses import replace
 
-    from apecli.features import save_features
+    from apecli.kinds.features import save_features
 
     save_features(replace(small_features, classifier=-small_features.classifier), imported)
     assert_one_line_error(run("eval", refined, "--store", store_dir), "changed since it was written")
@@ -328,7 +328,7 @@ def test_ls_lists_what_a_store_holds(imported, store_dir):
 
 def test_every_mode_keeps_the_shots_of_a_refinement(small_features, store_dir):
     from apecli import store
-    from apecli.features import save_features
+    from apecli.kinds.features import save_features
 
     assert small_features.shots == (1, 4)
     features = save_features(small_features, store.in_store(store_dir, "x", "features")).artifact.path

@@ -16,14 +16,18 @@ from apecli.cli import app
 from apecli.devices import torch_device
 from apecli.errors import ApecliError
 from apecli.evaluate import evaluate_artifact, evaluate_training_free, evaluate_training_required
-from apecli.features import save_features
+from apecli.fitting import fit
+from apecli.kinds.adapter import load_fit, save_fit
+from apecli.kinds.features import save_features
+from apecli.methods.ape_t import FitSettings
+from apecli.methods.grid import SearchGrid
+from apecli.methods.scores import BLOCK_BYTES, DEVICE_BLOCK_BYTES, device_block_bytes
+from apecli.methods.trainer import reproducible
+from apecli.methods.tri_edge import TriEdge, search, search_loop
 from apecli.refine import select_channels
 from apecli.synthetic import synthetic_features
-from apecli.training import reproducible
-from apecli.training_free import BLOCK_BYTES, DEVICE_BLOCK_BYTES, SearchGrid, TriEdge, device_block_bytes, search, search_loop
-from apecli.training_required import FitSettings, fit, load_fit, save_fit
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, raises_said
 
 runner = CliRunner()
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
@@ -66,7 +70,7 @@ def cache_of(feature_set):
 
 @no_cuda
 def test_cuda_without_a_gpu_says_so_and_how_to_go_on():
-    with pytest.raises(ApecliError, match=r"device 'cuda': no CUDA GPU is usable here \(torch .*\); use --device cpu$"):
+    with raises_said(r"device 'cuda': no CUDA GPU is usable here \(torch .*\); use --device cpu$"):
         torch_device("cuda")
 
 

@@ -20,7 +20,7 @@ from apecli.errors import ApecliError
 from apecli.extract import ExtractSettings, extract
 from apecli.synthetic import image_folder, make_image
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, raises_said
 
 runner = CliRunner()
 SETTINGS = ExtractSettings(shots=(1, 2, 4), views=3, batch_size=8, workers=0, chunk_images=5)
@@ -250,7 +250,7 @@ def test_an_unreadable_test_image_is_named_or_skipped(tiny, caltech, tmp_path):
     dataset = read_coop("caltech101", caltech)
     bad = dataset.splits["test"][2][0]
     _corrupt(bad)
-    with pytest.raises(ApecliError, match=f"{bad.name}: unreadable image .*--skip-bad"):
+    with raises_said(f"{bad.name}: unreadable image .*--skip-bad"):
         extract(dataset, tiny, tmp_path / "s", SETTINGS)
     assert not list((tmp_path / "s").rglob("*.h5")) and not list((tmp_path / "s").rglob(".extract-*"))
     from dataclasses import replace
@@ -404,7 +404,6 @@ def test_workers_and_reading_threads_left_out_follow_the_device_and_the_cores(ti
     """--workers left out: up to 16 PIL processes for a GPU, up to 4 for the CPU; --read-threads up to 4;
     never more than the cores this process may use, shared among torchrun's processes on the machine."""
     import apecli.extract
-
     from apecli.extract import cores, default_read_threads, default_workers
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -439,7 +438,7 @@ def test_decoding_on_the_device_reads_the_files_in_the_threads_asked_for(tiny, c
     import apecli.extract
     from apecli.encoder import load_encoder
     from apecli.extract import encode_split
-    from apecli.images import decoded_batches
+    from apecli.images.gpu import decoded_batches
 
     threads = []
 
@@ -549,7 +548,8 @@ def test_device_decoding_does_not_depend_on_the_batch(tiny, tmp_path):
     import torch
 
     from apecli.encoder import load_encoder
-    from apecli.images import Batch, RawBytes, decode_on_device, split_transform
+    from apecli.images.gpu import RawBytes, decode_on_device
+    from apecli.images.loading import Batch, split_transform
 
     paths = [make_image(tmp_path / f"{i}.jpg", i % 2, i) for i in range(7)]  # three widths, interleaved
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"not really a jpeg")
@@ -575,7 +575,7 @@ def test_files_the_decoder_cannot_read_cost_a_few_calls_not_one_a_file(count, ba
     What each call decodes is handed on (resized, in extraction) before the next call."""
     import torch
 
-    from apecli.images import _decode_jpegs
+    from apecli.images.gpu import _decode_jpegs
 
     events = []
 
@@ -626,7 +626,7 @@ def test_resizing_a_batch_gives_torchvisions_resizing_of_each_image_on_a_gpu(res
     import torch
     from torchvision.transforms.v2 import functional as F
 
-    from apecli.images import resize_crop
+    from apecli.images.gpu import resize_crop
 
     encoder = SimpleNamespace(image_size=(32, 32), preprocess_config={"resize_mode": resize_mode,
                                                                       "interpolation": interpolation})
@@ -649,7 +649,7 @@ def test_resizing_a_batch_gives_torchvisions_resizing_of_each_image_on_a_gpu(res
 
 
 def test_images_are_cast_to_float_a_bounded_number_of_pixels_at_once():
-    from apecli.images import _by_shape, _float_chunks
+    from apecli.images.gpu import _by_shape, _float_chunks
 
     images = {index: np.empty((3, *shape)) for index, shape in enumerate(SHAPES)}
     for most in (1, 3 * 32 * 32, 3 * 45 * 45, 3 * 45 * 90, 10**9):
@@ -672,7 +672,7 @@ def test_resizing_a_batch_costs_one_operation_a_size_beyond_a_fixed_few():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from apecli.images import resize_crop
+    from apecli.images.gpu import resize_crop
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -717,7 +717,7 @@ def test_both_jpeg_decoders_decode_what_pil_decodes():
     import torch
     from PIL import Image
 
-    from apecli.images import DECODERS
+    from apecli.images.gpu import DECODERS
 
     jpegs = [_encoded_jpeg(size, mode, quality, seed) for seed, (size, mode, quality) in enumerate(
         [((500, 375), "RGB", 75), ((33, 17), "RGB", 95), ((64, 48), "L", 90), ((20, 12), "CMYK", 80)])]
@@ -735,7 +735,7 @@ def test_both_jpeg_decoders_decode_what_pil_decodes():
 
 
 def test_a_decoder_that_fails_on_the_device_gives_way_to_the_next(monkeypatch):
-    from apecli import images
+    from apecli.images import gpu as images
 
     def broken():
         raise OSError("libtorchcodec_core9.so: undefined symbol: _ZN3c10")
@@ -751,7 +751,9 @@ def test_a_decoder_that_fails_on_the_device_gives_way_to_the_next(monkeypatch):
         images.jpeg_decoder.cache_clear()
         with pytest.raises(ApecliError) as refused:
             images.jpeg_decoder("cpu")
-        message = str(refused.value)
+        from apecli.cli.errors import in_flags
+
+        message = in_flags(str(refused.value))  # as the command line says it
         assert "undefined symbol" in message and "meta-only 1.0: a (3, 8, 8) image on meta" in message
         assert message.endswith("use --decode pil") and "\n" not in message
     finally:
@@ -761,7 +763,7 @@ def test_a_decoder_that_fails_on_the_device_gives_way_to_the_next(monkeypatch):
 def test_extract_names_its_jpeg_decoder_or_stops_before_encoding(tiny, caltech, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from apecli import images
+    from apecli.images import gpu as images
 
     dataset = read_coop("caltech101", caltech)
     settings = replace(SETTINGS, decode="gpu", shots=(1,), views=1)
@@ -786,7 +788,7 @@ def test_extract_names_its_jpeg_decoder_or_stops_before_encoding(tiny, caltech, 
 def test_another_seed_records_the_decoder_of_the_features_it_takes_and_needs_none(tiny, caltech, tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from apecli import images
+    from apecli.images import gpu as images
 
     dataset = read_coop("caltech101", caltech)
     settings = replace(SETTINGS, decode="gpu", shots=(1,), views=1)
@@ -811,7 +813,7 @@ def test_a_batch_crosses_from_a_loader_worker_as_one_tensor(tmp_path):
     """However many images a batch holds, a loader worker sends them stacked: one shared-memory segment."""
     import torch
 
-    from apecli.images import Batch, PilImages
+    from apecli.images.loading import Batch, PilImages
 
     paths = [make_image(tmp_path / f"{i}.jpg", 0, i) for i in range(6)]
     (tmp_path / "bad.jpg").write_bytes(b"nothing")
@@ -865,7 +867,7 @@ def test_the_plan_takes_the_first_readable_images_of_each_seeded_order(caltech, 
     from dataclasses import replace
 
     from apecli.extract import plan
-    from apecli.images import readable
+    from apecli.images.loading import readable
 
     dataset = read_coop("caltech101", caltech)
     for index in (0, 2, 6):  # two of class thing_0, one of thing_1
@@ -892,7 +894,7 @@ def test_a_request_already_running_is_refused_and_its_work_left_alone(tiny, calt
     work.mkdir(parents=True)
     (work / "saved-by-the-other-run").write_bytes(b"")
     with store.exclusive(work / ".lock-0", "held by this test"):  # as the other process would hold it
-        with pytest.raises(ApecliError, match=f"another apecli extract is running this request in {work}"):
+        with raises_said(f"another apecli extract is running this request in {work}"):
             extract(dataset, tiny, tmp_path / "store", settings)
         assert (work / "saved-by-the-other-run").exists()
         removed, kept = store.collect_garbage(tmp_path / "store", work=True)
@@ -951,7 +953,7 @@ def test_models_that_carry_their_weights_hf_hub_and_local_dir(tiny, tmp_path, mo
     assert features.model["checkpoint_sha256"] != reference.model["checkpoint_sha256"]  # safetensors, not a pickle
 
     evaluation = evaluate_artifact(features.artifact, "zero-shot", 2)
-    from apecli.evaluate import save_evaluation
+    from apecli.kinds.evaluation import save_evaluation
 
     saved = save_evaluation(evaluation, [features.artifact], tmp_path / "eval.h5")
     predictions, _ = predict([Path(p) for p in reference.split("test").paths], saved, top=1, device="cpu")
@@ -966,7 +968,7 @@ def test_models_that_carry_their_weights_hf_hub_and_local_dir(tiny, tmp_path, mo
         model_files(f"local-dir:{local}")  # open_clip itself would go on with random weights
     with pytest.raises(ApecliError, match="no open_clip_config.json"):
         model_files(f"local-dir:{tmp_path / 'mine'}")
-    with pytest.raises(ApecliError, match="cannot get hf-hub:someone/absent \\(offline\\?\\).*--model local-dir:DIR"):
+    with raises_said("cannot get hf-hub:someone/absent \\(offline\\?\\).*--model local-dir:DIR"):
         model_files("hf-hub:someone/absent")
 
 
@@ -1028,7 +1030,7 @@ def test_weights_trained_with_quick_gelu_are_run_with_it(tiny, tmp_path, monkeyp
 
     from dataclasses import replace as changed
 
-    from apecli.features import save_features
+    from apecli.kinds.features import save_features
     from apecli.predict import encoder_spec
 
     assert encoder_spec(from_archive, "cpu", tmp_path).forces_quick_gelu()
@@ -1050,7 +1052,8 @@ def test_device_decoding_follows_the_models_own_resizing(tiny, tmp_path, resize_
     from PIL import Image
 
     from apecli.encoder import load_encoder
-    from apecli.images import Batch, RawBytes, decode_on_device, split_transform
+    from apecli.images.gpu import RawBytes, decode_on_device
+    from apecli.images.loading import Batch, split_transform
 
     folder = _repository(tmp_path / "model", tiny)
     config = json.loads((folder / "open_clip_config.json").read_text())
@@ -1061,7 +1064,7 @@ def test_device_decoding_follows_the_models_own_resizing(tiny, tmp_path, resize_
     paths = [make_image(tmp_path / "images" / f"{i}.jpg", i % 2, i, size=40 + 9 * i) for i in range(4)]  # not square
     if resize_mode == "longest":
         image_folder(tmp_path / "mine", classes=2, per_class=6)
-        with pytest.raises(ApecliError, match="--decode gpu does not do .*'longest' resizing to \\[32, 32\\]; use --decode pil"):
+        with raises_said("--decode gpu does not do .*'longest' resizing to \\[32, 32\\]; use --decode pil"):
             extract(read_image_folder(tmp_path / "mine", 1), spec, tmp_path / "s",
                     ExtractSettings(shots=(1,), views=1, decode="gpu"))
         assert not (tmp_path / "s" / "mine").exists() or not any((tmp_path / "s" / "mine").iterdir())
@@ -1079,7 +1082,7 @@ def test_device_decoding_follows_the_models_own_resizing(tiny, tmp_path, resize_
 def test_read_batches_gives_each_batch_in_order_with_unreadable_files_named(tmp_path):
     import threading
 
-    from apecli.images import read_batches
+    from apecli.images.gpu import read_batches
 
     paths = []
     for index in range(11):
@@ -1106,7 +1109,7 @@ def test_the_split_transform_gives_the_whole_transforms_values_bit_for_bit(tiny,
     from torchvision import transforms
 
     from apecli.encoder import load_encoder
-    from apecli.images import PilImages, split_transform
+    from apecli.images.loading import PilImages, split_transform
 
     encoder = load_encoder(tiny)
     paths = [make_image(tmp_path / f"{i}.jpg", i % 3, i, size=40 + 7 * i) for i in range(5)]
@@ -1130,7 +1133,7 @@ def test_loader_workers_hand_over_small_pieces_joined_into_the_batches(tmp_path,
     """Batches come back whole and in order however the loader cuts them, unreadable files named."""
     import torch
 
-    from apecli import images
+    from apecli.images import loading as images
 
     paths = [make_image(tmp_path / f"{i}.jpg", 0, i) for i in range(9)]
     (tmp_path / "bad.jpg").write_bytes(b"nothing")
@@ -1158,7 +1161,7 @@ def test_no_more_loader_processes_start_than_there_are_pieces_to_decode(tmp_path
     images of 20 views each are two pieces, for two processes."""
     import torch
 
-    from apecli import images
+    from apecli.images import loading as images
 
     paths = [make_image(tmp_path / f"{i}.jpg", 0, i) for i in range(3)]
     started, loader = [], torch.utils.data.DataLoader
@@ -1179,9 +1182,9 @@ def test_extraction_gives_the_features_of_the_whole_transform_batch_by_batch(tin
     import torch
     from PIL import Image
 
-    from apecli import images
     from apecli.encoder import load_encoder
     from apecli.extract import encode_split
+    from apecli.images import loading as images
 
     monkeypatch.setattr(images, "LOADER_TENSORS", 3)  # batches of 5 in pieces of 3 and 2
     paths = [make_image(tmp_path / "images" / f"{i}.jpg", i % 3, i, size=36 + 5 * i) for i in range(12)]
@@ -1201,8 +1204,8 @@ def test_decoding_ahead_in_a_thread_keeps_order_and_stops_with_its_consumer(tiny
 
     import torch
 
-    from apecli import images
     from apecli.encoder import load_encoder
+    from apecli.images import gpu as images
 
     paths = [make_image(tmp_path / f"{i}.jpg", i % 2, i) for i in range(10)]
     encoder = load_encoder(tiny)

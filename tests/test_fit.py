@@ -14,11 +14,14 @@ from apecli import store
 from apecli.cli import app
 from apecli.errors import ApecliError
 from apecli.evaluate import evaluate_training_free, evaluate_training_required
-from apecli.features import save_features, to_arrays
+from apecli.fitting import fit
+from apecli.kinds.adapter import load_fit, save_fit
+from apecli.kinds.features import save_features, to_arrays
+from apecli.methods.ape_t import Adapter, FitSettings
+from apecli.methods.grid import SearchGrid
+from apecli.methods.scores import count_correct
 from apecli.refine import select_channels
 from apecli.synthetic import synthetic_features
-from apecli.training_free import SearchGrid, count_correct
-from apecli.training_required import Adapter, FitSettings, fit, load_fit, save_fit
 
 from conftest import assert_one_line_error
 
@@ -96,7 +99,7 @@ def test_training_logits_are_the_adapted_logits():
     """Training adds the residual's share to each product instead of forming W̃ and F̃: the same logits."""
     import torch
 
-    from apecli.training_required import adapted_logits
+    from apecli.methods.ape_t import adapted_logits
 
     rng = np.random.default_rng(1)
     features = weak_text(0, num_classes=4, dim=8, shots=(3,))
@@ -232,7 +235,7 @@ def test_fit_settings_are_checked():
 
 
 def test_validation_in_blocks_gives_the_same_history(monkeypatch):
-    from apecli import training
+    from apecli.methods import trainer as training
 
     features = weak_text(3)
     settings = FitSettings(shots=16, epochs=4, k=16)
@@ -245,7 +248,8 @@ def test_validation_in_blocks_gives_the_same_history(monkeypatch):
 
 
 def test_validation_products_kept_across_epochs_change_nothing(monkeypatch):
-    from apecli import training, training_required
+    from apecli.methods import ape_t as training_required
+    from apecli.methods import trainer as training
 
     features = weak_text(3)
     settings = FitSettings(shots=16, epochs=4, k=16)
@@ -278,7 +282,7 @@ def test_validation_products_kept_across_epochs_change_nothing(monkeypatch):
 def test_the_optimiser_is_torch_adamw_with_its_cosine_schedule_bit_for_bit(weight_decay):
     import torch
 
-    from apecli.training import CosineAdamW
+    from apecli.methods.trainer import CosineAdamW
 
     torch.manual_seed(0)
     start = [torch.randn(7, 5), torch.ones(11)]
@@ -319,13 +323,14 @@ def test_a_damaged_adapter_is_refused_in_one_line(tmp_path, name, damage, messag
 
 
 def test_a_fit_without_validation_images_is_refused():
-    from apecli.baselines import TipAdapterFSettings, evaluate_tip_adapter_f
-    from apecli.features import LabelledFeatures
+    from apecli.evaluate import evaluate_method
+    from apecli.kinds.features import LabelledFeatures
+    from apecli.methods.tip_adapter_f import TipAdapterF, TipAdapterFSettings
 
     features = synthetic_features(num_classes=4, dim=16, shots=(2,), val_per_class=2, test_per_class=2, views=2)
     empty = replace(features, splits={**features.splits, "val": LabelledFeatures(np.zeros((0, 16), np.float32),
                                                                                  np.zeros(0, np.int64))})
     for training in (lambda: fit(empty, FitSettings(epochs=1)),
-                     lambda: evaluate_tip_adapter_f(empty, settings=TipAdapterFSettings(epochs=1))):
+                     lambda: evaluate_method(empty, TipAdapterF(settings=TipAdapterFSettings(epochs=1)))):
         with pytest.raises(ApecliError, match="the validation split is empty; training chooses its epoch on it"):
             training()

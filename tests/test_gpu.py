@@ -16,18 +16,20 @@ import torch
 from typer.testing import CliRunner
 
 from apecli import store
-from apecli.baselines import PROKER_BETAS, PROKER_LAMBDAS, ProkerSupport, proker_counts
 from apecli.cli import app
 from apecli.datasets import read_coop
 from apecli.encoder import load_encoder
-from apecli.extract import ExtractSettings, encode_split
-from apecli.features import load_features, save_features
 from apecli.evaluate import evaluate_artifact
+from apecli.extract import ExtractSettings, encode_split
+from apecli.fitting import fit
 from apecli.importers import import_tip_adapter
+from apecli.kinds.features import load_features, save_features
+from apecli.methods.ape_t import FitSettings
+from apecli.methods.grid import SearchGrid
+from apecli.methods.proker import PROKER_BETAS, PROKER_LAMBDAS, ProkerSupport, proker_counts
+from apecli.methods.tri_edge import TriEdge, search
 from apecli.refine import select_channels
 from apecli.synthetic import synthetic_features
-from apecli.training_free import SearchGrid, TriEdge, search
-from apecli.training_required import FitSettings, fit
 
 from conftest import real_dataset
 
@@ -121,7 +123,7 @@ def test_extract_decodes_on_the_gpu_from_the_command_line(tiny, caltech, tmp_pat
 
 
 def test_pixels_are_normalised_on_the_gpu_bit_for_bit_as_on_the_cpu(tiny):
-    from apecli.images import split_transform
+    from apecli.images.loading import split_transform
 
     pixels = split_transform(load_encoder(tiny).eval_transform)
     uint8 = torch.randint(0, 256, (4, 2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -136,7 +138,7 @@ def test_a_batch_of_many_sizes_is_resized_as_torchvision_resizes_each_image_on_t
 
     from torchvision.transforms.v2 import functional as F
 
-    from apecli.images import resize_crop
+    from apecli.images.gpu import resize_crop
 
     encoder = SimpleNamespace(image_size=(224, 224), preprocess_config={"resize_mode": resize_mode,
                                                                         "interpolation": interpolation})
@@ -157,7 +159,8 @@ def test_photos_stored_turned_come_out_as_asked_from_the_gpu_decoder(tiny, tmp_p
     photos itself on the GPU (the probe says which; the provenance's decoder name, the test's output)."""
     from PIL import Image, ImageOps
 
-    from apecli.images import Batch, RawBytes, decode_on_device, jpeg_decoder, split_transform
+    from apecli.images.gpu import RawBytes, decode_on_device, jpeg_decoder
+    from apecli.images.loading import Batch, split_transform
     from apecli.synthetic import make_image
 
     paths = []
@@ -186,7 +189,8 @@ def test_decoding_on_its_own_stream_gives_what_the_encoders_stream_gives(tiny, t
     decoded one batch at a time on the current stream and synchronised; features as the CPU's."""
     from PIL import Image
 
-    from apecli.images import RawBytes, Batch, decode_on_device, decoded_batches, split_transform
+    from apecli.images.gpu import RawBytes, decode_on_device, decoded_batches
+    from apecli.images.loading import Batch, split_transform
     from apecli.synthetic import make_image
 
     paths = [make_image(tmp_path / f"{i}.jpg", i % 3, i, size=40 + 6 * (i % 4)) for i in range(40)]
@@ -238,7 +242,7 @@ def test_the_search_on_the_gpu_counts_what_the_cpu_counts_on_real_features():
 def test_proker_on_the_gpu_counts_what_the_cpu_counts_on_real_features():
     folder = real_dataset("caltech101")
     features = import_tip_adapter(folder, folder / "proxy_text_weights.pt", "caltech101")
-    regression = ProkerSupport.of(features, 16)
+    regression = ProkerSupport.on(features.classifier, features.cache(16)[1].keys, features.cache(16)[1].labels)
     val = features.split("val")
     betas = [0.1 + i * 6.9 / PROKER_BETAS for i in range(PROKER_BETAS)]
     on_cpu, on_gpu = (proker_counts(regression, val.features, val.labels, betas, PROKER_LAMBDAS, device=device)
@@ -297,7 +301,7 @@ def test_the_nccl_calls_of_extraction_work_in_a_group_of_one(tmp_path):
     NCCL: the barrier on the GPU join() chose, rank 0's decision broadcast, and leaving."""
     import torch.distributed as dist
 
-    from apecli.distributed import Ranks, agree, barrier, backend_for, leave
+    from apecli.distributed import Ranks, agree, backend_for, barrier, leave
 
     if not dist.is_nccl_available():
         pytest.skip("this torch was built without NCCL")

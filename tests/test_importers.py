@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from apecli.errors import ApecliError
-from apecli.features import load_features
 from apecli.importers import export_npz, import_npz, import_tip_adapter
+from apecli.kinds.features import load_features
 from apecli.synthetic import synthetic_features
 
-from conftest import assert_one_line_error, real_dataset, write_npz
+from conftest import assert_one_line_error, raises_said, real_dataset, write_npz
 
 
 def write_tip_adapter(folder: Path, features, *, text_name: str = "text.pt") -> Path:
@@ -46,7 +46,7 @@ def test_cupl_text_weights_are_found_in_the_folder(small_features, tmp_path):
     folder = write_tip_adapter(tmp_path / "cache", small_features, text_name="text_weights_cupl_t.pt")
     assert import_tip_adapter(folder).num_classes == 6
     (folder / "text_weights_cupl_t.pt").unlink()
-    with pytest.raises(ApecliError, match="pass --text-weights"):
+    with raises_said("pass --text-weights"):
         import_tip_adapter(folder)
 
 
@@ -109,7 +109,7 @@ def test_unnormalised_keys_are_refused_or_normalised_on_the_command_line(small_f
 def test_damaged_tip_adapter_folders_are_refused(small_features, tmp_path, damage, message):
     folder = write_tip_adapter(tmp_path / "cache", small_features)
     damage(folder)
-    with pytest.raises(ApecliError, match=message):
+    with raises_said(message):
         import_tip_adapter(folder, folder / "text.pt")
 
 
@@ -173,7 +173,7 @@ def test_bad_npz_files_are_refused(small_features, tmp_path, change, message):
         arrays = {name: archive[name] for name in archive.files}
     change(arrays)
     np.savez(tmp_path / "bad.npz", **arrays)
-    with pytest.raises(ApecliError, match=message):
+    with raises_said(message):
         import_npz(tmp_path / "bad.npz")
 
 
@@ -198,7 +198,7 @@ def test_normalise_divides_every_row_by_its_norm_and_says_so(small_features, tmp
 def test_a_feature_set_checks_that_its_features_are_tables_of_rows(small_features):
     from dataclasses import replace
 
-    from apecli.features import LabelledFeatures
+    from apecli.kinds.features import LabelledFeatures
 
     test = small_features.split("test")
     flat = replace(small_features, splits={**small_features.splits, "test": LabelledFeatures(test.features.ravel(), test.labels)})
@@ -231,7 +231,7 @@ def test_real_caltech_imports_with_its_published_figures():
 
 def test_real_dtd_with_mixed_widths_is_refused():
     folder = real_dataset("dtd")
-    with pytest.raises(ApecliError, match="keys_2shots.pt: 1024-channel keys, but val_f.pt has 512 channels: the "
+    with raises_said("keys_2shots.pt: 1024-channel keys, but val_f.pt has 512 channels: the "
                                           "folder mixes features of different models; re-extract it, or import the "
                                           "shot counts that match with --shots 1$"):
         import_tip_adapter(folder, folder / "proxy_text_weights.pt", "dtd")
@@ -266,7 +266,7 @@ def _rotated(x: np.ndarray, seed: int) -> np.ndarray:
 def test_parts_from_different_encoders_are_warned_of():
     from dataclasses import replace
 
-    from apecli.features import LabelledFeatures, mismatch_warnings
+    from apecli.kinds.features import LabelledFeatures, mismatch_warnings
 
     features = synthetic_features(num_classes=10, dim=64, shots=(1, 4), val_per_class=20, seed=4)
     assert mismatch_warnings(features) == []
@@ -282,7 +282,7 @@ def test_parts_from_different_encoders_are_warned_of():
 
 @pytest.mark.parametrize("name", ["caltech101", "fgvc", "oxford_flowers", "oxford_pets", "ucf101"])
 def test_the_real_features_raise_no_mismatch_warning(name):
-    from apecli.features import mismatch_warnings
+    from apecli.kinds.features import mismatch_warnings
 
     folder = real_dataset(name)
     assert mismatch_warnings(import_tip_adapter(folder, folder / "proxy_text_weights.pt", name)) == []
@@ -292,9 +292,9 @@ def test_a_cache_without_text_gets_it_from_the_model_that_made_it(tiny, caltech,
     from typer.testing import CliRunner
 
     from apecli.cli import app
-    from apecli.extract import ExtractSettings, extract
     from apecli.datasets import read_coop
-    from apecli.features import load_features
+    from apecli.extract import ExtractSettings, extract
+    from apecli.kinds.features import load_features
     from apecli.predict import predict
     from apecli.store import open_artifact
 

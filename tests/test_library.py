@@ -8,8 +8,8 @@ import numpy as np
 
 import apecli
 from apecli import evaluate_training_free, load_features, save_features, select_channels
+from apecli.methods.grid import SearchGrid
 from apecli.synthetic import synthetic_features
-from apecli.training_free import SearchGrid
 
 
 def test_the_readme_example(tmp_path):
@@ -29,8 +29,8 @@ def test_the_core_library_leaves_typer_and_rich_alone():
     """Every core module imports in a fresh interpreter without loading the command line's packages."""
     import subprocess
 
-    modules = ["apecli", "apecli.refine", "apecli.evaluate", "apecli.training_free", "apecli.training_required",
-               "apecli.extract", "apecli.datasets", "apecli.encoder", "apecli.baselines", "apecli.bench",
+    modules = ["apecli", "apecli.refine", "apecli.evaluate", "apecli.methods.registry", "apecli.kinds",
+               "apecli.extract", "apecli.datasets", "apecli.encoder", "apecli.fitting", "apecli.bench",
                "apecli.predict", "apecli.importers", "apecli.distributed"]
     code = f"import sys; import {', '.join(modules)}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'typer', 'rich', 'click'}}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from apecli.cli import app
-from apecli.features import load_features
-from apecli.images import TRANSPOSES, exif_orientation
+from apecli.images.exif import TRANSPOSES, exif_orientation
+from apecli.kinds.features import load_features
 from apecli.synthetic import coop_caltech, image_folder, tiny_model_config
 
 runner = CliRunner()
@@ -80,7 +80,7 @@ def test_a_damaged_exif_block_is_read_as_pil_reads_it(tmp_path):
 
     from PIL import Image
 
-    from apecli.images import _open_rgb
+    from apecli.images.loading import open_rgb as _open_rgb
 
     six = _jpeg(6)
     start = six.index(b"Exif") + 6  # the TIFF header
@@ -104,7 +104,7 @@ def test_a_tensor_is_turned_upright_as_pil_turns_the_image(orientation):
     import torch
     from PIL import Image
 
-    from apecli.images import _upright
+    from apecli.images.exif import turn_upright as _upright
 
     stored = _pixels(5, 7)
     expected = Image.fromarray(stored)
@@ -122,9 +122,10 @@ def test_both_decoding_paths_turn_a_photo_upright_when_asked(tiny, tmp_path, mon
     import torch
     from PIL import Image, ImageOps
 
-    from apecli import images
     from apecli.encoder import load_encoder
-    from apecli.images import Batch, PilImages, RawBytes, decode_on_device, split_transform
+    from apecli.images import gpu as images
+    from apecli.images.gpu import RawBytes, decode_on_device
+    from apecli.images.loading import Batch, PilImages, split_transform
 
     monkeypatch.setattr(images, "DECODERS", tuple(entry for entry in images.DECODERS if entry[0] == library))
     images.jpeg_decoder.cache_clear()
@@ -202,7 +203,8 @@ def test_predict_turns_new_photos_as_the_features_were_turned(sideways_photos):
     features were made upright, others where they were made as stored."""
     from PIL import Image, ImageOps
 
-    from apecli.evaluate import evaluate_artifact, save_evaluation
+    from apecli.evaluate import evaluate_artifact
+    from apecli.kinds.evaluation import save_evaluation
     from apecli.predict import predict
 
     photo = sideways_photos / "photos" / "class_1" / "0.jpg"

@@ -12,13 +12,16 @@ from typer.testing import CliRunner
 from apecli.cli import app
 from apecli.datasets import read_coop
 from apecli.errors import ApecliError
-from apecli.evaluate import evaluate_artifact, save_evaluation
+from apecli.evaluate import evaluate_artifact
 from apecli.extract import ExtractSettings, extract
-from apecli.features import save_features
+from apecli.kinds.evaluation import save_evaluation
+from apecli.kinds.features import save_features
+from apecli.kinds.refinement import save_refinement
+from apecli.methods.grid import SearchGrid
+from apecli.methods.tri_edge import TriEdge
 from apecli.predict import predict
-from apecli.refine import save_refinement, select_channels
+from apecli.refine import select_channels
 from apecli.synthetic import synthetic_features
-from apecli.training_free import SearchGrid, TriEdge
 
 from conftest import assert_one_line_error
 
@@ -69,7 +72,9 @@ def test_every_mode_predicts_probabilities(extracted, tmp_path, mode):
 
 
 def test_a_fitted_model_predicts(extracted, tmp_path):
-    from apecli.training_required import FitSettings, fit, save_fit
+    from apecli.fitting import fit
+    from apecli.kinds.adapter import save_fit
+    from apecli.methods.ape_t import FitSettings
 
     fitted = save_fit(fit(extracted, FitSettings(epochs=2, lr=1e-2)), extracted, tmp_path / "fit.h5")
     evaluation = evaluate_artifact(fitted.artifact, "training-required", grid=GRID)
@@ -150,13 +155,13 @@ def test_workers_left_out_are_extracts_and_give_what_the_main_process_gives(extr
     evaluation = _evaluation(extracted, "zero-shot", tmp_path)
     images = [Path(p) for p in extracted.split("test").paths[:6]]
     used = []
-    encode_split = apecli.extract.encode_split
+    encode_images = apecli.extract.encode_images
 
-    def recording(encoder, name, paths, offset, work, settings, progress):
+    def recording(encoder, paths, settings, progress=None):
         used.append(settings.workers)
-        return encode_split(encoder, name, paths, offset, work, settings, progress)
+        return encode_images(encoder, paths, settings, progress)
 
-    monkeypatch.setattr(apecli.extract, "encode_split", recording)
+    monkeypatch.setattr(apecli.extract, "encode_images", recording)
     monkeypatch.setattr(apecli.extract, "cores", lambda: 2)
     in_workers, _ = predict(images, evaluation, top=3, device="cpu")
     in_main, _ = predict(images, evaluation, top=3, device="cpu", workers=0)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from apecli.errors import ApecliError
-from apecli.refine import channel_criterion, select_channels, top_channels
-from apecli.training_free import renormalised
+from apecli.methods.criterion import channel_criterion, top_channels
+from apecli.methods.scores import renormalised
+from apecli.refine import select_channels
 
 from conftest import random_unit, real_dataset
 

@@ -11,9 +11,10 @@ import pytest
 
 from apecli import store
 from apecli.errors import ApecliError
-from apecli.features import load_features, save_features
 from apecli.files import replacing
-from apecli.refine import load_refinement, save_refinement, select_channels
+from apecli.kinds.features import load_features, save_features
+from apecli.kinds.refinement import load_refinement, save_refinement
+from apecli.refine import select_channels
 
 from conftest import no_partial_files
 
@@ -153,7 +154,7 @@ def test_the_wrong_kind_is_refused(small_features, tmp_path):
 def test_features_of_different_widths_are_refused(small_features, tmp_path):
     from dataclasses import replace
 
-    from apecli.features import LabelledFeatures
+    from apecli.kinds.features import LabelledFeatures
 
     test = small_features.split("test")
     wide = LabelledFeatures(np.hstack([test.features, test.features]), test.labels)
@@ -176,8 +177,9 @@ def test_newest_artifact_of_a_kind(small_features, store_dir):
 
 def _chain(small_features, folder):
     """features → refinement → evaluation, in a store folder."""
-    from apecli.evaluate import evaluate_training_free, save_evaluation
-    from apecli.training_free import SearchGrid
+    from apecli.evaluate import evaluate_training_free
+    from apecli.kinds.evaluation import save_evaluation
+    from apecli.methods.grid import SearchGrid
 
     features = save_features(small_features, store.in_store(folder, "a", "features"))
     refinement = select_channels(features, k=8)
@@ -218,6 +220,7 @@ def test_gc_removes_what_nothing_can_use_and_nothing_else(small_features, tmp_pa
     from typer.testing import CliRunner
 
     from apecli.cli import app
+
     from conftest import assert_one_line_error
 
     runner = CliRunner()
@@ -339,10 +342,14 @@ def test_views_read_from_disk_are_checked_as_the_rest(small_features, tmp_path, 
 def _every_kind(small_features, folder):
     """One artifact of every kind: the chain above, then an adapter, its evaluation, and a transfer of the
     first evaluation onto the features' own test split."""
-    from apecli.evaluate import evaluate_artifact, save_evaluation
-    from apecli.training_free import SearchGrid
-    from apecli.training_required import FitSettings, fit, save_fit
-    from apecli.transfer import save_transfer, transfer
+    from apecli.evaluate import evaluate_artifact
+    from apecli.fitting import fit
+    from apecli.kinds.adapter import save_fit
+    from apecli.kinds.evaluation import save_evaluation
+    from apecli.kinds.transfer import save_transfer
+    from apecli.methods.ape_t import FitSettings
+    from apecli.methods.grid import SearchGrid
+    from apecli.transfer import transfer
 
     features, refined, evaluation = (store.open_artifact(path) for path in _chain(small_features, folder))
     loaded = load_features(features)

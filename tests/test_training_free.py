@@ -9,8 +9,11 @@ import pytest
 
 from apecli.errors import ApecliError
 from apecli.evaluate import evaluate_training_free
+from apecli.methods.cache_model import CacheModel
+from apecli.methods.grid import SearchGrid, SearchResult
+from apecli.methods.scores import count_correct
+from apecli.methods.tri_edge import TriEdge, search, search_loop
 from apecli.refine import select_channels
-from apecli.training_free import CacheModel, SearchGrid, SearchResult, TriEdge, count_correct, search, search_loop
 
 from conftest import random_unit, real_dataset
 
@@ -53,7 +56,7 @@ def test_logits_follow_the_formula_term_by_term():
 
 def test_logits_are_the_same_in_blocks_of_images(monkeypatch):
     """Images go through the key products a block at a time; blocks of seven give what one block gives."""
-    from apecli import training_free
+    from apecli.methods import scores as training_free
 
     rng = np.random.default_rng(5)
     W, keys, x = random_unit(rng, 5, 12), random_unit(rng, 15, 12), random_unit(rng, 40, 12)
@@ -263,7 +266,7 @@ def test_a_search_with_given_values_counts_what_the_whole_grid_counts_there():
 
 
 def test_the_mean_class_accuracy_weighs_every_class_present_alike():
-    from apecli.evaluate import class_accuracy
+    from apecli.kinds.evaluation import class_accuracy
 
     assert class_accuracy(np.array([0, 0, 0, 0]), np.array([0, 0, 0, 1])) == 50.0  # overall 75 %
     assert class_accuracy(np.array([0, 1, 2]), np.array([0, 0, 2])) == 75.0  # class 1 holds no test image

@@ -14,16 +14,20 @@ from apecli import store
 from apecli.cli import app
 from apecli.datasets import read_coop
 from apecli.errors import ApecliError
-from apecli.evaluate import evaluate_artifact, save_evaluation
+from apecli.evaluate import evaluate_artifact
 from apecli.extract import ExtractSettings, extract
-from apecli.features import LabelledFeatures, load_features, save_features
+from apecli.fitting import fit
+from apecli.kinds.adapter import save_fit
+from apecli.kinds.evaluation import save_evaluation
+from apecli.kinds.features import LabelledFeatures, load_features, save_features
+from apecli.methods.ape_t import FitSettings
+from apecli.methods.grid import SearchGrid
+from apecli.methods.tri_edge import TriEdge
 from apecli.predict import load_classifier
 from apecli.synthetic import make_image, synthetic_features
-from apecli.training_free import SearchGrid, TriEdge
-from apecli.training_required import FitSettings, fit, save_fit
 from apecli.transfer import transfer
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, raises_said
 
 runner = CliRunner()
 GRID = SearchGrid((7.0, 7.0, 1.0), (8, 6, 4))
@@ -109,14 +113,14 @@ def test_targets_that_cannot_meet_the_model_are_refused(source, tmp_path):
 
 
 def test_unnamed_classes_are_matched_by_position_and_only_between_equal_counts(source, tmp_path):
-    from apecli.importers import PLACEHOLDERS
+    from apecli.kinds.features import PLACEHOLDERS
 
     evaluation = evaluated(source, "zero-shot", tmp_path)
     unnamed = lambda features, name: save_features(  # noqa: E731  as an import without class names records them
         replace(features, class_names=tuple(f"class_{i}" for i in range(features.num_classes)),
                 provenance={**features.provenance, "class_names": PLACEHOLDERS}), tmp_path / name)
     subset = unnamed(load_features(shifted(source, tmp_path).artifact), "subset.h5")
-    with pytest.raises(ApecliError, match="subset.h5: its classes are unnamed .* so the 3 classes of the target cannot "
+    with raises_said("subset.h5: its classes are unnamed .* so the 3 classes of the target cannot "
                                           "be matched to the model's 6: import it with --class-names"):
         transfer(evaluation, [subset.artifact])
     whole = unnamed(replace(source, caches={}, dataset="shifted", splits={"test": source.split("test")}), "whole.h5")
@@ -246,5 +250,5 @@ def test_a_proker_evaluation_of_its_earlier_regression_is_refused(source, tmp_pa
     evaluation = evaluate_artifact(source.artifact, "proker", None, GRID)
     del evaluation.extra["formula"]  # as an earlier apecli wrote it: β and λ of another regression
     earlier = save_evaluation(evaluation, [source.artifact], tmp_path / "earlier.h5")
-    with pytest.raises(ApecliError, match="earlier apecli, whose regression differed .*eval --mode proker again"):
+    with raises_said("earlier apecli, whose regression differed .*eval --mode proker again"):
         transfer(earlier, [source.artifact])

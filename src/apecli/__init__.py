@@ -16,54 +16,62 @@ APE-T, and a classifier for new images' features, go the same way::
     classifier = load_classifier(save_evaluation(result, [fitted.artifact], "caches/caltech101/eval.h5"))
     probabilities = classifier.probabilities(new_features)  # L2-normalised features of the same encoder
 
-Importing apecli loads neither torch nor open_clip: each is imported where it is first needed.
+Any method of the registry, a plugin's included, by name or as an object::
+
+    from apecli import evaluate_artifact, evaluate_method, Method, Task
+
+Each name below is imported from its module the first time it is used, so importing apecli loads none
+of its modules, nor torch, open_clip or h5py.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from apecli.errors import ApecliError  # noqa: E402
-from apecli.features import FeatureSet, load_features, save_features  # noqa: E402
-from apecli.refine import Refinement, channel_criterion, select_channels  # noqa: E402
-from apecli.training_free import SearchGrid  # noqa: E402
-from apecli.evaluate import (  # noqa: E402
-    default_grid,
-    evaluate_artifact,
-    evaluate_training_free,
-    evaluate_training_required,
-    evaluate_zero_shot,
-    save_evaluation,
-)
-from apecli.training_required import FitSettings, fit, load_fit, save_fit  # noqa: E402
-from apecli.importers import export_npz, import_npz, import_tip_adapter  # noqa: E402
-from apecli.encoder import EncoderSpec  # noqa: E402
-from apecli.extract import ExtractSettings  # noqa: E402
-from apecli.predict import load_classifier  # noqa: E402
-from apecli.classes import class_report  # noqa: E402
+import importlib
+from typing import Any
 
-__all__ = [
-    "ApecliError",
-    "EncoderSpec",
-    "ExtractSettings",
-    "FeatureSet",
-    "FitSettings",
-    "Refinement",
-    "SearchGrid",
-    "channel_criterion",
-    "class_report",
-    "default_grid",
-    "evaluate_artifact",
-    "evaluate_training_free",
-    "evaluate_training_required",
-    "evaluate_zero_shot",
-    "export_npz",
-    "fit",
-    "import_npz",
-    "import_tip_adapter",
-    "load_classifier",
-    "load_features",
-    "load_fit",
-    "save_evaluation",
-    "save_features",
-    "save_fit",
-    "select_channels",
-]
+from apecli.version import __version__
+
+_PUBLIC = {  # name → the module that defines it
+    "ApecliError": "apecli.errors",
+    "EncoderSpec": "apecli.encoder",
+    "ExtractSettings": "apecli.extract",
+    "FeatureSet": "apecli.kinds.features",
+    "FitSettings": "apecli.methods.ape_t",
+    "Method": "apecli.methods.base",
+    "Refinement": "apecli.kinds.refinement",
+    "SearchGrid": "apecli.methods.grid",
+    "Task": "apecli.methods.base",
+    "channel_criterion": "apecli.methods.criterion",
+    "class_report": "apecli.classes",
+    "default_grid": "apecli.evaluate",
+    "evaluate_artifact": "apecli.evaluate",
+    "evaluate_method": "apecli.evaluate",
+    "evaluate_training_free": "apecli.evaluate",
+    "evaluate_training_required": "apecli.evaluate",
+    "evaluate_zero_shot": "apecli.evaluate",
+    "export_npz": "apecli.importers",
+    "fit": "apecli.fitting",
+    "import_npz": "apecli.importers",
+    "import_tip_adapter": "apecli.importers",
+    "load_classifier": "apecli.predict",
+    "load_features": "apecli.kinds.features",
+    "load_fit": "apecli.kinds.adapter",
+    "save_evaluation": "apecli.kinds.evaluation",
+    "save_features": "apecli.kinds.features",
+    "save_fit": "apecli.kinds.adapter",
+    "select_channels": "apecli.refine",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'apecli' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # found once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from apecli import store
-from apecli.baselines import PROKER_FORMULA
-from apecli.errors import ApecliError
-from apecli.evaluate import MODES, Evaluation, evaluate_artifact
-from apecli.features import TEST_SET_HINT
+from apecli.devices import resolve
+from apecli.errors import ApecliError, InputError, Setting
+from apecli.evaluate import scored
 from apecli.files import replacing
+from apecli.kinds.evaluation import Evaluation
+from apecli.kinds.features import KIND as FEATURES
+from apecli.kinds.features import TEST_SET_HINT, FeaturesHeader, load_features
+from apecli.methods import registry
+from apecli.methods.base import Options
 
 COLUMNS = ("dataset", "model", "shots", "mode", "val_shots", "val_accuracy", "test_accuracy", "test_class_accuracy",
            "zero_shot_accuracy", "alpha", "beta", "gamma", "lambda", "k", "k_tried", "best_epoch", "seconds", "device",
@@ -37,38 +41,27 @@ def find_features(paths: Iterable[Path]) -> list[store.Artifact]:
     for path in paths:
         path = Path(path)
         if not path.exists():
-            raise ApecliError(f"{path}: no such file or folder")
-        candidates = sorted(path.rglob("*.h5")) if path.is_dir() else [path]
+            raise InputError(path, "no such file or folder")
         if path.is_dir():
-            for candidate in candidates:
-                if not candidate.name.startswith("."):
-                    try:
-                        artifact = store.open_artifact(candidate, ["features"])
-                    except ApecliError:
-                        continue
-                    if not artifact.metadata.get("shots"):
-                        continue  # a test set only (ImageNet-V2, …): nothing to adapt on
-                    found.setdefault(artifact.content_id, artifact)
+            for _, opened in store.scan(path):
+                if isinstance(opened, store.Artifact) and opened.kind == FEATURES and FeaturesHeader.of(opened).shots:
+                    found.setdefault(opened.content_id, opened)  # (a test set only, ImageNet-V2, …: nothing to adapt on)
         else:
-            artifact = store.open_artifact(path, ["features"])
+            artifact = store.open_artifact(path, [FEATURES])
             found.setdefault(artifact.content_id, artifact)
     if not found:
         raise ApecliError(f"no features artifact in {', '.join(str(p) for p in paths)}")
-    return sorted(found.values(), key=lambda a: (a.metadata.get("dataset") or "", str(a.path)))
+    return sorted(found.values(), key=lambda a: (FeaturesHeader.of(a).dataset or "", str(a.path)))
 
 
 def common_shots(artifacts: Sequence[store.Artifact]) -> tuple[int, ...]:
     """The shot counts that every one of the feature sets holds."""
-    held = [set(artifact.metadata.get("shots") or ()) for artifact in artifacts]
+    held = [set(FeaturesHeader.of(artifact).shots) for artifact in artifacts]
     common = set.intersection(*held) if held else set()
     if not common:
-        raise ApecliError("the feature sets hold no shot count in common: bench them in separate runs, or give --shots")
+        raise ApecliError(f"the feature sets hold no shot count in common: bench them in separate runs, or give "
+                          f"{Setting('shots')}", Setting("shots"))
     return tuple(sorted(common))
-
-
-def _model_name(artifact: store.Artifact) -> str:
-    model = artifact.metadata.get("model", {})
-    return str(model.get("name") or model.get("model") or "unknown")
 
 
 def read_results(out: Path) -> list[dict[str, Any]]:
@@ -98,9 +91,10 @@ def write_results(out: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def _row(artifact: store.Artifact, shots: int, mode: str, evaluation: Evaluation, seconds: float) -> dict[str, Any]:
     summary = evaluation.summary()
+    header = FeaturesHeader.of(artifact)
     return {
-        "dataset": artifact.metadata.get("dataset") or artifact.path.parent.name,
-        "model": _model_name(artifact),
+        "dataset": header.dataset or artifact.path.parent.name,
+        "model": header.encoder.display_name,
         "shots": shots,
         "mode": mode,
         "val_shots": summary.get("val_shots"),  # validation images per class it chose on (None: the whole split)
@@ -126,37 +120,39 @@ def run_bench(
     ks: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every cell not yet in ``out``'s results, searching and training on ``device`` (the CPU by
-    default), choosing on ``val_shots`` validation images per class (None: the whole split), and APE's
-    k among ``ks`` (None: the dataset's k); return all results."""
-    unknown = [mode for mode in modes if mode not in MODES]
-    if unknown:
-        raise ApecliError(f"unknown mode '{unknown[0]}'; choose among {', '.join(MODES)}")
+    default), choosing on ``val_shots`` validation images per class (None: the whole split), and the k of
+    the methods that choose one among ``ks`` (None: the dataset's k); return all results."""
+    methods = [registry.get(mode) for mode in modes]
+    on = resolve(device, any(method.float64 for method in methods))
     ks = tuple(sorted(set(ks))) if ks else None  # in increasing order: of equally good k, the smaller wins
     for artifact in artifacts:
-        held = artifact.metadata.get("shots", [])
-        if not held:
-            raise ApecliError(f"{artifact.path}: holds no few-shot cache{TEST_SET_HINT}")
-        missing = sorted(set(shots) - set(held))
+        header = FeaturesHeader.of(artifact)
+        if not header.shots:
+            raise InputError(artifact.path, f"holds no few-shot cache{TEST_SET_HINT}")
+        missing = sorted(set(shots) - set(header.shots))
         if missing:
-            raise ApecliError(f"{artifact.path}: has no {missing[0]}-shot cache (it holds {', '.join(map(str, held))} shots)")
-        dim = artifact.metadata.get("dim")
-        if ks and "training-free" in modes and dim is not None and max(ks) > dim:
-            raise ApecliError(f"{artifact.path}: has {dim} channels, fewer than k = {max(ks)}")
+            raise InputError(artifact.path, f"has no {missing[0]}-shot cache (it holds "
+                                            f"{', '.join(map(str, header.shots))} shots)")
+        if ks and any(method.chooses_k for method in methods) and header.dim and max(ks) > header.dim:
+            raise InputError(artifact.path, f"has {header.dim} channels, fewer than k = {max(ks)}")
     if Path(out).exists() and not Path(out).is_dir():
-        raise ApecliError(f"{out}: is a file; the results go to a folder")
+        raise InputError(out, "is a file; the results go to a folder")
     rows = read_results(out)
     done = {_cell(row): row for row in rows if _current(row)}
     for artifact in artifacts:
+        features = None
         for count in shots:
-            for mode in modes:
-                cell = (artifact.content_id, count, mode, val_shots, k_choice(ks) if mode == "training-free" else None)
+            for method in methods:
+                chosen_k = ks if method.chooses_k else None
+                cell = (artifact.content_id, count, method.name, val_shots, k_choice(chosen_k))
                 if cell in done:
                     if progress is not None:
                         progress(done[cell], True)
                     continue
                 start = time.perf_counter()
-                evaluation = _evaluate(artifact, mode, count, device, val_shots, ks)
-                row = _row(artifact, count, mode, evaluation, time.perf_counter() - start)
+                features = features or load_features(artifact)
+                evaluation = scored(method.create(Options(ks=chosen_k)), features, count, val_shots, on)
+                row = _row(artifact, count, method.name, evaluation, time.perf_counter() - start)
                 rows = [kept for kept in rows if _cell(kept) != _cell(row)] + [row]  # replaces an outdated cell
                 write_results(out, rows)
                 if progress is not None:
@@ -174,23 +170,10 @@ def k_choice(ks: Sequence[int] | None) -> str | None:
 
 
 def _current(row: dict[str, Any]) -> bool:
-    """Whether a stored cell was computed as this apecli computes its mode: ProKeR's regression changed
-    once, and its cells say which one they used."""
-    return row["mode"] != "proker" or row.get("formula") == PROKER_FORMULA
-
-
-def _evaluate(artifact: store.Artifact, mode: str, shots: int, device: str | None, val_shots: int | None,
-              ks: Sequence[int] | None) -> Evaluation:
-    if mode != "training-required":
-        return evaluate_artifact(artifact, mode, shots, device=device, val_shots=val_shots,
-                                 ks=ks if mode == "training-free" else None)
-    from apecli.evaluate import evaluate_training_required, recorded
-    from apecli.features import load_features
-    from apecli.training_required import FitSettings, fit
-
-    features = load_features(artifact)
-    fitted = fit(features, FitSettings(shots=shots, val_shots=val_shots), device=device)
-    return recorded(evaluate_training_required(features.with_validation_shots(val_shots), fitted, device=device), val_shots)
+    """Whether a stored cell was computed as this apecli computes its mode (a method says which of its
+    results are outdated; a cell of a method not installed now is kept as it is)."""
+    method = registry.methods().get(row["mode"])
+    return method is None or method.outdated(row) is None
 
 
 def _panel(row: dict[str, Any]) -> str:
@@ -257,7 +240,7 @@ def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], path: Path) -> Pa
                 points = {count: cells[panel, count, mode][0] for count in shot_counts if (panel, count, mode) in cells}
             xs = [count for count in shot_counts if points.get(count) is not None]
             if xs:
-                line, = axis.plot(xs, [points[x] for x in xs], marker="o", label=mode)
+                line, = axis.plot(xs, [points[x] for x in xs], marker="o", label=registry.label(mode))
                 spread = [(x, cells[panel, x, mode][2]) for x in xs if panel != "Average" and cells[panel, x, mode][2]]
                 if spread:  # the seeds' standard deviation, where a dataset has several feature sets
                     axis.errorbar([x for x, _ in spread], [points[x] for x, _ in spread], yerr=[d for _, d in spread],

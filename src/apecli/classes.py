@@ -10,12 +10,15 @@ extracted stores) image paths. Nothing is encoded or searched again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from apecli import store
-from apecli.errors import ApecliError
+from apecli.errors import ApecliError, InputError, Step
+from apecli.kinds.evaluation import KIND as EVALUATION
+from apecli.kinds.evaluation import EvaluationRecord
+from apecli.kinds.transfer import KIND as TRANSFER
+from apecli.kinds.transfer import TransferRecord
 
 
 @dataclass(frozen=True)
@@ -111,57 +114,34 @@ def per_class(
 
 
 def class_report(artifact: store.Artifact, target: str | None = None) -> ClassReport:
-    """The per-class test results of an evaluation artifact (from ``apecli eval``), or of one target of
-    a transfer artifact (from ``apecli transfer``): ``target`` names it by dataset or features path, and
-    may be left out where there is one target."""
+    """The per-class test results of an evaluation artifact (from :func:`~apecli.evaluate.evaluate_artifact`),
+    or of one target of a transfer artifact (from :func:`~apecli.transfer.transfer`): ``target`` names it by
+    dataset or features path, and may be left out where there is one target."""
     from apecli.evaluate import zero_shot_predictions
-    from apecli.features import load_features
-    from apecli.predict import features_of
 
-    meta = artifact.metadata
-    if artifact.kind == "transfer":
-        index = _target_index(artifact, target)
-        features = load_features(artifact.parent("features", index), with_views=False)
-        predictions = artifact.read(f"predictions/{index}")
-    elif artifact.kind == "evaluation":
+    if artifact.kind == TRANSFER:
+        record = TransferRecord.read(artifact)
+        index = record.target_index(target)
+        features, predictions = record.target_features(index), record.predictions(index)
+        mode, shots, dataset, chosen_on = record.mode, record.shots, features.dataset, record.dataset or "its source"
+    elif artifact.kind == EVALUATION:
         if target is not None:
-            raise ApecliError(f"{artifact.path}: is an evaluation, of its own test split; a target is chosen "
-                              "among a transfer artifact's")
-        if "test/predictions" not in artifact:
-            raise ApecliError(f"{artifact.path}: holds no test predictions (an evaluation by an earlier apecli); evaluate again")
-        features = features_of(artifact)
-        predictions = artifact.read("test/predictions")
+            raise InputError(artifact.path, "is an evaluation, of its own test split; a target is chosen among a "
+                                            "transfer artifact's")
+        evaluation = EvaluationRecord.read(artifact)
+        predictions = evaluation.test_predictions()
+        features = evaluation.features()
+        mode, shots, dataset, chosen_on = evaluation.mode, evaluation.shots, evaluation.dataset, None
     else:
-        raise ApecliError(f"{artifact.path}: is an artifact of kind '{artifact.kind}'; expected an evaluation "
-                          "(from apecli eval) or a transfer (from apecli transfer)")
+        raise InputError(artifact.path, f"is an artifact of kind '{artifact.kind}'; expected an evaluation (from "
+                                        f"{Step('evaluate_artifact')}) or a transfer (from {Step('transfer')})")
     test = features.split("test")
     if predictions.shape != test.labels.shape:
-        raise ApecliError(f"{artifact.path}: holds {predictions.shape[0]} test predictions, but its features "
-                          f"hold {test.labels.shape[0]} test images")
+        raise InputError(artifact.path, f"holds {predictions.shape[0]} test predictions, but its features hold "
+                                        f"{test.labels.shape[0]} test images")
     results = per_class(test.labels, predictions, zero_shot_predictions(features, "test"), features.class_names)
     wrong = np.flatnonzero(predictions != test.labels)
     misclassified = () if test.paths is None else tuple(
         (str(test.paths[i]), int(test.labels[i]), int(predictions[i])) for i in wrong)
-    transferred = artifact.kind == "transfer"  # reported under the target's name, chosen on the source
-    return ClassReport(meta.get("mode"), features.dataset if transferred else meta.get("dataset"), meta.get("shots"),
-                       tuple(features.class_names), tuple(results), misclassified,
-                       chosen_on=(meta.get("dataset") or "its source") if transferred else None)
-
-
-def _target_index(transfer: store.Artifact, target: str | None) -> int:
-    """Which of a transfer's targets ``target`` names: its dataset, or its features artifact's path or
-    file name."""
-    targets = transfer.metadata.get("targets", [])
-    names = [entry.get("dataset") or Path(entry.get("artifact", "")).name for entry in targets]
-    if target is None:
-        if len(targets) == 1:
-            return 0
-        raise ApecliError(f"{transfer.path}: holds {len(targets)} targets ({', '.join(names)}); name one (--target)")
-    given = str(Path(target).resolve())
-    matches = [index for index, entry in enumerate(targets)
-               if target in (entry.get("dataset"), Path(entry.get("artifact", "")).name) or given == entry.get("artifact")]
-    if not matches:
-        raise ApecliError(f"{transfer.path}: has no target '{target}' (it has {', '.join(names)})")
-    if len(matches) > 1:
-        raise ApecliError(f"{transfer.path}: {len(matches)} targets are '{target}'; name one by its features path")
-    return matches[0]
+    return ClassReport(mode, dataset, shots, tuple(features.class_names), tuple(results), misclassified,
+                       chosen_on=chosen_on)

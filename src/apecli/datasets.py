@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from apecli.errors import ApecliError
-from apecli.store import file_sha256
+from apecli.errors import ApecliError, Setting, SettingError, Step
+from apecli.files import file_sha256
 from apecli.presets import canonical_name
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -135,7 +135,8 @@ def read_coop(name: str, root: str | Path) -> ImageDataset:
         return read_shifted_imagenet(canonical, root)
     if canonical not in LAYOUTS:
         known = ", ".join(sorted([*LAYOUTS, *SHIFT_LAYOUTS]))
-        raise ApecliError(f"unknown dataset '{name}'; known: {known} (or use --images DIR)")
+        raise SettingError("dataset", name, f"unknown dataset '{name}'; known: {known} (or use "
+                                            f"{Step('read_image_folder')})")
     layout = LAYOUTS[canonical]
     folder = _dataset_folder(Path(root), canonical, layout)
     if canonical == "fgvc":
@@ -342,7 +343,8 @@ def read_prompts(path: str | Path, class_names: tuple[str, ...], allow_missing: 
         sentences = data.get(name, normalised.get(_key(name)))
         if sentences is None:
             if not allow_missing:
-                raise ApecliError(f"{path}: no prompts for class '{name}' (pass --allow-missing-prompts to use templates alone)")
+                raise ApecliError(f"{path}: no prompts for class '{name}' (pass {Setting('allow_missing', True)} to use "
+                                  "templates alone)", Setting("allow_missing", True), path=path)
             continue
         if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
             raise ApecliError(f"{path}: prompts of '{name}' are not a list of strings")

@@ -1,20 +1,22 @@
-"""Which torch device a stage runs on: a name checked once, with one clear line when it cannot be used.
+"""Which torch device a step runs on: a name checked once, with one clear error when it cannot be used.
 
 The encoder, the search and the training take the same names: ``auto`` (CUDA when present), ``cpu``,
-``cuda`` or ``cuda:N``, and ``mps`` on Apple's GPUs where torch has it (not for the search, which counts
-in float64, which ``mps`` lacks).
+``cuda`` or ``cuda:N``, and ``mps`` on Apple's GPUs where torch has it (not for the searches, which
+count in float64, which ``mps`` lacks). A command resolves its device once (:func:`resolve`) and hands
+the resolved name on.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from apecli.errors import ApecliError
+from apecli.errors import Setting, SettingError
 
 if TYPE_CHECKING:
     import torch
 
 NAMES = "auto, cpu, cuda, cuda:N or mps"
+ON_CPU = Setting("device", "cpu")
 
 
 def torch_device(name: str, float64: bool = False) -> "torch.device":
@@ -27,23 +29,43 @@ def torch_device(name: str, float64: bool = False) -> "torch.device":
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ApecliError(f"unknown device '{name}'; use {NAMES}") from None
+        raise SettingError("device", name, f"unknown device '{name}'; use {NAMES}") from None
     if device.type == "cpu":
         return device
     if device.type == "mps":
         if float64:
-            raise ApecliError(f"device '{name}' has no float64, in which this step computes; use --device cpu or cuda")
+            raise SettingError("device", name, f"device '{name}' has no float64, in which this step computes; use "
+                                               f"{ON_CPU} or cuda", ON_CPU)
         if not torch.backends.mps.is_available():
-            raise ApecliError(f"device '{name}': torch has no usable Apple GPU here; use --device cpu")
+            raise SettingError("device", name, f"device '{name}': torch has no usable Apple GPU here; use {ON_CPU}",
+                               ON_CPU)
         return device
     if device.type != "cuda":
-        raise ApecliError(f"device '{name}' is not supported; use {NAMES}")
+        raise SettingError("device", name, f"device '{name}' is not supported; use {NAMES}")
     if not torch.cuda.is_available():
         built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
-        raise ApecliError(f"device '{name}': no CUDA GPU is usable here (torch {torch.__version__}, built with "
-                          f"{built}); use --device cpu")
+        raise SettingError("device", name, f"device '{name}': no CUDA GPU is usable here (torch {torch.__version__}, "
+                                           f"built with {built}); use {ON_CPU}", ON_CPU)
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
-        raise ApecliError(f"device '{name}': this machine has {count} CUDA GPU{'s' if count != 1 else ''} "
-                          f"(cuda:0 to cuda:{count - 1})")
+        raise SettingError("device", name, f"device '{name}': this machine has {count} CUDA GPU"
+                                           f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
     return device
+
+
+def resolve(name: str | None, float64: bool = False) -> str:
+    """The device a step runs on, as torch names it (``cpu``, ``cuda``, ``cuda:1``), checked once: the CPU
+    for None, without importing torch."""
+    if name in (None, "cpu"):
+        return "cpu"
+    return str(torch_device(name, float64))
+
+
+def as_device(device: "torch.device | str | None", float64: bool = False) -> "torch.device":
+    """``device`` when it is a ``torch.device`` already (resolved once, by the caller); the CPU for None; a
+    name checked by :func:`torch_device`."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    return torch_device("cpu" if device is None else str(device), float64)

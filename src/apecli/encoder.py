@@ -24,8 +24,8 @@ import numpy as np
 
 from apecli.archives import is_openai_archive
 from apecli.devices import torch_device
-from apecli.errors import ApecliError
-from apecli.store import file_sha256
+from apecli.errors import ApecliError, Placeholder, Setting, SettingError, Step, first_line
+from apecli.files import file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -88,9 +88,10 @@ def _hub_files(repo: str) -> tuple[Path, Path]:
                 failures.append(failure)
         raise failures[-1]
     except Exception as error:  # noqa: BLE001 - the hub's many ways of saying no
-        reason = str(error).split("\n")[0][:160] or type(error).__name__
+        reason = first_line(error, 160)
+        local = Setting("model", Placeholder("local-dir:DIR"))
         raise ApecliError(f"cannot get hf-hub:{repo} (offline?): download the repository where there is a network "
-                          f"(hf download {repo} --local-dir DIR), then pass --model local-dir:DIR ({reason})") from None
+                          f"(hf download {repo} --local-dir DIR), then pass {local} ({reason})", local) from None
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ class Graphs:
                 try:
                     replay = self.replays[shape] = self.capture(shape)
                 except Exception as failure:  # noqa: BLE001 - an operation CUDA graphs cannot hold: stay eager
-                    self.failure = str(failure).splitlines()[0][:200] if str(failure) else type(failure).__name__
+                    self.failure = first_line(failure, 200)
                     logging.getLogger("apecli").warning(f"encoding without CUDA graphs: capture failed ({self.failure})")
         return self.run(batch) if replay is None else replay(batch)
 
@@ -386,7 +387,8 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
         open_clip.add_model_config(config_path)
         name = config_path.stem
     if name not in open_clip.list_models():
-        raise ApecliError(f"unknown model '{spec.model}': give an open_clip model name (see apecli models) "
+        raise SettingError("model", spec.model, f"unknown model '{spec.model}': give an open_clip model name (see "
+                           f"{Step('known_models')}) "
                           "or the path of a model-config JSON")
     weights = spec.pretrained or "none"
     pretrained = None if weights.lower() in NO_WEIGHTS else str(Path(weights).expanduser()) \
@@ -411,11 +413,11 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
     except ApecliError:
         raise
     except Exception as error:  # downloads and checkpoint loading raise many types
-        reason = str(error).split("\n")[0][:200]
+        reason = first_line(error, 200)
         if pretrained is not None and not Path(pretrained).is_file():
-            raise ApecliError(
-                f"cannot get pretrained weights '{pretrained}' for {name} (offline?): download them where there "
-                f"is a network, then pass --pretrained /path/to/checkpoint ({reason})") from None
+            local = Setting("pretrained", Placeholder("/path/to/checkpoint"))
+            raise ApecliError(f"cannot get pretrained weights '{pretrained}' for {name} (offline?): download them where "
+                              f"there is a network, then pass {local} ({reason})", local) from None
         raise ApecliError(f"cannot build {name} with weights {weights}: {reason}") from None
     model.eval()
     return Encoder(spec, model, eval_transform, open_clip.get_tokenizer(name), name)
@@ -431,7 +433,7 @@ def _load_with_files(spec: EncoderSpec) -> Encoder:
                 spec.model, precision=spec.resolved_precision(), device=spec.resolved_device())
             tokenizer = open_clip.get_tokenizer(spec.model)
     except Exception as error:  # noqa: BLE001 - a damaged config or checkpoint
-        raise ApecliError(f"cannot build {spec.model}: {str(error).splitlines()[0][:200]}") from None
+        raise ApecliError(f"cannot build {spec.model}: {first_line(error, 200)}") from None
     model.eval()
     return Encoder(spec, model, eval_transform, tokenizer, spec.model)
 

@@ -34,18 +34,29 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from apecli import store
+from apecli.checks import check_seed
 from apecli.datasets import ImageDataset
 from apecli.distributed import Ranks, agree, barrier, owns
 from apecli.encoder import Encoder, EncoderSpec, load_encoder
-from apecli.errors import ApecliError, check_seed
-from apecli.features import FeatureSet, FewShotCache, LabelledFeatures, load_features, save_features
+from apecli.errors import ApecliError, InputError, Setting, SettingError, Step
 from apecli.files import replacing
-from apecli.images import Batch, decoded_batches, device_decoder, pil_batches, readable, split_transform
+from apecli.images.gpu import decoded_batches, device_decoder
+from apecli.images.loading import Batch, pil_batches, readable, split_transform
+from apecli.kinds.features import (
+    KIND,
+    FeatureSet,
+    FeaturesHeader,
+    FewShotCache,
+    LabelledFeatures,
+    load_features,
+    save_features,
+)
 
 SplitProgress = Callable[[str, int, int], None]  # split, images done, images in the split
 
 
 PROTOCOL_SHOTS = (1, 2, 4, 8, 16)
+SKIP_BAD = Setting("skip_bad", True)
 
 
 def cores() -> int:
@@ -178,11 +189,11 @@ def plan(dataset: ImageDataset, settings: ExtractSettings) -> Plan:
             elif settings.skip_bad:
                 skipped.append({"split": "train", "path": str(path), "error": reason})
             else:
-                raise ApecliError(f"{path}: unreadable image ({reason}); pass --skip-bad to record and skip it")
+                raise InputError(path, f"unreadable image ({reason}); pass {SKIP_BAD} to record and skip it", SKIP_BAD)
         if len(chosen) < most:
-            raise ApecliError(f"class '{name}' has {len(chosen)} usable training images, fewer than {most} shots: "
-                              f"give --shots with counts up to {len(chosen)}" if chosen else
-                              f"class '{name}' has no usable training images")
+            raise SettingError("shots", settings.shots, f"class '{name}' has {len(chosen)} usable training images, fewer "
+                               f"than {most} shots: give {Setting('shots')} with counts up to {len(chosen)}" if chosen else
+                               f"class '{name}' has no usable training images")
         train += chosen
         labels += [label] * most
     first = {k: [c * most + i for c in range(len(dataset.class_names)) for i in range(k)] for k in settings.shots}
@@ -219,6 +230,52 @@ def _chunk_files(work: Path, name: str, count: int, settings: ExtractSettings) -
     return [work / f"{name}-{number:05d}.npz" for number in range(len(_chunks(count, settings)))]
 
 
+def encode_batches(encoder: Encoder, paths: Sequence[Path], batches: Sequence[Sequence[int]], views: int,
+                   settings: ExtractSettings, finish: Callable[[Batch, dict[int, np.ndarray]], None]) -> None:
+    """Decode and encode the images of ``batches`` (lists of indices into ``paths``), handing each batch
+    with its features by image index to ``finish``: one batch encodes on the device while the next is read
+    and decoded. ``views`` > 0 encodes that many augmented views of each image, 0 the evaluation transform
+    alone. An unreadable image is refused unless ``settings.skip_bad`` (then its features are missing).
+    A batch being encoded when the loop ends, also by an error or an interruption, is finished too."""
+    pixels = split_transform(encoder.train_transform if views else encoder.eval_transform)
+    if settings.decode == "gpu" and views == 0:  # files are read by threads: decoding is the GPU's
+        loader = decoded_batches(paths, batches, settings.read_threads, encoder, pixels, upright=settings.exif_orientation)
+    else:
+        loader = pil_batches(paths, batches, pixels.on_image, views, settings.seed, settings.workers, encoder.device,
+                             upright=settings.exif_orientation)
+
+    def start(batch: Batch) -> Callable[[], dict[int, np.ndarray]]:
+        """Queue a batch on the encoder; the returned function gives its features by image index."""
+        for index, error in zip(batch.indices, batch.errors):
+            if error is not None and not settings.skip_bad:
+                raise InputError(paths[index], f"unreadable image ({error}); pass {SKIP_BAD} to record and skip it",
+                                 SKIP_BAD)
+        indices = batch.readable
+        if not indices:
+            return lambda: {}
+        images = pixels.model_input(batch.images.reshape(-1, *batch.images.shape[-3:]), encoder.device)
+        result = encoder.start_encoding(images)
+        return lambda: dict(zip(indices, result().reshape(len(indices), *((views,) if views else ()), -1)))
+
+    in_flight = None
+    try:
+        for batch in loader:
+            started = (batch, start(batch))
+            previous, in_flight = in_flight, started
+            if previous is not None:
+                finish(previous[0], previous[1]())
+    finally:  # also when interrupted: what was encoded is kept
+        loader.close()  # its loader processes or reading threads end here, also on an error
+        if in_flight is not None:
+            finish(in_flight[0], in_flight[1]())
+
+
+def _batches(indices: Sequence[Sequence[int]], views: int, settings: ExtractSettings) -> list[list[int]]:
+    """Groups of indices cut into the encoder's batches (a batch holds ``batch_size`` tensors)."""
+    per_batch = max(1, settings.batch_size // max(views, 1))
+    return [list(group[i : i + per_batch]) for group in indices for i in range(0, len(group), per_batch)]
+
+
 def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int, work: Path,
                   settings: ExtractSettings, progress: SplitProgress | None, ranks: Ranks = Ranks()) -> None:
     """Encode the chunks of one split that are not saved yet and that this process owns, saving each.
@@ -226,13 +283,10 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
     ``views`` > 0 encodes that many augmented views of each image, 0 the evaluation transform alone.
     Progress counts the saved chunks of every process, so rank 0 shows the aggregate.
     """
-    pixels = split_transform(encoder.train_transform if views else encoder.eval_transform)
     Path(work).mkdir(parents=True, exist_ok=True)
     chunks = _chunks(len(paths), settings)
     files = _chunk_files(work, name, len(paths), settings)
     pending = [n for n, file in enumerate(files) if not file.is_file() and owns(n, ranks.rank, ranks.world)]
-    per_batch = max(1, settings.batch_size // max(views, 1))
-    batches = [list(chunks[n][i : i + per_batch]) for n in pending for i in range(0, len(chunks[n]), per_batch)]
 
     def report(in_memory: int) -> None:
         if progress is not None:
@@ -240,24 +294,7 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
             progress(name, min(len(paths), saved + in_memory), len(paths))
 
     report(0)
-    if settings.decode == "gpu" and views == 0:  # files are read by threads: decoding is the GPU's
-        loader = decoded_batches(paths, batches, settings.read_threads, encoder, pixels, upright=settings.exif_orientation)
-    else:
-        loader = pil_batches(paths, batches, pixels.on_image, views, settings.seed, settings.workers, encoder.device,
-                             upright=settings.exif_orientation)
     buffers: dict[int, dict[int, tuple[np.ndarray | None, str]]] = {}
-
-    def start(batch: Batch) -> Callable[[], dict[int, np.ndarray]]:
-        """Queue a batch on the encoder; the returned function gives its features by image index."""
-        for index, error in zip(batch.indices, batch.errors):
-            if error is not None and not settings.skip_bad:
-                raise ApecliError(f"{paths[index]}: unreadable image ({error}); pass --skip-bad to record and skip it")
-        indices = batch.readable
-        if not indices:
-            return lambda: {}
-        images = pixels.model_input(batch.images.reshape(-1, *batch.images.shape[-3:]), encoder.device)
-        result = encoder.start_encoding(images)
-        return lambda: dict(zip(indices, result().reshape(len(indices), *((views,) if views else ()), -1)))
 
     def finish(batch: Batch, features: dict[int, np.ndarray]) -> None:
         for index, error in zip(batch.indices, batch.errors):
@@ -267,22 +304,37 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
                 _save_chunk(files[number], chunks[number], buffers.pop(number))
         report(sum(len(buffer) for buffer in buffers.values()))
 
-    in_flight = None  # one batch encodes on the device while the next is read and decoded
-    try:
-        for batch in loader:
-            started = (batch, start(batch))
-            previous, in_flight = in_flight, started
-            if previous is not None:
-                finish(previous[0], previous[1]())
-    finally:  # also when interrupted: what was encoded is saved
-        loader.close()  # its loader processes or reading threads end here, also on an error
-        if in_flight is not None:
-            finish(in_flight[0], in_flight[1]())
+    encode_batches(encoder, paths, _batches([chunks[n] for n in pending], views, settings), views, settings, finish)
+
+
+def encode_images(encoder: Encoder, paths: Sequence[Path], settings: ExtractSettings,
+                  progress: SplitProgress | None = None,
+                  name: str = "images") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Encode images in memory with the evaluation transform (a handful, say, to classify): features
+    (N × D, not normalised; NaN rows for unreadable images), a readable mask, and each image's error."""
+    features: dict[int, np.ndarray] = {}
+    errors = [""] * len(paths)
+
+    def finish(batch: Batch, encoded: dict[int, np.ndarray]) -> None:
+        features.update(encoded)
+        for index, error in zip(batch.indices, batch.errors):
+            errors[index] = error or ""
+        if progress is not None:
+            progress(name, len(features) + sum(map(bool, errors)), len(paths))
+
+    if progress is not None:
+        progress(name, 0, len(paths))
+    encode_batches(encoder, paths, _batches([range(len(paths))], 0, settings), 0, settings, finish)
+    width = next((len(row) for row in features.values()), 0)
+    stacked = np.stack([features.get(i, np.full(width, np.nan, np.float32)) for i in range(len(paths))]) \
+        if paths else np.zeros((0, width), np.float32)
+    return stacked, np.array([not error for error in errors], dtype=bool), errors
 
 
 def encode_split(encoder: Encoder, name: str, paths: Sequence[Path], views: int, work: Path,
                  settings: ExtractSettings, progress: SplitProgress | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Encode one split in this process: features (N × [V ×] D, not normalised), a readable mask, errors."""
+    """Encode one split in this process through saved chunks in ``work``: features (N × [V ×] D, not
+    normalised), a readable mask, errors."""
     encode_chunks(encoder, name, paths, views, work, settings, progress)
     return _load_chunks(_chunk_files(work, name, len(paths), settings))
 
@@ -326,7 +378,7 @@ def _assemble(chosen: Plan, work: Path, settings: ExtractSettings, shared: Featu
     (a feature set of the same evaluation request), with the images it skipped there."""
     train = _load_chunks(_chunk_files(work, "train", len(chosen.train), settings))[0] if chosen.train else None
     if shared is not None:
-        chosen.skipped.extend(entry for entry in shared.provenance.get("skipped", []) if entry["split"] in chosen.evaluation)
+        chosen.skipped.extend(entry for entry in shared.skipped if entry["split"] in chosen.evaluation)
         return train, {split: shared.split(split) for split in chosen.evaluation}
     evaluated: dict[str, LabelledFeatures] = {}
     for split, entries in chosen.evaluation.items():
@@ -362,16 +414,12 @@ def software_versions() -> dict[str, str]:
 
 
 def find_extracted(store_dir: Path, dataset: str, request: str, key: str = "request_id") -> store.Artifact | None:
-    """The features artifact an identical request already wrote, if any (``key``: which of its
-    provenance's request hashes to compare, ``request_id`` or ``evaluation_request_id``)."""
-    folder = Path(store_dir) / dataset
-    for candidate in sorted(folder.glob("features-*.h5")) if folder.is_dir() else []:
-        try:
-            artifact = store.open_artifact(candidate, ["features"])
-        except ApecliError:
-            continue
-        if artifact.metadata.get("provenance", {}).get(key) == request:
-            return artifact
+    """The features artifact an identical request already wrote, if any (``key``: which of its request
+    hashes to compare, ``request_id`` or ``evaluation_request_id``: see :class:`FeaturesHeader`)."""
+    for path, opened in store.scan(Path(store_dir) / dataset):
+        if isinstance(opened, store.Artifact) and opened.kind == KIND and path.name.startswith("features-") \
+                and getattr(FeaturesHeader.of(opened), key) == request:
+            return opened
     return None
 
 
@@ -405,12 +453,12 @@ def extract(
     chosen = plan(dataset, settings)
     encoder = load_encoder(spec)
     if shared is not None:  # its validation and test images were decoded by its decoder
-        decoder = shared.metadata.get("provenance", {}).get("jpeg_decoder")
+        decoder = FeaturesHeader.of(shared).jpeg_decoder
     else:  # refused here, before any work, where the device path cannot serve this encoder
         decoder = device_decoder(encoder).name if settings.decode == "gpu" else None
     work.mkdir(parents=True, exist_ok=True)
     # two runs of one request would encode the same chunks, and the first to end would remove the folder
-    with store.exclusive(work / f".lock-{ranks.rank}", f"another apecli extract is running this request in "
+    with store.exclusive(work / f".lock-{ranks.rank}", f"another {Step('extract')} is running this request in "
                          f"{work}; when it ends, run this again to reuse its features"):
         say(f"extracting into {work} (an interrupted run resumes from there)")
         if shared is not None:
@@ -451,7 +499,7 @@ def _save_extracted(dataset: ImageDataset, encoder: Encoder, chosen: Plan, work:
     }
     if shared is not None:  # which feature set, and what computed them: the software may have changed since
         provenance["evaluation_features_from"] = {"content_id": shared.artifact.content_id,
-                                                  "software": shared.provenance.get("software", {})}
+                                                  "software": dict(shared.software)}
     features = FeatureSet(dataset.class_names, encoder.text_classifier(dataset.class_names, dataset.templates, prompts),
                           caches, evaluated, dataset.name, encoder.describe(), provenance)
     saved = save_features(features, store.in_store(store_dir, dataset.name, "features"))

@@ -1,14 +1,18 @@
-"""Whole-file writes: a file is written beside its destination under a temporary name, then put in its
-place by one ``os.replace``, so that a reader (or a killed run) never sees half of it."""
+"""Files written whole and files read whole.
+
+A file is written beside its destination under a temporary name, then put in its place by one
+``os.replace``, so that a reader (or a killed run) never sees half of it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterator
 
-from apecli.errors import ApecliError
+from apecli.errors import InputError, first_line
 
 
 @contextlib.contextmanager
@@ -19,7 +23,7 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     names ``path``, not the temporary file."""
     path = Path(path)
     if path.is_dir():
-        raise ApecliError(f"{path}: is a folder; give the path of a file to write")
+        raise InputError(path, "is a folder; give the path of a file to write")
     temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         yield temporary
@@ -27,6 +31,14 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException as error:
         temporary.unlink(missing_ok=True)
         if isinstance(error, OSError):
-            reason = error.strerror or str(error).split("\n")[0] or type(error).__name__
-            raise OSError(error.errno, reason, str(path)) from None
+            raise OSError(error.errno, error.strerror or first_line(error), str(path)) from None
         raise
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -20,18 +20,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from apecli.errors import ApecliError
-from apecli.features import FeatureSet, FewShotCache, LabelledFeatures
-from apecli.files import replacing
+from apecli.errors import ApecliError, InputError, Placeholder, Setting, Step, first_line
+from apecli.files import file_sha256, replacing
+from apecli.kinds.features import PLACEHOLDERS, FeatureSet, FewShotCache, LabelledFeatures
 from apecli.presets import canonical_name
-from apecli.store import file_sha256
 
 if TYPE_CHECKING:
     from apecli.encoder import EncoderSpec
 
 CUPL_TEXT_WEIGHTS = "text_weights_cupl_t.pt"
 NPZ_REQUIRED = ("text_weights", "cache_keys", "cache_labels", "val_features", "val_labels", "test_features", "test_labels")
-PLACEHOLDERS = "placeholders"  # provenance["class_names"] of an import that named no class: class_0, class_1, …
 UNIT_TOLERANCE = 0.01  # how far from 1 an imported row's L2 norm may be: float16 storage moves it by about 5e-4
 
 
@@ -44,7 +42,7 @@ def _load_tensor(path: Path) -> np.ndarray:
     try:
         value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged or foreign file
-        reason = str(error).split("\n")[0][:160] or type(error).__name__
+        reason = first_line(error, 160)
         raise ApecliError(f"{path}: not a readable tensor file ({reason})") from None
     if not isinstance(value, torch.Tensor):
         raise ApecliError(f"{path}: holds a {type(value).__name__}, expected one tensor")
@@ -104,6 +102,11 @@ class ClassTexts:
     templates: tuple[str, ...]
     prompted_classes: int
 
+    @property
+    def model_name(self) -> str | None:
+        """The model that computed the text classifier."""
+        return self.encoder.get("model")
+
     def model_record(self, name: str | None) -> dict[str, Any]:
         """The imported features' model: this encoder, less the device and precision, which were the
         text's; the images' own are unknown."""
@@ -111,12 +114,12 @@ class ClassTexts:
         return {**record, "name": name} if name else record
 
     def provenance(self) -> dict[str, Any]:
-        return {"computed_by": self.encoder.get("model"), "templates": list(self.templates),
+        return {"computed_by": self.model_name, "templates": list(self.templates),
                 "prompted_classes": self.prompted_classes}
 
     def check_width(self, dim: int, what: str) -> None:
         if self.classifier.shape[1] != dim:
-            model = self.encoder.get("model")
+            model = self.model_name
             raise ApecliError(f"the text of {model} has {self.classifier.shape[1]} channels, {what} {dim}: "
                               f"{model} is not the model that made them")
 
@@ -137,8 +140,10 @@ def class_texts(spec: "EncoderSpec", dataset: str | None, root: str | os.PathLik
     elif canonical in LAYOUTS and root is not None:
         names = read_coop(canonical, Path(root)).class_names
     else:
-        raise ApecliError("computing the text classifier needs the class names: give --class-names FILE "
-                          "(one per line, in label order), or --dataset NAME and --root DIR of a CoOp dataset")
+        named = (Setting("class_names", Placeholder("FILE")), Setting("dataset", Placeholder("NAME")),
+                 Setting("root", Placeholder("DIR")))
+        raise ApecliError("computing the text classifier needs the class names: give {} (one per line, in label "
+                          "order), or {} and {} of a CoOp dataset".format(*named), *named)
     templates = LAYOUTS[canonical].templates if canonical in LAYOUTS else GENERIC_TEMPLATES
     sentences = read_prompts(prompts, names) if prompts is not None else None
     encoder = load_encoder(spec)
@@ -179,8 +184,9 @@ def import_tip_adapter(
     sources: dict[str, Path] = {}
     if text_weights is None and texts is None:
         if not (folder / CUPL_TEXT_WEIGHTS).is_file():
-            raise ApecliError(f"{folder}: no text classifier: pass --text-weights FILE (D × C), add {CUPL_TEXT_WEIGHTS}, "
-                              "or compute it with --text-model NAME --pretrained TAG")
+            named = (Setting("text_weights", Placeholder("FILE")), Step("class_texts"))
+            raise InputError(folder, f"no text classifier: pass {named[0]} (D × C), add {CUPL_TEXT_WEIGHTS}, or "
+                                     f"compute it with {named[1]}", *named)
         text_weights = folder / CUPL_TEXT_WEIGHTS
     computed = texts if text_weights is None else None  # the text classifier, when it comes from the class names
     if computed is None:
@@ -218,7 +224,8 @@ def import_tip_adapter(
     if len(matching) < len(shot_counts):
         count = next(count for count in shot_counts if count not in matching)
         keys = keys_of[count]
-        hint = f", or import the shot counts that match with --shots {','.join(map(str, matching))}" if matching else ""
+        hint = f", or import the shot counts that match with {Setting('shots', Placeholder(','.join(map(str, matching))))}" \
+            if matching else ""
         raise ApecliError(
             f"{folder / f'keys_{count}shots.pt'}: {keys.shape[0] if keys.ndim == 2 else keys.shape}-channel keys, but "
             f"{present[0]}_f.pt has {dim} channels: the folder mixes features of different models; re-extract it{hint}"
@@ -285,9 +292,9 @@ def import_npz(
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise ApecliError(f"{path}: not a readable .npz file ({str(error).splitlines()[0][:160]})") from None
+        raise InputError(path, f"not a readable .npz file ({first_line(error, 160)})") from None
     if texts is not None and "text_weights" in arrays:
-        raise ApecliError(f"{path}: holds text_weights already; import it without --text-model")
+        raise InputError(path, f"holds text_weights already; import it without {Setting('texts')}", Setting("texts"))
     missing = [name for name in NPZ_REQUIRED if name not in arrays and not (name == "text_weights" and texts)]
     if missing:
         raise ApecliError(f"{path}: lacks {', '.join(missing)}")
@@ -341,7 +348,7 @@ def import_npz(
     try:
         return unit_rows(features.validate(), normalise)
     except ApecliError as error:
-        raise ApecliError(f"{path}: {error}") from None
+        raise error.within(f"{path}: ") from None
 
 
 def unit_rows(features: FeatureSet, normalise: bool = False) -> FeatureSet:
@@ -372,7 +379,7 @@ def unit_rows(features: FeatureSet, normalise: bool = False) -> FeatureSet:
     if not normalise:
         what, low, high = off[0]
         raise ApecliError(f"{what} are not L2-normalised (row norms from {low:.3g} to {high:.3g}); import them with "
-                          "--normalise to divide each row by its norm")
+                          f"{Setting('normalise', True)} to divide each row by its norm", Setting("normalise", True))
     notes = [f"rows L2-normalised at import ({what}: norms were {low:.3g} to {high:.3g})" for what, low, high in off]
     return replace(
         features,

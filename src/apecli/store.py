@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from apecli import __version__
-from apecli.errors import ApecliError
+from apecli.errors import ApecliError, InputError, Setting, first_line
 from apecli.files import replacing
+from apecli.version import __version__
 
 FORMAT_NAME = "apecli"
 FORMAT_VERSION = (1, 0)
@@ -63,7 +63,7 @@ class Artifact:
     def read(self, name: str) -> np.ndarray:
         """Read one array (strings come back as a numpy array of ``str``)."""
         if name not in self.names:
-            raise ApecliError(f"{self.path}: has no '{name}' (holds: {', '.join(self.names)})")
+            raise InputError(self.path, f"has no '{name}' (holds: {', '.join(self.names)})")
         import h5py
 
         try:
@@ -73,14 +73,14 @@ class Artifact:
                     return np.array(dataset.asstr()[()], dtype=str)
                 return dataset[()]
         except (OSError, KeyError) as error:
-            raise ApecliError(f"{self.path}: cannot read '{name}' ({_reason(error)}); the file may be truncated") from None
+            raise InputError(self.path, f"cannot read '{name}' ({first_line(error)}); the file may be truncated") from None
 
     def parent(self, kind: str, index: int = 0) -> "Artifact":
         """Open this artifact's parent of ``kind`` (the ``index``-th of them, in recorded order), refusing it
         if it changed since this one was written."""
         refs = [ref for ref in self.parents if ref.kind == kind]
         if index >= len(refs):
-            raise ApecliError(f"{self.path}: records {'no' if not refs else f'only {len(refs)}'} parent"
+            raise InputError(self.path, f"records {'no' if not refs else f'only {len(refs)}'} parent"
                               f"{'s' if len(refs) > 1 else ''} of kind '{kind}'")
         return _open_parent(self, refs[index])
 
@@ -180,9 +180,9 @@ def open_artifact(path: str | os.PathLike[str], kinds: Iterable[str] | None = No
 
     path = Path(path)
     if not path.exists():
-        raise ApecliError(f"{path}: no such file")
+        raise InputError(path, "no such file")
     if path.is_dir():
-        raise ApecliError(f"{path}: is a folder, not an artifact")
+        raise InputError(path, "is a folder, not an artifact")
     try:
         with h5py.File(path, "r") as handle:
             attrs = dict(handle.attrs)
@@ -190,31 +190,29 @@ def open_artifact(path: str | os.PathLike[str], kinds: Iterable[str] | None = No
             handle.visititems(lambda name, item: shapes.__setitem__(name, (item.shape, _dtype(item)))
                               if isinstance(item, h5py.Dataset) else None)
     except OSError as error:
-        raise ApecliError(f"{path}: not a readable HDF5 artifact ({_reason(error)})") from None
+        raise InputError(path, f"not a readable HDF5 artifact ({first_line(error)})") from None
     if _text(attrs.get("format")) != FORMAT_NAME:
-        raise ApecliError(f"{path}: not an apecli artifact (no 'format = {FORMAT_NAME}' attribute)")
+        raise InputError(path, f"not an apecli artifact (no 'format = {FORMAT_NAME}' attribute)")
     version = _text(attrs.get("format_version", ""))
     try:
         major = int(version.split(".")[0])
     except ValueError:
-        raise ApecliError(f"{path}: unreadable format version '{version}'") from None
+        raise InputError(path, f"unreadable format version '{version}'") from None
     if major > FORMAT_VERSION[0]:
-        raise ApecliError(
-            f"{path}: written in format {version} by a newer apecli; this apecli {__version__} reads "
-            f"format {FORMAT_VERSION[0]}.x: upgrade apecli"
-        )
+        raise InputError(path, f"written in format {version} by a newer apecli; this apecli {__version__} reads "
+                               f"format {FORMAT_VERSION[0]}.x: upgrade apecli")
     kind = _text(attrs.get("kind"))
     missing = [name for name in ("kind", "content_id") if not _text(attrs.get(name, ""))]
     if missing:
-        raise ApecliError(f"{path}: its header is damaged (no {' or '.join(missing)})")
+        raise InputError(path, f"its header is damaged (no {' or '.join(missing)})")
     wanted = tuple(kinds) if kinds is not None else None
     if wanted is not None and kind not in wanted:
-        raise ApecliError(f"{path}: is an artifact of kind '{kind}', expected {' or '.join(repr(k) for k in wanted)}")
+        raise InputError(path, f"is an artifact of kind '{kind}', expected {' or '.join(repr(k) for k in wanted)}")
     try:
         metadata = json.loads(_text(attrs.get("metadata", "{}")))
         parents = tuple(ParentRef(**ref) for ref in json.loads(_text(attrs.get("parents", "[]"))))
     except (ValueError, TypeError):
-        raise ApecliError(f"{path}: its header is damaged (metadata or parents are not valid JSON)") from None
+        raise InputError(path, "its header is damaged (metadata or parents are not valid JSON)") from None
     return Artifact(path, kind, _text(attrs.get("content_id")), version, metadata, parents, tuple(sorted(shapes)),
                     dict(sorted(shapes.items())), _text(attrs.get("created")), _text(attrs.get("writer")))
 
@@ -224,17 +222,24 @@ def _dtype(dataset) -> str:
     return "str" if dataset.attrs.get("encoding-type") == "string-array" else str(dataset.dtype)
 
 
+def scan(folder: str | os.PathLike[str]) -> Iterator[tuple[Path, "Artifact | ApecliError"]]:
+    """Every file under ``folder`` that looks like an artifact (``*.h5``, not hidden), in path order, with
+    the artifact its header opens as, or the error that says why it does not open."""
+    root = Path(folder)
+    for candidate in sorted(root.rglob("*.h5")) if root.is_dir() else []:
+        if candidate.name.startswith(".") or not candidate.is_file():
+            continue
+        try:
+            yield candidate, open_artifact(candidate)
+        except ApecliError as error:
+            yield candidate, error
+
+
 def list_artifacts(store: Path, kinds: Iterable[str] | None = None) -> list[Artifact]:
     """Every apecli artifact under the store folder (of ``kinds``, if given), oldest first."""
     wanted = tuple(kinds) if kinds is not None else None
-    found = []
-    for candidate in Path(store).rglob("*.h5") if Path(store).is_dir() else []:
-        if candidate.name.startswith("."):
-            continue
-        try:
-            found.append((candidate.stat().st_mtime, open_artifact(candidate, wanted)))
-        except ApecliError:
-            continue
+    found = [(path.stat().st_mtime, opened) for path, opened in scan(store)
+             if isinstance(opened, Artifact) and (wanted is None or opened.kind in wanted)]
     return [artifact for _, artifact in sorted(found, key=lambda item: (item[0], str(item[1].path)))]
 
 
@@ -322,7 +327,7 @@ def collect_garbage(store: Path, dry_run: bool = False, work: bool = False,
 
     folder = Path(store)
     if not folder.is_dir():
-        raise ApecliError(f"{folder}: no such folder")
+        raise InputError(folder, "no such folder")
     known: dict[Path, Staleness | None] = {}
     stale = [(a.path, reason) for a in list_artifacts(folder) if (reason := stale_reason(a, known)) is not None]
     removed: list[tuple[Path, str]] = []
@@ -345,7 +350,8 @@ def collect_garbage(store: Path, dry_run: bool = False, work: bool = False,
     if work:
         removed += interrupted
     else:
-        kept += [(path, f"{reason}: re-run its extract to resume, or pass --work to remove it") for path, reason in interrupted]
+        kept += [(path, f"{reason}: re-run its extraction to resume, or pass {Setting('work', True)} to remove it")
+                 for path, reason in interrupted]
     if not dry_run:
         for path, _ in removed:
             if path.is_dir():
@@ -376,7 +382,7 @@ def recomputed_id(artifact: Artifact) -> str:
                           if dataset.ndim else [dataset[()]])
                 _digest_array(digest, name, dataset.dtype, dataset.shape, blocks)
     except (OSError, KeyError) as error:
-        raise ApecliError(f"{artifact.path}: cannot be read whole ({_reason(error)}); the file may be truncated") from None
+        raise InputError(artifact.path, f"cannot be read whole ({first_line(error)}); the file may be truncated") from None
     return digest.hexdigest()[:16]
 
 
@@ -440,14 +446,8 @@ def verify(artifacts: Iterable[Artifact]) -> list[Verified]:
 def unreadable_in(folder: Path) -> list[Verified]:
     """The files under a folder that look like artifacts (``*.h5``, not hidden) but do not open as one,
     each as a failed verification: a store's damaged files, which listing the store passes over."""
-    found = []
-    for candidate in sorted(Path(folder).rglob("*.h5")):
-        if not candidate.name.startswith(".") and candidate.is_file():
-            try:
-                open_artifact(candidate)
-            except ApecliError as error:
-                found.append(Verified(candidate, "?", "", None, str(error).removeprefix(f"{candidate}: ")))
-    return found
+    return [Verified(path, "?", "", None, str(opened).removeprefix(f"{path}: "))
+            for path, opened in scan(folder) if isinstance(opened, ApecliError)]
 
 
 def newest_artifact(store: Path, kinds: Iterable[str]) -> Artifact:
@@ -455,17 +455,9 @@ def newest_artifact(store: Path, kinds: Iterable[str]) -> Artifact:
     wanted = tuple(kinds)
     found = list_artifacts(store, wanted)
     if not found:
-        raise ApecliError(f"no {' or '.join(wanted)} artifact in {store}; give an input path or --store")
+        raise ApecliError(f"no {' or '.join(wanted)} artifact in {store}; give an input path or {Setting('store')}",
+                          Setting("store"), path=store)
     return found[-1]
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The SHA-256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _find_parent(child: Artifact, ref: ParentRef) -> tuple[Artifact | None, Staleness]:
@@ -491,7 +483,7 @@ def _find_parent(child: Artifact, ref: ParentRef) -> tuple[Artifact | None, Stal
 def _open_parent(child: Artifact, ref: ParentRef) -> Artifact:
     parent, problem = _find_parent(child, ref)
     if parent is None:
-        raise ApecliError(f"{child.path}: {problem}")
+        raise InputError(child.path, str(problem))
     return parent
 
 
@@ -510,5 +502,3 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value) if value is not None else ""
 
 
-def _reason(error: BaseException) -> str:
-    return str(error).split("\n")[0] or type(error).__name__

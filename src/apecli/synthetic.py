@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apecli.features import FeatureSet, FewShotCache, LabelledFeatures
+from apecli.kinds.features import FeatureSet, FewShotCache, LabelledFeatures
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

@@ -13,49 +13,28 @@ encoder, which is checked where both record it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from apecli import store
-from apecli.errors import ApecliError
-from apecli.features import FeatureSet, load_features
-from apecli.importers import PLACEHOLDERS
+from apecli.errors import ApecliError, Setting
+from apecli.kinds.features import EncoderRecord, FeatureSet, load_features
+from apecli.kinds.transfer import Transfer, save_transfer
+from apecli.methods.scores import row_blocks
 from apecli.predict import Classifier, load_classifier
-from apecli.training_free import row_blocks
 
-KIND = "transfer"
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """How an evaluated model did on one target's test split."""
-
-    dataset: str | None
-    artifact: str
-    classes: int  # the target's, a subset of the model's
-    correct: int
-    total: int
-    predictions: np.ndarray  # the predicted label of each test image, in the target's class indices
-
-    @property
-    def accuracy(self) -> float:
-        return 100.0 * self.correct / self.total
-
-    def summary(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "artifact": self.artifact, "classes": self.classes,
-                "correct": self.correct, "total": self.total, "test_accuracy": self.accuracy}
+__all__ = ["Transfer", "check_compatible", "save_transfer", "score_on", "transfer"]
 
 
-def _encoder(model: dict[str, Any]) -> tuple[Any, Any] | None:
-    """What identifies an encoder's features in a features artifact's model record (None if unrecorded)."""
-    if not model:
+def _encoder(record: EncoderRecord) -> tuple[str, str | None] | None:
+    """What identifies an encoder's features in a feature set's model record (None if unrecorded)."""
+    if not record.recorded:
         return None
-    architecture = model.get("model_config_sha256") or model.get("model") or model.get("name")
-    weights = model.get("checkpoint_sha256") or model.get("pretrained")
-    return f"{architecture} with QuickGELU" if model.get("quick_gelu") else architecture, weights
+    architecture = record.model_config_sha256 or record.model or record.name
+    weights = record.checkpoint_sha256 or record.pretrained
+    return f"{architecture} with QuickGELU" if record.quick_gelu else architecture, weights
 
 
 def check_compatible(source: FeatureSet, target: FeatureSet) -> tuple[np.ndarray, list[str]]:
@@ -65,7 +44,7 @@ def check_compatible(source: FeatureSet, target: FeatureSet) -> tuple[np.ndarray
     if target.dim != source.dim:
         raise ApecliError(f"{target.name}: features of {target.dim} channels, the model's have {source.dim}")
     warnings = []
-    mine, theirs = _encoder(dict(source.model)), _encoder(dict(target.model))
+    mine, theirs = _encoder(source.encoder), _encoder(target.encoder)
     if mine is None or theirs is None:
         unrecorded = source.name if mine is None else target.name
         warnings.append(f"{unrecorded} records no encoder: cannot check that both feature sets share one")
@@ -75,16 +54,16 @@ def check_compatible(source: FeatureSet, target: FeatureSet) -> tuple[np.ndarray
     elif None in (mine[1], theirs[1]):  # an import that named its model alone
         unrecorded = source.name if mine[1] is None else target.name
         warnings.append(f"{unrecorded} records no weights for {mine[0]}: cannot check that both feature sets share them")
-    elif None not in (source.model.get("precision"), target.model.get("precision")) and \
-            source.model.get("precision") != target.model.get("precision"):
-        warnings.append(f"{target.name}: encoded in {target.model.get('precision')}, the model's features in "
-                        f"{source.model.get('precision')}")
-    unnamed = [part.name for part in (source, target) if part.provenance.get("class_names") == PLACEHOLDERS]
+    elif None not in (source.encoder.precision, target.encoder.precision) and \
+            source.encoder.precision != target.encoder.precision:
+        warnings.append(f"{target.name}: encoded in {target.encoder.precision}, the model's features in "
+                        f"{source.encoder.precision}")
+    unnamed = [part.name for part in (source, target) if part.unnamed_classes]
     if unnamed:  # class_0, class_1, …: their names say nothing, their positions may
         if target.num_classes != source.num_classes:
             raise ApecliError(f"{unnamed[0]}: its classes are unnamed (imported without class names), so the "
                               f"{target.num_classes} classes of the target cannot be matched to the model's "
-                              f"{source.num_classes}: import it with --class-names")
+                              f"{source.num_classes}: import it with {Setting('class_names')}", Setting("class_names"))
         warnings.append(f"{unnamed[0]}: its classes are unnamed (imported without class names): matched by position")
         return np.arange(target.num_classes), warnings
     index = {name: i for i, name in enumerate(source.class_names)}
@@ -115,16 +94,6 @@ def transfer(evaluation: store.Artifact, targets: Sequence[store.Artifact],
              say: Callable[[str], None] = lambda message: None) -> list[Transfer]:
     """Score the model an evaluation chose on every target's test split."""
     if not targets:
-        raise ApecliError("give at least one target features artifact (--to)")
+        raise ApecliError(f"give at least one target features artifact ({Setting('targets')})", Setting("targets"))
     classifier = load_classifier(evaluation)
     return [score_on(classifier, load_features(target), say) for target in targets]
-
-
-def save_transfer(evaluation: store.Artifact, targets: Sequence[store.Artifact], results: Sequence[Transfer],
-                  destination: Path | Callable[[str], Path]) -> store.Artifact:
-    """Write the results, with each target's predictions; the evaluation and the targets are its parents."""
-    meta = evaluation.metadata
-    metadata = {"mode": meta.get("mode"), "dataset": meta.get("dataset"), "shots": meta.get("shots"),
-                "source_test_accuracy": meta.get("test_accuracy"), "targets": [r.summary() for r in results]}
-    arrays = {f"predictions/{i}": r.predictions for i, r in enumerate(results)}
-    return store.write_artifact(destination, KIND, arrays, metadata, [evaluation, *targets])

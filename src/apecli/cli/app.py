@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,12 +12,33 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from apecli import __version__, store
+from apecli import kinds, store
 from apecli.cli import progress
-from apecli.cli.io import console, emit, outline, piped_input, reports_errors, resolve_input
-from apecli.cli.options import (DEFAULT_STORE, ClassNames, ComputeDevice, Dataset, Input, Json, Model, Normalise, Shots,
-                                Store, StoreFolder, TextModel, TextPretrained, TextPrompts, TextRoot, ValShots)
+from apecli.cli.errors import in_flags
+from apecli.cli.io import console, emit, outline, piped_input, reports_errors, resolve_input, say
+from apecli.cli.options import (
+    DEFAULT_STORE,
+    ClassNames,
+    ComputeDevice,
+    Dataset,
+    Input,
+    Json,
+    Model,
+    Normalise,
+    Shots,
+    Store,
+    StoreFolder,
+    TextModel,
+    TextPretrained,
+    TextPrompts,
+    TextRoot,
+    ValShots,
+)
 from apecli.errors import ApecliError
+from apecli.kinds.evaluation import SYMBOLS
+from apecli.methods import registry
+from apecli.methods.zero_shot import ZeroShot
+from apecli.version import __version__
 
 app = typer.Typer(
     name="apecli",
@@ -42,16 +64,22 @@ def _root(
     ] = False,
 ) -> None:
     """Few-shot CLIP classification with APE, from HDF5 feature caches."""
+    warnings.showwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning (a plugin method left out, say) as one line on stderr, in the command line's words."""
+    typer.echo(f"apecli: warning: {in_flags(str(message))}", err=True)
 
 
 def _save_imported(features, store_dir: Path, as_json: bool, texts=None) -> None:
-    from apecli.features import mismatch_warnings, save_features
+    from apecli.kinds.features import mismatch_warnings, save_features
 
     if texts is not None:
-        console.print(f"text classifier: {len(texts.class_names)} classes encoded by {texts.encoder.get('model')}")
+        console.print(f"text classifier: {len(texts.class_names)} classes encoded by {texts.model_name}")
     saved = save_features(features, store.in_store(store_dir, features.dataset, "features"))
-    for note in saved.provenance.get("notes", []):
-        console.print(f"note: {note}")
+    for note in saved.notes:
+        say(f"note: {note}")
     for warning in mismatch_warnings(saved):
         console.print(f"[bold yellow]warning: {warning}[/bold yellow]")
     console.print(
@@ -159,10 +187,10 @@ def extract(
 ) -> None:
     """Encode images into a features artifact (APE's protocol): few-shot caches, val and test, text."""
     from apecli import datasets
-    from apecli.encoder import EncoderSpec
     from apecli.distributed import join, leave
-    from apecli.extract import (PROTOCOL_SHOTS, ExtractSettings, default_read_threads, default_workers, fitting_shots,
-                                extract as run_extract)
+    from apecli.encoder import EncoderSpec
+    from apecli.extract import PROTOCOL_SHOTS, ExtractSettings, default_read_threads, default_workers, fitting_shots
+    from apecli.extract import extract as run_extract
 
     if dataset is None and images is None:
         raise ApecliError("give --dataset NAME (a CoOp benchmark under --root) or --images DIR|CSV")
@@ -195,12 +223,12 @@ def extract(
     try:
         with progress.splits(enabled=ranks.leader) as report:
             features = run_extract(source, spec, store_dir, settings,
-                                   sentences, report, console.print if ranks.leader else lambda message: None, ranks)
+                                   sentences, report, say if ranks.leader else lambda message: None, ranks)
     finally:
         leave(ranks)
     if features is None:  # another rank: rank 0 reports
         return
-    skipped = features.provenance.get("skipped", [])
+    skipped = list(features.skipped)
     console.print(f"{features.num_classes} classes × {features.dim} channels, shots {list(features.shots)}, "
                   + ", ".join(f"{n} {p.labels.shape[0]}" for n, p in features.splits.items())
                   + (f"; skipped {len(skipped)} unreadable images (listed in the artifact)" if skipped else ""))
@@ -218,8 +246,8 @@ def export(
     as_json: Json = False,
 ) -> None:
     """Write a features artifact's arrays (one shot count) to a plain .npz."""
-    from apecli.features import load_features
     from apecli.importers import export_npz
+    from apecli.kinds.features import load_features
 
     features = load_features(resolve_input(source, store_dir, ["features"]))
     path = export_npz(features, out, shots)
@@ -240,8 +268,9 @@ def refine(
     as_json: Json = False,
 ) -> None:
     """Select the channels that separate classes (APE's prior refinement)."""
-    from apecli.features import load_features
-    from apecli.refine import save_refinement, select_channels
+    from apecli.kinds.features import load_features
+    from apecli.kinds.refinement import save_refinement
+    from apecli.refine import select_channels
 
     features = load_features(resolve_input(source, store_dir, ["features"]))
     refinement = select_channels(features, k, w, shots)
@@ -255,14 +284,24 @@ def refine(
                                "weights": list(refinement.weights)}, as_json)
 
 
+def _taking(name: str) -> str:
+    """The built-in methods that take a value of ``name`` given instead of searched, for help texts."""
+    return ", ".join(method.label for method in registry.BUILT_IN if name in method.given)
+
+
+def _choosing_k() -> str:
+    return " and ".join(method.label for method in registry.BUILT_IN if method.chooses_k)
+
+
 @app.command("eval")
 @reports_errors
 def evaluate(
     source: Input = None,
     mode: Annotated[
-        Optional[str], typer.Option("--mode", help="zero-shot, training-free, training-required (a fitted adapter), "
-                                                   "tip-adapter, tip-adapter-f, gda or proker. Default: training-required "
-                                                   "for a fitted adapter, else training-free.", show_default=False)
+        Optional[str], typer.Option("--mode", help=f"{', '.join(registry.built_in_names())}, or a plugin's mode "
+                                                   "(apecli methods lists them). Default: "
+                                                   f"{registry.default_for('adapter').name} for a fitted adapter, else "
+                                                   f"{registry.DEFAULT.name}.", show_default=False)
     ] = None,
     shots: Shots = None,
     search_scale: Annotated[
@@ -271,41 +310,41 @@ def evaluate(
     search_step: Annotated[
         Optional[tuple[int, int, int]], typer.Option("--search-step", help="Steps of the β, α, γ grids.")
     ] = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Use this α instead of searching it (APE, APE-T, "
-                                                   "Tip-Adapter(-F), GDA).", show_default=False)] = None,
-    beta: Annotated[Optional[float], typer.Option("--beta", help="Use this β instead of searching it (APE, APE-T, "
-                                                  "Tip-Adapter(-F), ProKeR).", show_default=False)] = None,
-    gamma: Annotated[Optional[float], typer.Option("--gamma", help="Use this γ instead of searching it (APE).",
-                                                   show_default=False)] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help=f"Use this α instead of searching it "
+                                                   f"({_taking('alpha')}).", show_default=False)] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", help=f"Use this β instead of searching it "
+                                                  f"({_taking('beta')}).", show_default=False)] = None,
+    gamma: Annotated[Optional[float], typer.Option("--gamma", help=f"Use this γ instead of searching it "
+                                                   f"({_taking('gamma')}).", show_default=False)] = None,
     val_shots: ValShots = None,
-    k: Annotated[Optional[str], typer.Option("--k", help="Training-free on a features artifact: the channels to keep, "
-                                             "or several, comma-separated, to choose among on validation (default: "
-                                             "the dataset's k, scaled to D).", show_default=False)] = None,
+    k: Annotated[Optional[str], typer.Option("--k", help=f"{_choosing_k()} on a features artifact: the channels to "
+                                             "keep, or several, comma-separated, to choose among on validation "
+                                             "(default: the dataset's k, scaled to D).", show_default=False)] = None,
     device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
     """Evaluate on test with hyperparameters searched on validation (or given); print the accuracies."""
-    from apecli.evaluate import MODES, evaluate_artifact, save_evaluation, settings_tried
-    from apecli.presets import preset_for
-    from apecli.training_free import SearchGrid
+    from apecli.evaluate import evaluate_artifact, save_evaluation
+    from apecli.methods.grid import SearchGrid, dataset_grid
 
-    if mode is not None and mode not in MODES:
-        raise ApecliError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
-    kinds = {None: ["refinement", "features", "adapter"], "training-required": ["adapter"]}
-    artifact = resolve_input(source, store_dir, kinds.get(mode, ["refinement", "features"]))
-    mode = mode or ("training-required" if artifact.kind == "adapter" else "training-free")
-    preset = preset_for(artifact.metadata.get("dataset"))
-    grid = SearchGrid(tuple(search_scale or preset.search_scale), tuple(search_step or preset.search_step)).fixing(
+    method = registry.get(mode) if mode is not None else None
+    readable = method.reads if method is not None else tuple(dict.fromkeys(
+        kind for candidate in registry.BUILT_IN for kind in candidate.reads))
+    artifact = resolve_input(source, store_dir, readable)
+    method = method or registry.default_for(artifact.kind)
+    default = dataset_grid(kinds.dataset_of(artifact))
+    grid = SearchGrid(tuple(search_scale or default.scale), tuple(search_step or default.steps)).fixing(
         beta=beta, alpha=alpha, gamma=gamma)
     ks = _integers(k, "--k") if k is not None else None
-    tried = settings_tried(mode, grid) * (len(ks) if ks else 1)
+    tried = method.settings_tried(grid) * (len(ks) if ks else 1)
     with progress.steps(f"searching {tried:,} setting{'s' if tried != 1 else ''}" if tried else "evaluating") as advance:
-        evaluation = evaluate_artifact(artifact, mode, shots, grid, advance, device, val_shots, ks)
-    stem = f"eval-{mode}" + (f"-{evaluation.shots}shot" if evaluation.shots else "")
+        evaluation = evaluate_artifact(artifact, method.name, shots, grid, advance, device, val_shots, ks)
+    stem = f"eval-{method.name}" + (f"-{evaluation.shots}shot" if evaluation.shots else "")
     saved = save_evaluation(evaluation, [artifact], store.in_store(store_dir, evaluation.dataset, stem))
-    _print_evaluation(evaluation.summary())
+    _print_evaluation(evaluation)
     emit(saved, evaluation.summary(), as_json)
+
 
 
 @app.command()
@@ -319,18 +358,20 @@ def transfer(
     as_json: Json = False,
 ) -> None:
     """Test an evaluated model, unchanged, on other feature sets' test splits (distribution shift)."""
-    from apecli.transfer import save_transfer, transfer as run_transfer
+    from apecli.kinds.evaluation import EvaluationRecord
+    from apecli.transfer import save_transfer
+    from apecli.transfer import transfer as run_transfer
 
     evaluation = resolve_input(source, store_dir, ["evaluation"])
     targets = [store.open_artifact(target, ["features"]) for target in to or []]
-    results = run_transfer(evaluation, targets, console.print)
-    meta = evaluation.metadata
+    results = run_transfer(evaluation, targets, say)
+    record = EvaluationRecord.read(evaluation)
     saved = save_transfer(evaluation, targets, results,
-                          store.in_store(store_dir, meta.get("dataset"), f"transfer-{meta.get('mode')}"))
-    table = Table(title=f"{meta.get('dataset')} · {meta.get('mode')} · tested elsewhere", title_justify="left")
+                          store.in_store(store_dir, record.dataset, f"transfer-{record.mode}"))
+    table = Table(title=f"{record.dataset} · {record.mode} · tested elsewhere", title_justify="left")
     for column in ("test set", "classes", "images", "test %"):
         table.add_column(column, justify="left" if column == "test set" else "right")
-    table.add_row(f"{meta.get('dataset')} (its own)", "", "", f"{meta.get('test_accuracy', 0):.2f}")
+    table.add_row(f"{record.dataset} (its own)", "", "", f"{record.test_accuracy:.2f}")
     for result in results:
         table.add_row(result.dataset or Path(result.artifact).name, str(result.classes), f"{result.total:,}",
                       f"{result.accuracy:.2f}")
@@ -361,7 +402,7 @@ def classes(
     mode = f"{report.mode} chosen on {report.chosen_on}" if report.chosen_on else report.mode
     table = Table(title=f"{_heading(report.dataset, mode, report.shots)} · test accuracy per class ({scope})",
                   title_justify="left")
-    for column in ("class", "images", f"{METHOD_NAMES.get(report.mode, report.mode)} %", "zero-shot %", "mistaken for"):
+    for column in ("class", "images", f"{registry.label(report.mode)} %", "zero-shot %", "mistaken for"):
         table.add_column(column, justify="right" if column.endswith("%") or column == "images" else "left")
     for result in shown:
         mistaken = ", ".join(f"{report.class_names[label]} ({count})" for label, count in result.mistaken_for[:2])
@@ -372,7 +413,7 @@ def classes(
     perfect = sum(result.correct == result.images for result in report.classes)
     below = sum(result.correct < result.zero_shot_correct for result in report.classes)
     console.print(f"mean over {len(report.classes)} classes {report.mean_accuracy:.2f} %; {perfect} without a mistake"
-                  + (f"; {below} below zero-shot CLIP" if report.mode != "zero-shot" else "")
+                  + (f"; {below} below zero-shot CLIP" if report.mode != ZeroShot.name else "")
                   + (f"; no test image: {', '.join(report.absent)}" if report.absent else ""))
     emit(artifact, report.summary(), as_json)
 
@@ -398,8 +439,10 @@ def fit(
     as_json: Json = False,
 ) -> None:
     """Train APE-T (category residual and key weights) on the stored cache and its augmented views."""
-    from apecli.features import load_features
-    from apecli.training_required import FitSettings, fit as train, save_fit
+    from apecli.fitting import fit as train
+    from apecli.kinds.adapter import save_fit
+    from apecli.kinds.features import load_features
+    from apecli.methods.ape_t import FitSettings
 
     features = load_features(resolve_input(source, store_dir, ["features"]))
     settings = FitSettings(shots, k, w, epochs, lr, eps, weight_decay, batch_size, alpha, beta, seed,
@@ -423,11 +466,12 @@ def bench(
     shots: Annotated[Optional[str], typer.Option("--shots", help="Shot counts, comma-separated (default: those every "
                                                  "feature set holds; the protocol's 1,2,4,8,16 for extracted benchmarks).",
                                                  show_default=False)] = None,
-    modes: Annotated[str, typer.Option("--modes", help="Modes, comma-separated.")] = "zero-shot,tip-adapter,training-free,gda",
+    modes: Annotated[str, typer.Option("--modes", help="Modes, comma-separated (apecli methods lists them).")
+                     ] = ",".join(method.name for method in registry.BENCH),
     out: Annotated[Path, typer.Option("--out", help="Folder for results.json, results.csv and the plot.")] = Path("results"),
     val_shots: ValShots = None,
-    k: Annotated[Optional[str], typer.Option("--k", help="APE (training-free) chooses its k on validation among "
-                                             "these, comma-separated (default: the dataset's k, scaled to D).",
+    k: Annotated[Optional[str], typer.Option("--k", help=f"{_choosing_k()} chooses its k on validation among these, "
+                                             "comma-separated (default: the dataset's k, scaled to D).",
                                              show_default=False)] = None,
     device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
@@ -437,6 +481,7 @@ def bench(
     from apecli import bench as runner
 
     chosen = [mode.strip() for mode in modes.split(",") if mode.strip()]
+    choosing_k = {mode for mode in chosen if registry.get(mode).chooses_k}
     artifacts = runner.find_features(sources or [store_dir])
     counts = _integers(shots, "--shots") if shots is not None else runner.common_shots(artifacts)
 
@@ -451,15 +496,15 @@ def bench(
     asked = {artifact.content_id for artifact in artifacts}  # the table and plot: this run's cells only
     current = [row for row in rows if row["content_id"] in asked and row["shots"] in counts
                and row.get("val_shots") == val_shots
-               and row.get("k_tried") == (runner.k_choice(ks) if row["mode"] == "training-free" else None)]
+               and row.get("k_tried") == (runner.k_choice(ks) if row["mode"] in choosing_k else None)]
     picture = runner.plot(current, chosen, out / "accuracy-vs-shots.png")
     for count in counts:
         table = Table(title=f"test accuracy (%), {count} shot{'s' if count > 1 else ''}"
                       + (f", chosen on {val_shots} validation images a class" if val_shots else "")
-                      + (f", APE's k chosen among {runner.k_choice(ks)}" if ks and "training-free" in chosen else ""))
+                      + (f", {_choosing_k()}'s k chosen among {runner.k_choice(ks)}" if ks and choosing_k else ""))
         table.add_column("dataset")
         for mode in chosen:
-            table.add_column(METHOD_NAMES.get(mode, mode), justify="right")
+            table.add_column(registry.label(mode), justify="right")
         for line in runner.summary_table(current, count, chosen, deviations=True):
             table.add_row(line[0], *("" if cell is None else f"{cell[0]:.2f}" + ("" if cell[1] is None else f" ± {cell[1]:.2f}")
                                      for cell in line[1:]), style="bold" if line[0] == "Average" else None)
@@ -516,42 +561,6 @@ def _csv_field(text: str) -> str:
     return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
-ARTIFACT_KINDS = ("features", "refinement", "adapter", "evaluation", "transfer")
-
-
-SYMBOLS = {"alpha": "α", "beta": "β", "gamma": "γ", "lambda": "λ"}  # the hyperparameters, as tables print them
-
-
-def _summary(artifact: store.Artifact) -> str:
-    """One line on what an artifact holds."""
-    meta = artifact.metadata
-    if artifact.kind == "features":
-        model = meta.get("model", {})
-        held = f"shots {meta.get('shots')}" if meta.get("shots") else "a test set only"
-        provenance = meta.get("provenance", {})
-        if meta.get("shots") and provenance.get("source") == "extract":  # which draw of the protocol's seeds
-            held += f" (seed {provenance.get('seed')})"
-        return (f"{meta.get('num_classes')} classes × {meta.get('dim')} ch, {held}, "
-                f"model {model.get('name') or model.get('model') or 'unknown'}")
-    if artifact.kind == "refinement":
-        return f"k={meta.get('k')} of the {meta.get('shots')}-shot cache, w={meta.get('weights')}"
-    if artifact.kind == "adapter":
-        return (f"APE-T, {meta.get('shots')}-shot, best epoch {meta.get('best_epoch')}, val "
-                f"{meta.get('best_val_accuracy', 0):.2f}%{_on_validation(meta.get('settings', {}).get('val_shots'))}")
-    if artifact.kind == "transfer":
-        return f"{meta.get('mode')} on " + ", ".join(f"{t.get('dataset')} {t.get('test_accuracy', 0):.2f}%"
-                                                     for t in meta.get("targets", []))
-    given = " ".join(f"{symbol}={meta['given'][name]:.4g}" for name, symbol in SYMBOLS.items() if name in meta.get("given", {}))
-    return (f"{meta.get('mode')}, val {meta.get('val_accuracy', 0):.2f}%{_on_validation(meta.get('val_shots'))}, "
-            f"test {meta.get('test_accuracy', 0):.2f}%" + (f", given {given}" if given else "")
-            + (f", k={meta.get('k')} of {len(meta['k_tried'])} tried" if "k_tried" in meta else ""))
-
-
-def _on_validation(val_shots: int | None) -> str:
-    """How many validation images per class a choice was made on, where it was not the whole split."""
-    return f" ({val_shots} a class)" if val_shots else ""
-
-
 @app.command("ls")
 @reports_errors
 def list_store(
@@ -564,21 +573,21 @@ def list_store(
     folder = store_dir or store_option
     if not folder.is_dir():
         raise ApecliError(f"{folder}: no such folder")
-    if kind is not None and kind not in ARTIFACT_KINDS:
-        raise ApecliError(f"unknown kind '{kind}'; choose one of {', '.join(ARTIFACT_KINDS)}")
+    if kind is not None and kind not in kinds.KINDS:
+        raise ApecliError(f"unknown kind '{kind}'; choose one of {', '.join(kinds.KINDS)}")
     artifacts = store.list_artifacts(folder, [kind] if kind else None)
     known: dict = {}
     stale = [store.stale_reason(artifact, known) for artifact in artifacts]
     if as_json:
         typer.echo(json.dumps([{"artifact": str(a.path), "kind": a.kind, "content_id": a.content_id,
-                                "dataset": a.metadata.get("dataset"), "summary": _summary(a), "stale": why}
+                                "dataset": kinds.dataset_of(a), "summary": kinds.describe(a), "stale": why}
                                for a, why in zip(artifacts, stale)]))
         return
     if not artifacts:
         console.print(f"no artifacts in {folder}")
     for artifact, why in zip(artifacts, stale):
         mark = f" [stale: {why}]" if why else ""
-        typer.echo(f"{artifact.path}\t{artifact.kind}\t{artifact.metadata.get('dataset') or '-'}\t{_summary(artifact)}{mark}")
+        typer.echo(f"{artifact.path}\t{artifact.kind}\t{kinds.dataset_of(artifact) or '-'}\t{kinds.describe(artifact)}{mark}")
     if any(stale):
         unreachable = sum(1 for why in stale if why is not None and store.out_of_reach(why, folder))
         console.print(f"{sum(map(bool, stale))} stale (no command reads them); 'apecli gc' removes them" + (
@@ -598,6 +607,7 @@ def gc(
     """Remove stale artifacts (a parent missing or changed) and files of writes that were killed."""
     folder = store_dir or store_option
     removed, kept = store.collect_garbage(folder, dry_run=dry_run, work=work)
+    removed, kept = [(p, in_flags(why)) for p, why in removed], [(p, in_flags(why)) for p, why in kept]
     if as_json:
         typer.echo(json.dumps({"dry_run": dry_run, "removed": [{"path": str(p), "why": why} for p, why in removed],
                                "kept": [{"path": str(p), "why": why} for p, why in kept]}))
@@ -606,7 +616,7 @@ def gc(
     for path, why in removed:
         typer.echo(f"{verb}\t{path}\t{why}")
     for path, why in kept:
-        console.print(f"kept {path}: {why}")
+        console.print(f"kept {path}: {why}", markup=False)
     console.print(f"{verb} {len(removed)} file(s) or folder(s) from {folder}" if removed else f"nothing to remove in {folder}")
 
 
@@ -620,7 +630,7 @@ def verify(
     as_json: Json = False,
 ) -> None:
     """Hash each artifact and its ancestors again against their content ids: files edited or damaged."""
-    piped = None if sources else piped_input(ARTIFACT_KINDS)
+    piped = None if sources else piped_input(kinds.KINDS)
     artifacts, unreadable = [piped] if piped else [], []
     for source in sources or ([] if piped else [store_option]):
         if Path(source).is_dir():
@@ -663,11 +673,30 @@ def models(
         typer.echo(f"{name}\t{', '.join(tags) or '-'}")
 
 
+@app.command("methods")
+@reports_errors
+def list_methods(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list: each method's name, label and where it "
+                                                         "comes from.")] = False,
+) -> None:
+    """List the methods eval, bench and predict take: the built-in ones and those of installed plugins."""
+    rows = [{"mode": name, "label": method.label, "module": method.__module__,
+             "plugin": method not in registry.BUILT_IN, "reads": list(method.reads), "given": list(method.given)}
+            for name, method in registry.methods().items()]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for row in rows:
+        given = ", ".join(SYMBOLS.get(name, name) for name in row["given"]) or "-"
+        typer.echo(f"{row['mode']}\t{row['label']}\t{'plugin ' if row['plugin'] else ''}{row['module']}\t"
+                   f"reads {', '.join(row['reads'])}\tgiven {given}")
+
+
 @app.command()
 @reports_errors
 def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: Json = False) -> None:
     """Describe an artifact: kind, content id, parents, settings and arrays."""
-    artifact = resolve_input(source, store_dir, ARTIFACT_KINDS)
+    artifact = resolve_input(source, store_dir, kinds.KINDS)
     details = {
         "kind": artifact.kind,
         "content_id": artifact.content_id,
@@ -705,8 +734,10 @@ def demo(
     from apecli.datasets import read_coop
     from apecli.encoder import EncoderSpec
     from apecli.evaluate import evaluate_training_free, save_evaluation
-    from apecli.extract import ExtractSettings, extract as run_extract
-    from apecli.refine import save_refinement, select_channels
+    from apecli.extract import ExtractSettings
+    from apecli.extract import extract as run_extract
+    from apecli.kinds.refinement import save_refinement
+    from apecli.refine import select_channels
     from apecli.synthetic import coop_caltech, tiny_model_config
 
     images = store_dir / "images"
@@ -717,7 +748,7 @@ def demo(
     console.print(f"model: {model} (a tiny open_clip config with seeded random weights)")
     with progress.splits() as report:
         features = run_extract(read_coop("caltech101", images), EncoderSpec(str(model), "none"), store_dir,
-                               ExtractSettings(shots=(1, 2, 4, 8, 16), workers=0), progress=report, say=console.print)
+                               ExtractSettings(shots=(1, 2, 4, 8, 16), workers=0), progress=report, say=say)
     console.print(f"features: {features.artifact.path}")
     refinement = save_refinement(select_channels(features, k=32), features,
                                  store.in_store(store_dir, features.dataset, "refine-16shot-k32"))
@@ -725,13 +756,9 @@ def demo(
     with progress.steps("searching") as advance:
         evaluation = evaluate_training_free(features, refinement, progress=advance)
     saved = save_evaluation(evaluation, [refinement.artifact],
-                            store.in_store(store_dir, features.dataset, "eval-training-free-16shot"))
-    _print_evaluation(evaluation.summary())
+                            store.in_store(store_dir, features.dataset, f"eval-{evaluation.mode}-16shot"))
+    _print_evaluation(evaluation)
     emit(saved, evaluation.summary(), as_json)
-
-
-METHOD_NAMES = {"zero-shot": "zero-shot CLIP", "training-free": "APE", "training-required": "APE-T", "tip-adapter": "Tip-Adapter",
-                "tip-adapter-f": "Tip-Adapter-F", "gda": "GDA", "proker": "ProKeR"}
 
 
 def _heading(dataset: str | None, mode: str | None, shots: int | None) -> str:
@@ -739,21 +766,24 @@ def _heading(dataset: str | None, mode: str | None, shots: int | None) -> str:
     return f"{dataset or 'features'} · {mode}" + (f" · {shots} shot{'s' if shots > 1 else ''}" if shots else "")
 
 
-def _print_evaluation(result: dict) -> None:
-    table = Table(title=_heading(result["dataset"], result["mode"], result.get("shots"))
-                  + (f" · validation: {result['val_shots']} a class" if result.get("val_shots") else ""))
+def _print_evaluation(evaluation) -> None:
+    """The accuracies of an evaluation beside zero-shot CLIP's, and what it chose on validation."""
+    table = Table(title=_heading(evaluation.dataset, evaluation.mode, evaluation.shots)
+                  + (f" · validation: {evaluation.val_shots} a class" if evaluation.val_shots else ""))
     for column in ("method", "val %", "test %", "chosen on validation"):
         table.add_column(column, justify="left" if column in ("method", "chosen on validation") else "right")
-    table.add_row("zero-shot CLIP", f"{result['zero_shot_val_accuracy']:.2f}", f"{result['zero_shot_accuracy']:.2f}", "")
-    if result["mode"] != "zero-shot":
-        settings = [(key, f"{symbol}={result[key]:.4g}") for key, symbol in SYMBOLS.items() if result.get(key) is not None]
-        chosen = [text for key, text in settings if key not in result.get("given", {})]
-        if "k_tried" in result:  # k was chosen on validation too
-            chosen.insert(0, f"k={result['k']}")
-        if "best_epoch" in result:
-            chosen.append(f"epoch {result['best_epoch']}/{result['epochs']}")
-        given = [text for key, text in settings if key in result.get("given", {})]
-        table.add_row(METHOD_NAMES[result["mode"]], f"{result['val_accuracy']:.2f}", f"{result['test_accuracy']:.2f}",
+    table.add_row(ZeroShot.label, f"{evaluation.zero_shot_val:.2f}", f"{evaluation.zero_shot_test:.2f}", "")
+    if evaluation.mode != ZeroShot.name:
+        named = {**{name: evaluation.hyperparameters[name] for name in SYMBOLS if name in evaluation.hyperparameters},
+                 **evaluation.hyperparameters}
+        settings = [(name, f"{SYMBOLS.get(name, name)}={value:.4g}") for name, value in named.items()]
+        chosen = [text for name, text in settings if name not in evaluation.given]
+        if evaluation.k_tried is not None:  # k was chosen on validation too
+            chosen.insert(0, f"k={evaluation.channels.shape[0]}")
+        if evaluation.epochs is not None:
+            chosen.append(f"epoch {evaluation.epochs[0]}/{evaluation.epochs[1]}")
+        given = [text for name, text in settings if name in evaluation.given]
+        table.add_row(registry.label(evaluation.mode), f"{evaluation.val_accuracy:.2f}", f"{evaluation.test_accuracy:.2f}",
                       "; ".join(part for part in (" ".join(chosen), "given " * bool(given) + " ".join(given)) if part))
     console.print(table)
 

@@ -14,9 +14,15 @@ import typer
 from rich.console import Console
 
 from apecli import store
+from apecli.cli.errors import in_flags
 from apecli.errors import ApecliError
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def say(message: str) -> None:
+    """A message from the library on stderr, in the command line's words."""
+    console.print(in_flags(message), markup=False)
 Command = TypeVar("Command", bound=Callable[..., Any])
 OUT_OF_MEMORY = ("out of memory; fewer images at a time (--batch-size), a smaller search grid, or a machine with more "
                  "would do")
@@ -30,7 +36,7 @@ def reports_errors(command: Command) -> Command:
         try:
             return command(*args, **kwargs)
         except ApecliError as error:
-            typer.echo(f"apecli: error: {error}", err=True)
+            typer.echo(f"apecli: error: {in_flags(str(error))}", err=True)
             raise typer.Exit(1) from None
         except OSError as error:  # the file system's word: a full disk, a read-only or missing folder
             typer.echo(f"apecli: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)

@@ -1,4 +1,4 @@
-"""The training loop shared by the methods that learn from the cache (APE-T, Tip-Adapter-F).
+"""The training loop of the methods that learn from the cache (APE-T, Tip-Adapter-F).
 
 A training sample is one of the stored augmented views of a few-shot image, drawn afresh for every
 image in every epoch (seeded), which stands in for re-encoding a freshly augmented image each epoch;
@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from apecli.errors import ApecliError, check_seed, check_value
-from apecli.features import FeatureSet
+from apecli.checks import check_seed, check_value
+from apecli.errors import ApecliError, SettingError
 
 if TYPE_CHECKING:
     import torch
+
+    from apecli.methods.base import Task
 
 EpochProgress = Callable[[int, int, float, float], None]  # epoch, epochs, mean loss, val accuracy
 VAL_BLOCK = 2048  # validation images scored at once
@@ -94,7 +96,7 @@ def check_training(*, epochs: int, batch_size: int, lr: float, eps: float, weigh
     """One clear error for a training setting out of range (APE-T's and Tip-Adapter-F's alike)."""
     for name, value in (("epochs", epochs), ("batch size", batch_size)):
         if value < 1:
-            raise ApecliError(f"{name} must be at least 1, got {value}")
+            raise SettingError(name.replace(" ", "_"), value, f"{name} must be at least 1, got {value}")
     check_value("lr", lr, positive=True)
     check_value("eps", eps, positive=True)
     check_value("weight decay", weight_decay)
@@ -103,14 +105,11 @@ def check_training(*, epochs: int, batch_size: int, lr: float, eps: float, weigh
     check_seed(seed)
 
 
-def training_samples(features: FeatureSet, shots: int) -> tuple[np.ndarray, bool]:
-    """The V × N × D training views of a cache (its keys as one view when none are stored)."""
-    _, cache = features.cache(shots)
-    views = features.views(shots)
-    samples = np.asarray(views if views is not None else cache.keys[None], dtype=np.float32)
-    if not np.isfinite(samples).all():
-        raise ApecliError(f"{features.name}: the {shots}-shot views contain NaN or infinite values")
-    return samples, views is not None
+def training_samples(task: "Task") -> tuple[np.ndarray, bool]:
+    """The V × N × D training views of a task's cache (its keys as one view when none are stored), and
+    whether they are views."""
+    views = task.views
+    return (views, True) if views is not None else (np.asarray(task.keys, dtype=np.float32)[None], False)
 
 
 def train(

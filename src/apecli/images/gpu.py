@@ -1,23 +1,11 @@
-"""Reading images for the encoder: PIL decoding in loader workers, or batched JPEG decoding on the GPU.
-
-The default, faithful path decodes with PIL and applies the model's own transforms (the protocol's
-numbers depend on them). The transform is split where the image becomes a tensor (:class:`Pixels`):
-loader workers resize and crop and hand over uint8 pixels, and the encoder's device scales and
-normalises them, by lookup in a table the transform's own steps computed, so the values are the
-transform's bit for bit. Workers hand over batches of a few dozen images, which the main process
-joins into the encoder's batches, so encoding starts as soon as the first images are decoded.
-
-``decode="gpu"`` reads raw bytes in threads and decodes the JPEGs of a batch together on the
-encoder's device (nvJPEG on CUDA), then resizes and crops there as the model's evaluation transform
-does, on a stream of its own so that decoding the next batch overlaps encoding this one; a file that
-is not a JPEG, or that fails to decode that way, goes through PIL instead. It serves the evaluation
-transform; augmented training views always use PIL. The JPEG decoder is TorchCodec's where it is
-installed and works on the device, else torchvision's (deprecated since torchvision 0.29 in favour
-of TorchCodec).
-
-Either path can turn each photo upright by its EXIF orientation tag first (``upright``), as PIL's
-``ImageOps.exif_transpose`` does; the device path reads the tag from the bytes and turns the decoded
-tensor, or undoes the turn of a decoder that makes it unasked.
+"""Images decoded on the encoder's GPU (``decode="gpu"``): raw bytes read in threads, the JPEGs of a batch
+decoded together there (nvJPEG on CUDA), then resized and cropped there as the model's evaluation
+transform does, on a stream of its own so that decoding the next batch overlaps encoding this one. A
+file that is not a JPEG, or that fails to decode that way, goes through PIL instead
+(:mod:`apecli.images.loading`). It serves the evaluation transform; augmented training views always use
+PIL. The JPEG decoder is TorchCodec's where it is installed and works on the device, else torchvision's
+(deprecated since torchvision 0.29 in favour of TorchCodec). With ``upright``, the tag is read from the
+bytes and the decoded tensor turned, or the turn of a decoder that makes it unasked is undone.
 """
 
 from __future__ import annotations
@@ -25,196 +13,18 @@ from __future__ import annotations
 import os
 import warnings
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from apecli.errors import ApecliError
+from apecli.errors import ApecliError, Setting, first_line
+from apecli.images.exif import ORIENTATION, UNDO, exif_orientation, turn_upright
+from apecli.images.loading import Batch, Item, Pixels, open_rgb, split_transform
 
-Item = tuple  # (index, the image as a tensor or its raw bytes, or None; why it could not be read, or None)
-
-
-def readable(path: Path) -> str | None:
-    """None when the image decodes, else why not."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-        return None
-    except (OSError, ValueError, SyntaxError) as error:  # PIL's ways of saying "not an image"
-        return str(error).split("\n")[0] or type(error).__name__
-
-
-def _open_rgb(path: Path, upright: bool = False):
-    """The image as RGB; ``upright``: turned as its EXIF orientation tag says, as photo viewers show it."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        orientation = _orientation(image) if upright else 1
-        return (image.transpose(TRANSPOSES[orientation]) if orientation in TRANSPOSES else image).convert("RGB")
-
-
-def _orientation(image) -> int:
-    """A PIL image's EXIF orientation, 1 where it has none or its EXIF cannot be read (as stored, then)."""
-    try:
-        with warnings.catch_warnings():  # PIL warns of a damaged EXIF block, image after image
-            warnings.simplefilter("ignore")
-            return int(image.getexif().get(ORIENTATION, 1))
-    except Exception:  # noqa: BLE001 - a damaged EXIF block does not make the image unreadable
-        return 1
-
-
-ORIENTATION = 0x0112  # the EXIF tag
-# EXIF orientation → the PIL transpose that turns the stored pixels upright, by Image.Transpose's value:
-# FLIP_LEFT_RIGHT 0, FLIP_TOP_BOTTOM 1, ROTATE_90 2, ROTATE_180 3, ROTATE_270 4, TRANSPOSE 5, TRANSVERSE 6
-TRANSPOSES = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
-
-
-def exif_orientation(data) -> int:
-    """The EXIF orientation (1 to 8) that JPEG bytes carry, 1 where they carry none or cannot say.
-
-    Reads the application segments that open the file (where the Exif standard puts its APP1 segment)
-    and in an APP1 ``Exif`` segment the first directory of its TIFF header: a few hundred bytes,
-    without decoding anything.
-    """
-    head = memoryview(data if isinstance(data, bytes) else np.ascontiguousarray(data, dtype=np.uint8)).cast("B")
-    if head[:2] != b"\xff\xd8":
-        return 1
-    at = 2
-    while at + 4 <= len(head) and head[at] == 0xFF:
-        marker, length = head[at + 1], int.from_bytes(head[at + 2 : at + 4], "big")
-        if not (0xE0 <= marker <= 0xEF or marker == 0xFE) or length < 2:  # past the APPn and comments
-            break
-        if marker == 0xE1 and head[at + 4 : at + 10] == b"Exif\0\0":
-            return _tiff_orientation(head[at + 10 : at + 2 + length])
-        at += 2 + length
-    return 1
-
-
-def _tiff_orientation(tiff: memoryview) -> int:
-    order = {b"II": "little", b"MM": "big"}.get(bytes(tiff[:2]))
-    if order is None or len(tiff) < 8:
-        return 1
-    directory = int.from_bytes(tiff[4:8], order)
-    count = int.from_bytes(tiff[directory : directory + 2], order) if directory + 2 <= len(tiff) else 0
-    for entry in range(directory + 2, min(directory + 2 + 12 * count, len(tiff) - 11), 12):
-        if int.from_bytes(tiff[entry : entry + 2], order) == ORIENTATION:
-            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)  # a SHORT, first in its value field
-            return value if 1 <= value <= 8 else 1
-    return 1
-
-
-UNDO = {6: 8, 8: 6}  # the orientation whose turn undoes each one's (the others undo themselves)
-
-
-def _upright(image, orientation: int):
-    """A C×H×W tensor as stored, turned as EXIF ``orientation`` says (what PIL's transposes do)."""
-    import torch
-
-    if orientation in (5, 6, 7, 8):  # a quarter turn: height and width swap
-        image = image.transpose(-2, -1)
-        orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]
-    if orientation == 2:
-        return torch.flip(image, (-1,))
-    if orientation == 3:
-        return torch.flip(image, (-2, -1))
-    if orientation == 4:
-        return torch.flip(image, (-2,))
-    return image
-
-
-class UpToTensor:
-    """The steps of a transform before its ToTensor, then the image as uint8 C×H×W (what ToTensor reads)."""
-
-    def __init__(self, steps: Sequence[Callable]) -> None:
-        self.steps = list(steps)
-
-    def __call__(self, image):
-        import torch
-
-        for step in self.steps:
-            image = step(image)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-
-
-@dataclass(frozen=True)
-class Pixels:
-    """A model's transform split where the image becomes a tensor.
-
-    ``on_image`` (PIL image → tensor) runs in loader workers: the steps before ToTensor (resize, crop,
-    flip), giving uint8 C×H×W, a quarter of float32's bytes to hand over and pin. :meth:`model_input`
-    does ToTensor's scaling and Normalize on the encoder's device, by lookup in ``table``: each channel's
-    256 values, computed once by those very steps on the CPU, so the result is the transform's bit for
-    bit on any device. A transform that does not end in ToTensor then Normalize runs whole in the
-    workers (``table`` None) and its tensors pass through.
-    """
-
-    on_image: Callable
-    table: Any = None  # 3 × 256 float32 tensor
-    copies: dict = field(default_factory=dict, compare=False, repr=False)  # device → (flat table, row offsets)
-
-    def model_input(self, images, device):
-        """A batch (… × 3 × H × W) of ``on_image``'s tensors as the model's input on ``device``."""
-        import torch
-
-        images = images.to(device, non_blocking=True)
-        if self.table is None:
-            return images
-        if str(device) not in self.copies:
-            offsets = torch.arange(0, 3 * 256, 256, device=device).view(3, 1, 1)  # channel c reads row c
-            self.copies[str(device)] = self.table.reshape(-1).to(device), offsets
-        table, offsets = self.copies[str(device)]
-        return table[images.to(torch.int64) + offsets]
-
-
-def split_transform(transform: Callable) -> Pixels:
-    """:class:`Pixels` for a torchvision ``Compose`` that ends in ToTensor then Normalize (open_clip's and
-    APE's transforms do), else the whole transform in the workers."""
-    from PIL import Image
-    from torchvision import transforms
-
-    steps = list(getattr(transform, "transforms", ()))
-    at = next((n for n, step in enumerate(steps) if isinstance(step, transforms.ToTensor)), None)
-    if at is None or not all(isinstance(step, transforms.Normalize) for step in steps[at + 1:]):
-        return Pixels(transform)
-    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # 1 × 256 pixels: every value
-    table = transforms.Compose(steps[at:])(Image.fromarray(ramp, "RGB"))
-    return Pixels(UpToTensor(steps[:at]), table.reshape(3, 256).float().contiguous())
-
-
-class PilImages:
-    """A map-style dataset of (index, transformed tensor or None, error) for a torch DataLoader.
-
-    With ``views`` > 0 each item is ``views`` augmentations of the image, each seeded by the image's
-    index and the view's number, so results do not depend on batching or workers.
-    """
-
-    def __init__(self, paths: Sequence[Path], transform: Callable, views: int, seed: int, upright: bool = False) -> None:
-        self.paths, self.transform, self.views, self.seed, self.upright = paths, transform, views, seed, upright
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> Item:
-        import torch
-
-        try:
-            image = _open_rgb(self.paths[index], self.upright)
-        except (OSError, ValueError, SyntaxError) as error:
-            return index, None, str(error).split("\n")[0] or type(error).__name__
-        if self.views == 0:
-            return index, self.transform(image), None
-        tensors = []
-        for view in range(self.views):
-            torch.manual_seed((self.seed * 1_000_003 + index) * 1_009 + view)  # the view's own augmentation
-            tensors.append(self.transform(image))
-        return index, torch.stack(tensors), None
+ON_GPU, ON_PIL = Setting("decode", "gpu"), Setting("decode", "pil")
 
 
 class RawBytes:
@@ -234,7 +44,7 @@ class RawBytes:
                 size = file.readinto(data)
             return index, np.frombuffer(data, dtype=np.uint8, count=size), None
         except OSError as error:
-            return index, None, str(error).split("\n")[0] or type(error).__name__
+            return index, None, first_line(error)
 
 
 def read_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], threads: int,
@@ -266,40 +76,6 @@ def read_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], thread
             yield Batch.collate([item for future in queued.popleft() for item in future.result()])
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-LOADER_TENSORS = 32  # about how many image tensors a loader worker hands over at a time
-
-
-def pieces(batches: Sequence[Sequence[int]], views: int) -> list[list[int]]:
-    """The batches cut into what a loader worker hands over at a time: about :data:`LOADER_TENSORS` tensors."""
-    step = _piece_images(views)
-    return [list(batch[start:start + step]) for batch in batches for start in range(0, len(batch), step)]
-
-
-def _piece_images(views: int) -> int:
-    return max(1, LOADER_TENSORS // max(views, 1))
-
-
-def pil_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], transform: Callable, views: int, seed: int,
-                workers: int, device, upright: bool = False) -> Iterator["Batch"]:
-    """The given batches, decoded by PIL (``upright``: turned by their EXIF orientation) and ``transform``
-    (see :class:`PilImages`) in ``workers`` loader processes (no more than there are pieces to decode), each
-    on ``device``.
-
-    Workers decode pieces of about :data:`LOADER_TENSORS` tensors, which are joined back into the
-    batches here: with a whole batch a worker, 16 workers given 256 images each would deliver nothing
-    for seconds, then everything at once, and the encoder would wait, then the workers.
-    """
-    import torch
-
-    step, sampler = _piece_images(views), pieces(batches, views)
-    loader = torch.utils.data.DataLoader(PilImages(paths, transform, views, seed, upright), batch_sampler=sampler,
-                                         num_workers=min(workers, len(sampler)), collate_fn=Batch.collate,
-                                         pin_memory=torch.device(device).type == "cuda")
-    decoded = iter(loader)
-    for batch in batches:
-        yield Batch.join([next(decoded).to(device) for _ in range(0, len(batch), step)])
 
 
 def decoded_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], threads: int, encoder,
@@ -371,48 +147,6 @@ def decoded_batches(paths: Sequence[Path], batches: Sequence[Sequence[int]], thr
         decoding.join()
 
 
-@dataclass(frozen=True)
-class Batch:
-    """A batch from the loader: each image's index and why it could not be read (None when it could),
-    and the readable images in order. Image tensors travel stacked in one tensor, so a loader worker
-    passes one shared-memory segment per batch, not one file descriptor per image; raw bytes travel
-    as a list of arrays."""
-
-    indices: list[int]
-    errors: list[str | None]
-    images: Any  # tensor (readable images × …), or list of uint8 arrays
-
-    @classmethod
-    def collate(cls, items: list[Item]) -> "Batch":
-        """The loader's collate function (run in its workers), and :func:`read_batches`'."""
-        import torch
-
-        data = [value for _, value, error in items if error is None]
-        images = torch.stack(data) if data and isinstance(data[0], torch.Tensor) else data
-        return cls([index for index, _, _ in items], [error for _, _, error in items], images)
-
-    @classmethod
-    def join(cls, parts: list["Batch"]) -> "Batch":
-        """Consecutive batches as one, in order."""
-        import torch
-
-        tensors = [part.images for part in parts if isinstance(part.images, torch.Tensor) and len(part.images)]
-        images = torch.cat(tensors) if tensors else [image for part in parts for image in part.images]
-        return cls([i for part in parts for i in part.indices], [e for part in parts for e in part.errors], images)
-
-    def to(self, device) -> "Batch":
-        """The batch with its image tensor on ``device`` (copied asynchronously from pinned memory)."""
-        return replace(self, images=self.images.to(device, non_blocking=True)) if hasattr(self.images, "to") else self
-
-    @property
-    def readable(self) -> list[int]:
-        return [index for index, error in zip(self.indices, self.errors) if error is None]
-
-    def pin_memory(self) -> "Batch":
-        """Called by the loader's pinning thread (on CUDA): the stacked images in page-locked memory."""
-        return replace(self, images=self.images.pin_memory()) if hasattr(self.images, "pin_memory") else self
-
-
 def is_jpeg(data: np.ndarray) -> bool:
     return data.size > 3 and data[:3].tobytes() == b"\xff\xd8\xff"
 
@@ -474,8 +208,9 @@ def jpeg_decoder(device: str) -> JpegDecoder:
                 return replace(decoder, turns=tuple(image.shape) == (3, 16, 8))
             failures.append(f"{decoder.name}: a {tuple(image.shape)} image on {image.device}")
         except Exception as failure:  # noqa: BLE001 - a missing library, another ABI, no nvJPEG: try the next
-            failures.append(f"{library}: {str(failure).splitlines()[0] if str(failure) else type(failure).__name__}")
-    raise ApecliError(f"--decode gpu: no JPEG decoder works on {device} ({'; '.join(failures)}); use --decode pil")
+            failures.append(f"{library}: {first_line(failure)}")
+    raise ApecliError(f"{ON_GPU}: no JPEG decoder works on {device} ({'; '.join(failures)}); use {ON_PIL}", ON_GPU,
+                      ON_PIL)
 
 
 def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixels, upright: bool = False) -> Batch:
@@ -498,7 +233,7 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixel
         to_turn = {index: UNDO.get(turn, turn) if decoder.turns else turn for index, turn in read if turn != 1}
 
     def resized(images: dict) -> dict:
-        return resize_crop({index: _upright(image, to_turn.get(index, 1)) for index, image in images.items()}, encoder)
+        return resize_crop({index: turn_upright(image, to_turn.get(index, 1)) for index, image in images.items()}, encoder)
 
     ready = _decode_jpegs(decoder.decode, jpegs, device, resized)
     errors, tensors = list(batch.errors), []
@@ -509,9 +244,9 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixel
             tensors.append(ready[index])
             continue
         try:  # not a JPEG, or not one the decoder reads: the faithful path
-            tensors.append(pixels.on_image(_open_rgb(paths[index], upright)).to(device))
+            tensors.append(pixels.on_image(open_rgb(paths[index], upright)).to(device))
         except (OSError, ValueError, SyntaxError) as failure:
-            errors[position] = str(failure).split("\n")[0] or type(failure).__name__
+            errors[position] = first_line(failure)
     images = torch.stack(tensors) if tensors else torch.empty((0, 3, *encoder.image_size), dtype=torch.uint8, device=device)
     return Batch(batch.indices, errors, images)
 
@@ -541,12 +276,12 @@ def device_decoder(encoder) -> JpegDecoder:
     cannot serve it: it resizes in open_clip's ``shortest`` (to a square) and ``squash`` modes, bicubic
     or bilinear, as the model's config says, and needs a decoder that works on the encoder's device."""
     if split_transform(encoder.eval_transform).table is None:
-        raise ApecliError(f"--decode gpu needs {encoder.name}'s evaluation transform to end in ToTensor and Normalize; "
-                          "use --decode pil")
+        raise ApecliError(f"{ON_GPU} needs {encoder.name}'s evaluation transform to end in ToTensor and Normalize; "
+                          f"use {ON_PIL}", ON_GPU, ON_PIL)
     mode = encoder.preprocess_config.get("resize_mode", "shortest")
     if mode not in ("shortest", "squash") or mode == "shortest" and encoder.image_size[0] != encoder.image_size[1]:
-        raise ApecliError(f"--decode gpu does not do {encoder.name}'s '{mode}' resizing to {list(encoder.image_size)}; "
-                          "use --decode pil")
+        raise ApecliError(f"{ON_GPU} does not do {encoder.name}'s '{mode}' resizing to {list(encoder.image_size)}; "
+                          f"use {ON_PIL}", ON_GPU, ON_PIL)
     return jpeg_decoder(str(encoder.device))
 
 

@@ -1,4 +1,4 @@
-"""The feature set every stage reads: text classifier, few-shot caches, validation and test features.
+"""The ``features`` kind: the feature set every stage reads, and how it is stored.
 
 Conventions (all arrays are numpy, one row per item):
 - ``classifier``: C × D, the text classifier W transposed (one L2-normalised row per class);
@@ -6,8 +6,10 @@ Conventions (all arrays are numpy, one row per item):
   views V × (C·K) × D whose mean gave the keys;
 - ``splits["val"]``, ``splits["test"]``: N × D features with their labels.
 Floating arrays keep the dtype they were given (float16 caches stay float16); the math casts up.
-"""
 
+This module owns the kind's array names and metadata keys (docs/cache-format.md, ``features``): other
+modules read a feature set through :class:`FeatureSet` and a header through :class:`FeaturesHeader`.
+"""
 from __future__ import annotations
 
 import random
@@ -18,11 +20,14 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from apecli import store
-from apecli.errors import ApecliError
+from apecli.checks import check_at_least
+from apecli.errors import ApecliError, InputError, Step
+from apecli.methods.base import Task
 
 KIND = "features"
 SPLITS = ("val", "test")
-TEST_SET_HINT = " (a test set only: score an evaluated model on it with apecli transfer)"
+TEST_SET_HINT = f" (a test set only: score an evaluated model on it with {Step('transfer')})"
+PLACEHOLDERS = "placeholders"  # provenance["class_names"] of an import that named no class: class_0, class_1, …
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,135 @@ class LabelledFeatures:
 
 
 @dataclass(frozen=True)
-class FeatureSet:
+class EncoderRecord:
+    """What a feature set records of the encoder that made it (all of it optional: an import may name a
+    model alone, or nothing)."""
+
+    name: str | None = None  # as the encoder calls itself, or as an import named it
+    model: str | None = None  # the open_clip model name, a config's name, hf-hub:…, local-dir:…
+    pretrained: str | None = None  # an open_clip tag, a checkpoint's path, "none", "with the model"
+    checkpoint_sha256: str | None = None
+    model_config_sha256: str | None = None
+    model_config: Mapping[str, Any] | None = None  # a model config given as a JSON file, kept whole
+    quick_gelu: bool = False  # QuickGELU turned on because the weights were trained with it
+    precision: str | None = None
+
+    @classmethod
+    def of(cls, model: Mapping[str, Any]) -> "EncoderRecord":
+        config = model.get("model_config")
+        return cls(*(_text_or_none(model.get(key)) for key in ("name", "model", "pretrained", "checkpoint_sha256",
+                                                               "model_config_sha256")),
+                   config if isinstance(config, Mapping) else None, bool(model.get("quick_gelu", False)),
+                   _text_or_none(model.get("precision")))
+
+    @property
+    def recorded(self) -> bool:
+        return any(value is not None for value in (self.name, self.model, self.pretrained))
+
+    @property
+    def display_name(self) -> str:
+        """What tables call it: its name, else its model, else ``unknown``."""
+        return self.name or self.model or "unknown"
+
+    @property
+    def extracted(self) -> bool:
+        """Whether it can encode new images as it encoded these (extracted here: model and weights known)."""
+        return self.model is not None and self.pretrained is not None
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+class Described:
+    """What a feature set's metadata says, read the same way from a loaded feature set or from a header."""
+
+    dataset: str | None
+    model: Mapping[str, Any]
+    provenance: Mapping[str, Any]
+
+    @property
+    def encoder(self) -> EncoderRecord:
+        return EncoderRecord.of(self.model)
+
+    @property
+    def seed(self) -> int:
+        """The few-shot draw's seed (1 where none is recorded: imports)."""
+        return int(self.provenance.get("seed", 1))
+
+    @property
+    def extracted(self) -> bool:
+        """Whether ``apecli extract`` made it (from images, by the protocol's seeded draw)."""
+        return self.provenance.get("source") == "extract"
+
+    @property
+    def exif_orientation(self) -> bool:
+        """Whether its images were turned upright by their EXIF orientation tag when encoded."""
+        return bool(self.provenance.get("exif_orientation", False))
+
+    @property
+    def unnamed_classes(self) -> bool:
+        """Whether its class names are placeholders (class_0, class_1, …: an import that named none)."""
+        return self.provenance.get("class_names") == PLACEHOLDERS
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return tuple(self.provenance.get("notes", ()))
+
+    @property
+    def skipped(self) -> tuple[dict[str, str], ...]:
+        """The unreadable images an extraction left out: split, path and error of each."""
+        return tuple(self.provenance.get("skipped", ()))
+
+    @property
+    def request_id(self) -> str | None:
+        """The hash of the extraction request that made it (extracted sets)."""
+        return self.provenance.get("request_id")
+
+    @property
+    def evaluation_request_id(self) -> str | None:
+        """The hash of that request without its few-shot draw: sets that share it share validation and test."""
+        return self.provenance.get("evaluation_request_id")
+
+    @property
+    def jpeg_decoder(self) -> str | None:
+        return self.provenance.get("jpeg_decoder")
+
+    @property
+    def software(self) -> Mapping[str, str]:
+        return self.provenance.get("software", {})
+
+
+@dataclass(frozen=True)
+class FeaturesHeader(Described):
+    """A features artifact's header, read without its arrays."""
+
+    dataset: str | None
+    model: Mapping[str, Any]
+    provenance: Mapping[str, Any]
+    num_classes: int
+    dim: int
+    shots: tuple[int, ...]
+    splits: Mapping[str, int]
+    artifact: store.Artifact
+
+    @classmethod
+    def of(cls, artifact: store.Artifact) -> "FeaturesHeader":
+        meta = artifact.metadata
+        return cls(meta.get("dataset"), meta.get("model", {}), meta.get("provenance", {}), int(meta.get("num_classes", 0)),
+                   int(meta.get("dim", 0)), tuple(int(k) for k in meta.get("shots", ())), dict(meta.get("splits", {})),
+                   artifact)
+
+    def describe(self) -> str:
+        """One line on what it holds (``apecli ls``)."""
+        held = f"shots {list(self.shots)}" if self.shots else "a test set only"
+        if self.shots and self.extracted:  # which draw of the protocol's seeds
+            held += f" (seed {self.seed})"
+        return f"{self.num_classes} classes × {self.dim} ch, {held}, model {self.encoder.display_name}"
+
+
+@dataclass(frozen=True)
+class FeatureSet(Described):
     """Everything APE needs about one dataset under one model."""
 
     class_names: tuple[str, ...]
@@ -99,15 +232,25 @@ class FeatureSet:
         benchmark has its own validation draw, and the images kept for N are among those kept for N + 1."""
         if shots is None:
             return self
-        if shots < 1:
-            raise ApecliError(f"--val-shots must be at least 1, got {shots}")
+        check_at_least("val_shots", shots)
         val = self.split("val")
-        rng = random.Random(int(self.provenance.get("seed", 1)))
+        rng = random.Random(self.seed)
         draws = np.array([rng.random() for _ in range(val.labels.shape[0])])
         per_class = (np.flatnonzero(val.labels == label) for label in range(self.num_classes))
         kept = np.sort(np.concatenate([rows[np.argsort(draws[rows], kind="stable")[:shots]] for rows in per_class]))
         cut = LabelledFeatures(val.features[kept], val.labels[kept], None if val.paths is None else val.paths[kept])
         return replace(self, splits={**self.splits, "val": cut})
+
+    def task(self, shots: int | None = None, val_shots: int | None = None, device: str = "cpu") -> Task:
+        """The few-shot task of its ``shots``-shot cache (default: the largest) and its validation split,
+        cut to ``val_shots`` images a class (:meth:`with_validation_shots`), for a method on ``device``
+        (resolved already: see :func:`apecli.devices.resolve`)."""
+        features = self.with_validation_shots(val_shots)
+        shots, cache = features.cache(shots)
+        val = features.split("val")
+        views = cache.views if cache.views is not None else (lambda: self.views(shots))
+        return Task(self.classifier, cache.keys, cache.labels, val.features, val.labels, self.class_names, shots,
+                    self.seed, device, views, self.dataset, self.name)
 
     def _test_set_hint(self) -> str:
         """What to do with a feature set that is a test split alone (ImageNet-R, …), said in a refusal."""
@@ -126,7 +269,7 @@ class FeatureSet:
             _check_views(f"{shots}-shot views", views, cache.keys.shape)
             _check_values(f"{shots}-shot views", views, self.dim)
         except ApecliError as error:
-            raise ApecliError(f"{self.name}: {error}") from None
+            raise error.within(f"{self.name}: ") from None
         return views
 
     def validate(self) -> "FeatureSet":
@@ -273,7 +416,7 @@ def load_features(source: str | Path | store.Artifact, *, with_views: bool = Fal
     """Read a features artifact (views stay on disk unless ``with_views``) and validate it."""
     artifact = source if isinstance(source, store.Artifact) else store.open_artifact(source, [KIND])
     if artifact.kind != KIND:
-        raise ApecliError(f"{artifact.path}: is an artifact of kind '{artifact.kind}', expected '{KIND}'")
+        raise InputError(artifact.path, f"is an artifact of kind '{artifact.kind}', expected '{KIND}'")
     caches = {}
     for shots in artifact.metadata.get("shots", []):
         views = artifact.read(f"cache/{shots}/views") if with_views and f"cache/{shots}/views" in artifact else None
@@ -300,4 +443,13 @@ def load_features(source: str | Path | store.Artifact, *, with_views: bool = Fal
     try:
         return features.validate()
     except ApecliError as error:
-        raise ApecliError(f"{artifact.path}: {error}") from None
+        raise error.within(f"{artifact.path}: ") from None
+
+
+def features_of(artifact: store.Artifact) -> FeatureSet:
+    """The feature set at the root of an artifact's parents (each checked unchanged), without its views."""
+    while artifact.kind != KIND:
+        if not artifact.parents:
+            raise InputError(artifact.path, "leads to no features artifact")
+        artifact = artifact.parent(artifact.parents[0].kind)
+    return load_features(artifact, with_views=False)
