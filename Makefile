@@ -3,14 +3,18 @@ VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install test demo bench
+.PHONY: install test demo bench docs
 
 install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -e '.[test]'
 
 test:
+	$(BIN)/lint-imports
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+docs:  # the command reference, from the command line's own help (tests/test_docs.py checks it is current)
+	$(BIN)/python -m typer apecli.cli.app utils docs --name apecli --title "apecli command reference" --output docs/cli.md
 
 demo:
 	HF_HUB_OFFLINE=1 $(BIN)/apecli demo --store caches-demo
