@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from apecli.version import __version__
+from apecli.version import __version__ as __version__
 
 _PUBLIC = {  # name → the module that defines it
     "ApecliError": "apecli.errors",

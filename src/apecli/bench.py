@@ -150,7 +150,8 @@ def run_bench(
                         progress(done[cell], True)
                     continue
                 start = time.perf_counter()
-                features = features or load_features(artifact)
+                if features is None:
+                    features = load_features(artifact)
                 evaluation = scored(method.create(Options(ks=chosen_k)), features, count, val_shots, on)
                 row = _row(artifact, count, method.name, evaluation, time.perf_counter() - start)
                 rows = [kept for kept in rows if _cell(kept) != _cell(row)] + [row]  # replaces an outdated cell

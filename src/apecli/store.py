@@ -217,6 +217,14 @@ def open_artifact(path: str | os.PathLike[str], kinds: Iterable[str] | None = No
                     dict(sorted(shapes.items())), _text(attrs.get("created")), _text(attrs.get("writer")))
 
 
+def opened(source: "str | os.PathLike[str] | Artifact", kind: str) -> Artifact:
+    """The artifact ``source`` is, or the one its path opens as, refused in one line unless of ``kind``."""
+    artifact = source if isinstance(source, Artifact) else open_artifact(source, [kind])
+    if artifact.kind != kind:
+        raise InputError(artifact.path, f"is an artifact of kind '{artifact.kind}', expected '{kind}'")
+    return artifact
+
+
 def _dtype(dataset) -> str:
     """A dataset's element type in numpy's words; 'str' for the string arrays apecli writes."""
     return "str" if dataset.attrs.get("encoding-type") == "string-array" else str(dataset.dtype)

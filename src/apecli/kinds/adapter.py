@@ -70,9 +70,7 @@ def save_fit(result: FitResult, features: FeatureSet, destination: Path | Callab
 
 def load_fit(source: str | Path | store.Artifact) -> tuple[FitResult, FeatureSet]:
     """Read a fitted adapter and the feature set it was fitted on (checked unchanged)."""
-    artifact = source if isinstance(source, store.Artifact) else store.open_artifact(source, [KIND])
-    if artifact.kind != KIND:
-        raise InputError(artifact.path, f"is an artifact of kind '{artifact.kind}', expected '{KIND}'")
+    artifact = store.opened(source, KIND)
     features = load_features(artifact.parent("features"))
     header = AdapterHeader.of(artifact)
     adapter = Adapter(read_channels(artifact, features.dim), artifact.read("residual"), artifact.read("value_weights"),

@@ -160,8 +160,12 @@ class EvaluationRecord:
         stored = {name[len(LEARNED):]: _reader(artifact, name) for name in artifact.names if name.startswith(LEARNED)}
         if CHANNELS in artifact:
             stored[CHANNELS] = _reader(artifact, CHANNELS)
-        if isinstance(meta.get("hyperparameters"), Mapping):
-            hyperparameters = {str(name): float(value) for name, value in meta["hyperparameters"].items()}
+        if "hyperparameters" in meta:
+            try:
+                hyperparameters = {str(name): float(value) for name, value in meta["hyperparameters"].items()}
+            except (AttributeError, TypeError, ValueError):
+                raise InputError(artifact.path, "its header is damaged (hyperparameters that are not a map of "
+                                                "names to numbers)") from None
             return cls(artifact, meta, hyperparameters, stored)
         # Written before hyperparameters were recorded by name: they are the summary's α, β, γ and λ, and an
         # evaluated adapter's arrays are in the adapter.

@@ -414,9 +414,7 @@ def _optional(artifact: store.Artifact, name: str) -> np.ndarray | None:
 
 def load_features(source: str | Path | store.Artifact, *, with_views: bool = False) -> FeatureSet:
     """Read a features artifact (views stay on disk unless ``with_views``) and validate it."""
-    artifact = source if isinstance(source, store.Artifact) else store.open_artifact(source, [KIND])
-    if artifact.kind != KIND:
-        raise InputError(artifact.path, f"is an artifact of kind '{artifact.kind}', expected '{KIND}'")
+    artifact = store.opened(source, KIND)
     caches = {}
     for shots in artifact.metadata.get("shots", []):
         views = artifact.read(f"cache/{shots}/views") if with_views and f"cache/{shots}/views" in artifact else None

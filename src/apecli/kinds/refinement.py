@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from apecli import store
-from apecli.errors import ApecliError, InputError
+from apecli.errors import ApecliError
 from apecli.kinds.features import FeatureSet, load_features
 from apecli.methods.ape import checked_channels
 
@@ -76,9 +76,7 @@ def read_channels(artifact: store.Artifact, dim: int) -> np.ndarray:
 
 def load_refinement(source: str | Path | store.Artifact) -> tuple[Refinement, FeatureSet]:
     """Read a refinement artifact and the feature set it was computed from (checked unchanged)."""
-    artifact = source if isinstance(source, store.Artifact) else store.open_artifact(source, [KIND])
-    if artifact.kind != KIND:
-        raise InputError(artifact.path, f"is an artifact of kind '{artifact.kind}', expected '{KIND}'")
+    artifact = store.opened(source, KIND)
     features = load_features(artifact.parent("features"))
     header = RefinementHeader.of(artifact)
     refinement = Refinement(read_channels(artifact, features.dim), artifact.read("criterion"), header.shots,

@@ -250,8 +250,7 @@ class APET(Method):
 
     @classmethod
     def settings_tried(cls, grid: SearchGrid) -> int:
-        betas, alphas, _ = grid.shape
-        return betas * alphas
+        return grid.beta_alpha_size
 
     def fit(self, task: Task) -> dict[str, float]:
         """Train the adapter where none was given, then search β × α on validation (no γ)."""

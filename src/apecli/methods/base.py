@@ -48,18 +48,18 @@ class Task:
         self.val_labels = np.asarray(val_labels, dtype=np.int64)
         self.class_names = tuple(class_names)
         self.shots, self.seed, self.device, self.dataset, self.source = int(shots), int(seed), device, dataset, source
-        self._views = views
+        self._views, self._views_read = views, False
 
     @property
     def views(self) -> np.ndarray | None:
         """The augmented views of the cache's images as float32 (V × N × D), or None."""
-        if callable(self._views):
-            views = self._views()
+        if not self._views_read:
+            views = self._views() if callable(self._views) else self._views
             if views is not None:
                 views = np.asarray(views, dtype=np.float32)
                 if not np.isfinite(views).all():
                     raise ApecliError(f"{self.source}: the {self.shots}-shot views contain NaN or infinite values")
-            self._views = views
+            self._views, self._views_read = views, True
         return self._views
 
     @property
@@ -69,12 +69,6 @@ class Task:
     @property
     def dim(self) -> int:
         return int(self.text.shape[1])
-
-    def array(self, name: str) -> np.ndarray | None:
-        """One of the arrays ``task_state`` may name (:data:`TASK_ARRAYS`)."""
-        if name not in TASK_ARRAYS:
-            raise ApecliError(f"a task has no array '{name}'; a method's task_state names some of {', '.join(TASK_ARRAYS)}")
-        return getattr(self, name)
 
 
 def at_least_float32(array: np.ndarray) -> np.ndarray:

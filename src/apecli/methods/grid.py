@@ -92,6 +92,11 @@ class SearchGrid:
         return math.prod(self.shape)
 
     @property
+    def beta_alpha_size(self) -> int:
+        """How many (β, α) settings it tries: the search of a cache without γ (the Tip-Adapter family)."""
+        return self.shape[0] * self.shape[1]
+
+    @property
     def given(self) -> dict[str, float]:
         """The fixed values by name (alpha, beta, gamma), for the record."""
         return {name: float(value) for name, value in zip(("beta", "alpha", "gamma"), self.fixed) if value is not None}

@@ -26,8 +26,7 @@ class TipAdapter(Method):
 
     @classmethod
     def settings_tried(cls, grid: SearchGrid) -> int:
-        betas, alphas, _ = grid.shape
-        return betas * alphas
+        return grid.beta_alpha_size
 
     def fit(self, task: Task) -> dict[str, float]:
         import torch
