@@ -18,6 +18,7 @@ from apecli.devices import resolve
 from apecli.errors import InputError, Setting, SettingError, Step
 from apecli.kinds.evaluation import CHANNELS, NAMED, RESERVED, SYMBOLS, Evaluation, class_accuracy, save_evaluation
 from apecli.kinds.features import FeatureSet, load_features
+from apecli.kinds.refinement import RefinementHeader
 from apecli.methods import registry
 from apecli.methods.ape import APE
 from apecli.methods.ape_t import APET, FitResult
@@ -148,7 +149,7 @@ def evaluate_artifact(
             f" (an adapter's is set when fitting it: {Step('fit')} with {Setting('k')})" if "adapter" in method.reads
             else ""))
     if ks and artifact.kind == "refinement":
-        raise InputError(artifact.path, f"a refinement has chosen its k ({artifact.metadata.get('k')}); evaluate "
+        raise InputError(artifact.path, f"a refinement has chosen its k ({RefinementHeader.of(artifact).k}); evaluate "
                                         "its features artifact to choose k on validation")
     given = grid.given if grid is not None else {}
     unknown = [name for name in given if name not in method.given]

@@ -359,6 +359,7 @@ def transfer(
 ) -> None:
     """Test an evaluated model, unchanged, on other feature sets' test splits (distribution shift)."""
     from apecli.kinds.evaluation import EvaluationRecord
+    from apecli.kinds.transfer import TransferRecord
     from apecli.transfer import save_transfer
     from apecli.transfer import transfer as run_transfer
 
@@ -376,7 +377,7 @@ def transfer(
         table.add_row(result.dataset or Path(result.artifact).name, str(result.classes), f"{result.total:,}",
                       f"{result.accuracy:.2f}")
     console.print(table)
-    emit(saved, dict(saved.metadata), as_json)
+    emit(saved, TransferRecord.read(saved).summary(), as_json)
 
 
 @app.command()

@@ -74,6 +74,10 @@ class TransferRecord:
         return cls(artifact, meta.get("mode"), meta.get("dataset"), meta.get("shots"), meta.get("source_test_accuracy"),
                    targets)
 
+    def summary(self) -> dict:
+        """The JSON-ready record, as ``apecli transfer --json`` prints it (less the artifact's path)."""
+        return dict(self.artifact.metadata)
+
     def describe(self) -> str:
         return f"{self.mode} on " + ", ".join(f"{t.dataset} {t.test_accuracy:.2f}%" for t in self.targets)
 
