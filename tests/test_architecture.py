@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import ast
 import re
-import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import tomllib
 from typer.testing import CliRunner
 
 from apecli.checks import check_at_least, check_k

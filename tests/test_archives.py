@@ -142,7 +142,7 @@ def _odd_module():
     return Odd
 
 
-def test_an_archive_the_reader_does_not_know_loads_through_torchscript_while_it_exists(tmp_path, monkeypatch):
+def test_an_archive_the_reader_does_not_know_loads_through_torchscript_only_when_trusted(tmp_path, monkeypatch):
     import torch
 
     from apecli.encoder import _load_openai_archive
@@ -152,13 +152,16 @@ def test_an_archive_the_reader_does_not_know_loads_through_torchscript_while_it_
     archive = _save(saved, tmp_path / "odd.pt")
     with pytest.raises(UnreadableArchive, match="pickles its state as tuple"):
         read_weights(archive)
+    with pytest.raises(ApecliError, match="odd.pt: not an OpenAI CLIP archive apecli can read .module __torch__[.].*Odd "
+                                          "pickles its state as tuple.*would run the code it holds"):
+        _load_openai_archive(odd(), archive, "odd")  # TorchScript runs a file's code: only when asked
     fresh = odd()
-    _load_openai_archive(fresh, archive, "odd")
+    _load_openai_archive(fresh, archive, "odd", trust_torchscript=True)
     assert torch.equal(fresh.weight, saved.weight)
 
     monkeypatch.delattr(torch.jit, "load")  # a torch without TorchScript
     with pytest.raises(ApecliError, match="odd.pt: not an OpenAI CLIP archive apecli can read .module __torch__[.].*Odd pickles its state as tuple"):
-        _load_openai_archive(odd(), archive, "odd")
+        _load_openai_archive(odd(), archive, "odd", trust_torchscript=True)
 
 
 def test_a_known_archive_needs_no_torchscript(tmp_path, monkeypatch):

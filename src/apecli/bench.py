@@ -64,14 +64,24 @@ def common_shots(artifacts: Sequence[store.Artifact]) -> tuple[int, ...]:
     return tuple(sorted(common))
 
 
+CELL = {"content_id": str, "shots": int, "mode": str, "test_accuracy": (int, float)}  # what every row holds
+
+
 def read_results(out: Path) -> list[dict[str, Any]]:
+    """The rows an earlier run wrote to ``out``, checked to be what bench writes."""
     path = Path(out) / "results.json"
     if not path.is_file():
         return []
     try:
-        return list(json.loads(path.read_text()))
-    except ValueError:
-        raise ApecliError(f"{path}: not valid JSON; move it away to start the benchmark afresh") from None
+        rows = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise InputError(path, "not valid JSON; move it away to start the benchmark afresh") from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) and all(isinstance(row.get(key), kinds)
+                                                                           for key, kinds in CELL.items())
+                                             for row in rows):
+        raise InputError(path, "not the results bench writes (a list of rows, each with its content_id, shots, mode "
+                               "and test_accuracy); move it away to start the benchmark afresh")
+    return rows
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -158,6 +168,9 @@ def run_bench(
                 write_results(out, rows)
                 if progress is not None:
                     progress(row, False)
+    table, results = Path(out) / "results.csv", Path(out) / "results.json"
+    if results.is_file() and (not table.is_file() or table.stat().st_mtime < results.stat().st_mtime):
+        write_results(out, rows)  # the table lost since, or left behind by a full disk: written again
     return rows
 
 

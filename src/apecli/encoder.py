@@ -102,6 +102,7 @@ class EncoderSpec:
     pretrained: str | None = None
     device: str = "auto"  # auto: CUDA when present
     precision: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    trust_torchscript: bool = False  # read an archive the weights reader refuses as TorchScript, which runs its code
 
     def identity(self) -> dict[str, Any]:
         """What makes features of this encoder what they are, computed without building the model."""
@@ -409,7 +410,7 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
                 name, pretrained=None if archive else pretrained, precision=spec.resolved_precision(),
                 device=spec.resolved_device(), force_quick_gelu=spec.forces_quick_gelu())
         if archive:  # open_clip reads state dicts only: the archive's weights, by OpenAI's names (open_clip's too)
-            _load_openai_archive(model, Path(pretrained), name)
+            _load_openai_archive(model, Path(pretrained), name, spec.trust_torchscript)
     except ApecliError:
         raise
     except Exception as error:  # downloads and checkpoint loading raise many types
@@ -438,14 +439,21 @@ def _load_with_files(spec: EncoderSpec) -> Encoder:
     return Encoder(spec, model, eval_transform, tokenizer, spec.model)
 
 
-def _load_openai_archive(model, path: Path, name: str) -> None:
-    """Load the weights of an OpenAI CLIP archive into ``model``, refusing ones of another architecture."""
+def _load_openai_archive(model, path: Path, name: str, trust_torchscript: bool = False) -> None:
+    """Load the weights of an OpenAI CLIP archive into ``model``, refusing ones of another architecture.
+    An archive the weights reader (which runs nothing the file holds) cannot read is refused, unless
+    ``trust_torchscript`` says to load it as TorchScript, which runs the code it holds."""
     from apecli.archives import UnreadableArchive, read_weights
 
     try:
         state = read_weights(path)
     except UnreadableArchive as unreadable:
-        state = _load_with_torchscript(path, f"{path}: not an OpenAI CLIP archive apecli can read ({unreadable})")
+        refusal = f"{path}: not an OpenAI CLIP archive apecli can read ({unreadable})"
+        if not trust_torchscript:
+            trust = Setting("trust_torchscript", True)
+            raise ApecliError(f"{refusal}; loading it as TorchScript would run the code it holds: pass {trust} only "
+                              "for a file you trust", trust, path=path) from None
+        state = _load_with_torchscript(path, refusal)
     for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI's, not weights
         state.pop(key, None)
     try:

@@ -22,8 +22,7 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     disk, a read-only folder) stays an ``OSError``, so that work kept for resuming stays too, but it
     names ``path``, not the temporary file."""
     path = Path(path)
-    if path.is_dir():
-        raise InputError(path, "is a folder; give the path of a file to write")
+    _check_replaceable(path)
     temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         yield temporary
@@ -33,6 +32,26 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
         if isinstance(error, OSError):
             raise OSError(error.errno, error.strerror or first_line(error), str(path)) from None
         raise
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to put a file where something other than a regular file is (a folder, a symbolic link, a
+    device, a FIFO): replacing it would destroy it, or write where the link points."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise InputError(path, f"cannot be written ({error.strerror or first_line(error)})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(path, "is a folder; give the path of a file to write")
+    if stat.S_ISLNK(mode):
+        raise InputError(path, "is a symbolic link; give the path of a file to write (nothing was written)")
+    if not stat.S_ISREG(mode):
+        raise InputError(path, "is not a regular file (a device, a FIFO or a socket); give the path of a file to "
+                               "write (nothing was written)")
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

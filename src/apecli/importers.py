@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import zipfile
 from dataclasses import dataclass, replace
@@ -39,8 +40,15 @@ def _load_tensor(path: Path) -> np.ndarray:
 
     if not path.is_file():
         raise ApecliError(f"{path}: no such file")
+    if zipfile.is_zipfile(path):
+        _check_declared_sizes(path, _zip_sizes(path))
     try:
         value = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only's refusal: the file pickles more than tensors
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise ApecliError(f"{path}: not a readable tensor file: it holds Python objects other than tensors{what}, "
+                          "which apecli does not unpickle (a file of features holds tensors only)") from None
     except Exception as error:  # torch raises many types for a damaged or foreign file
         reason = first_line(error, 160)
         raise ApecliError(f"{path}: not a readable tensor file ({reason})") from None
@@ -49,6 +57,48 @@ def _load_tensor(path: Path) -> np.ndarray:
     if value.dtype == torch.bfloat16:
         value = value.float()
     return value.detach().cpu().numpy()
+
+
+def _zip_sizes(path: Path) -> dict[str, int]:
+    """What each member of a zip file says it holds once decompressed."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {entry.filename: entry.file_size for entry in archive.infolist()}
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return {}  # what reads it says what is wrong
+
+
+def _npy_sizes(archive) -> dict[str, int]:
+    """The bytes each array of an open ``.npz`` declares in its header, without reading its values."""
+    sizes = {}
+    for name in archive.files:
+        with archive.zip.open(f"{name}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(member)
+        if dtype.hasobject:
+            raise ValueError(f"'{name}' holds Python objects, which apecli does not unpickle")
+        sizes[name] = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    return sizes
+
+
+def _check_declared_sizes(path: Path, sizes: dict[str, int]) -> None:
+    """Refuse a file that declares more than this machine could hold (a zip bomb, a forged header) before
+    anything is read: it is said so, not taken for running out of memory."""
+    total, available = sum(sizes.values()), _available_memory()
+    if available is not None and total > available:
+        largest = max(sizes, key=sizes.get)
+        raise InputError(path, f"declares {total / 1e9:,.1f} GB of arrays ('{largest}' alone {sizes[largest] / 1e9:,.1f} "
+                               f"GB), more than the {available / 1e9:,.1f} GB this machine has available: an impossible "
+                               "size for a file of features, or a damaged one")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as info:
+            return next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def _as_features(array: np.ndarray, what: str, ndim: int = 2) -> np.ndarray:
@@ -290,6 +340,7 @@ def import_npz(
         raise ApecliError(f"{path}: not a readable .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
+            _check_declared_sizes(path, _npy_sizes(archive))
             arrays = {name: archive[name] for name in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         raise InputError(path, f"not a readable .npz file ({first_line(error, 160)})") from None

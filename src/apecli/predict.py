@@ -25,6 +25,7 @@ from apecli.files import file_sha256
 from apecli.kinds.evaluation import EvaluationRecord
 from apecli.kinds.features import FeatureSet, features_of
 from apecli.methods import registry
+from apecli.store import plain_name, shown
 
 __all__ = ["Classifier", "Prediction", "encoder_spec", "features_of", "image_files", "load_classifier", "predict"]
 
@@ -85,6 +86,9 @@ def encoder_spec(features: FeatureSet, device: str, folder: Path):
             raise ApecliError(f"{name}: its weights changed since the features were extracted (their SHA-256 differs)")
         return spec
     if recorded.model_config is not None:
+        if not plain_name(name):  # a name read from a file is data: it never becomes a path to write to
+            raise InputError(features.artifact.path if features.artifact else features.name,
+                             f"records the model name '{shown(name)}', which is not a model config's name")
         config = folder / f"{name}.json"
         config.write_text(json.dumps(recorded.model_config))
         name = str(config)

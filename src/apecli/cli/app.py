@@ -32,6 +32,7 @@ from apecli.cli.options import (
     TextPretrained,
     TextPrompts,
     TextRoot,
+    TrustTorchScript,
     ValShots,
 )
 from apecli.errors import ApecliError
@@ -108,6 +109,7 @@ def import_tip_adapter(
     root: TextRoot = None,
     prompts: TextPrompts = None,
     normalise: Normalise = False,
+    trust_torchscript: TrustTorchScript = False,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
@@ -117,7 +119,7 @@ def import_tip_adapter(
     counts = _integers(shots, "--shots") if shots is not None else None
     if text_model is not None and text_weights is not None:
         raise ApecliError("give --text-weights or --text-model, not both")
-    texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts)
+    texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts, trust_torchscript)
     features = read(directory, text_weights, dataset, class_names, model, counts, texts, normalise)
     _save_imported(features, store_dir, as_json, texts)
 
@@ -134,25 +136,27 @@ def import_npz(
     class_names: ClassNames = None,
     prompts: TextPrompts = None,
     normalise: Normalise = False,
+    trust_torchscript: TrustTorchScript = False,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
     """Import features from a plain .npz file."""
     from apecli.importers import import_npz as read
 
-    texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts)
+    texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts, trust_torchscript)
     _save_imported(read(file, dataset, model, texts, normalise), store_dir, as_json, texts)
 
 
 def _class_texts(text_model: str | None, pretrained: str, dataset: str | None, root: Path | None,
-                 class_names: Path | None, prompts: Path | None):
+                 class_names: Path | None, prompts: Path | None, trust_torchscript: bool = False):
     """The text classifier that --text-model computes, or None without it."""
     if text_model is None:
         return None
     from apecli.encoder import EncoderSpec
     from apecli.importers import class_texts
 
-    return class_texts(EncoderSpec(text_model, pretrained, "cpu"), dataset, root, class_names, prompts)
+    return class_texts(EncoderSpec(text_model, pretrained, "cpu", trust_torchscript=trust_torchscript), dataset, root,
+                       class_names, prompts)
 
 
 @app.command()
@@ -182,6 +186,7 @@ def extract(
         "--exif-orientation/--no-exif-orientation", help="Turn photos upright by their EXIF orientation tag, as photo "
         "viewers show them (default: on with --images; off with --dataset, as APE's protocol reads the files).",
         show_default=False)] = None,
+    trust_torchscript: TrustTorchScript = False,
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
 ) -> None:
@@ -196,7 +201,7 @@ def extract(
         raise ApecliError("give --dataset NAME (a CoOp benchmark under --root) or --images DIR|CSV")
     counts = _integers(shots, "--shots") if shots is not None else PROTOCOL_SHOTS
     upright = images is not None if exif_orientation is None else exif_orientation
-    spec = EncoderSpec(model, pretrained, device, precision)
+    spec = EncoderSpec(model, pretrained, device, precision, trust_torchscript)
     on = spec.resolved_device()
     workers = default_workers(on) if workers is None else workers
     read_threads = default_read_threads() if read_threads is None else read_threads
@@ -578,22 +583,50 @@ def list_store(
         raise ApecliError(f"unknown kind '{kind}'; choose one of {', '.join(kinds.KINDS)}")
     artifacts = store.list_artifacts(folder, [kind] if kind else None)
     known: dict = {}
-    stale = [store.stale_reason(artifact, known) for artifact in artifacts]
+    reasons = [store.stale_reason(artifact, known) for artifact in artifacts]
+    stale = [why if why is not None and not why.damaged else None for why in reasons]
+    damaged = [why if why is not None and why.damaged else None for why in reasons]
+    headers = [_header_line(artifact) for artifact in artifacts]
     if as_json:
         typer.echo(json.dumps([{"artifact": str(a.path), "kind": a.kind, "content_id": a.content_id,
-                                "dataset": kinds.dataset_of(a), "summary": kinds.describe(a), "stale": why}
-                               for a, why in zip(artifacts, stale)]))
+                                "dataset": dataset, "summary": summary, "stale": why, "unreadable_ancestor": broken,
+                                "damaged_header": problem}
+                               for a, (dataset, summary, problem), why, broken in zip(artifacts, headers, stale, damaged)]))
         return
     if not artifacts:
         console.print(f"no artifacts in {folder}")
-    for artifact, why in zip(artifacts, stale):
-        mark = f" [stale: {why}]" if why else ""
-        typer.echo(f"{artifact.path}\t{artifact.kind}\t{kinds.dataset_of(artifact) or '-'}\t{kinds.describe(artifact)}{mark}")
+    for artifact, (dataset, summary, problem), why, broken in zip(artifacts, headers, stale, damaged):
+        mark = (f" [stale: {why}]" if why else "") + (f" [unreadable ancestor: {broken}]" if broken else "") + (
+            f" [damaged header: {problem}]" if problem else "")
+        typer.echo(f"{artifact.path}\t{artifact.kind}\t{dataset or '-'}\t{summary}{mark}")
     if any(stale):
         unreachable = sum(1 for why in stale if why is not None and store.out_of_reach(why, folder))
         console.print(f"{sum(map(bool, stale))} stale (no command reads them); 'apecli gc' removes them" + (
             f", except {unreachable} whose missing ancestor's folder lies outside {folder} (a drive not mounted?)"
             if unreachable else ""))
+    if any(damaged) or any(problem for _, _, problem in headers):
+        console.print("some artifacts cannot be read whole (their own header, or an ancestor): 'apecli verify' "
+                      "says more; 'apecli gc' keeps them")
+
+
+def _header_checked(item: store.Verified) -> store.Verified:
+    """A verified artifact whose kind's header is read too: a field the format does not allow fails it."""
+    if item.problem:
+        return item
+    try:
+        kinds.header(store.open_artifact(item.path))
+    except ApecliError as error:
+        return replace(item, problem=str(error).removeprefix(f"{item.path}: "))
+    return item
+
+
+def _header_line(artifact: store.Artifact) -> tuple[str | None, str, str | None]:
+    """An artifact's dataset and one line on what it holds, or what is wrong with its header."""
+    try:
+        return kinds.dataset_of(artifact), kinds.describe(artifact), None
+    except ApecliError as error:
+        problem = str(error).removeprefix(f"{artifact.path}: ")
+        return None, "?", problem
 
 
 @app.command()
@@ -641,7 +674,7 @@ def verify(
             artifacts, unreadable = artifacts + found, unreadable + damaged
         else:
             artifacts.append(store.open_artifact(source))
-    results = store.verify(artifacts) + unreadable
+    results = [_header_checked(item) for item in store.verify(artifacts)] + unreadable
     failed = sum(1 for item in results if item.problem)
     if as_json:
         typer.echo(json.dumps({"checked": len(results), "failed": failed, "artifacts": [
@@ -698,6 +731,7 @@ def list_methods(
 def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: Json = False) -> None:
     """Describe an artifact: kind, content id, parents, settings and arrays."""
     artifact = resolve_input(source, store_dir, kinds.KINDS)
+    kinds.header(artifact)  # its kind's fields checked: one line for a header the format does not allow
     details = {
         "kind": artifact.kind,
         "content_id": artifact.content_id,
@@ -715,7 +749,8 @@ def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: 
             "kind": artifact.kind,
             "content id": f"{artifact.content_id} (format {artifact.format_version})",
             "written": f"{artifact.created or '?'} by {artifact.writer or '?'}",
-            "state": f"stale: {details['stale']}" if details["stale"] else "usable",
+            "state": (f"{'an ancestor cannot be read' if details['stale'].damaged else 'stale'}: {details['stale']}"
+                      if details["stale"] else "usable"),
             "parents": {ref.path: f"{ref.kind} ({ref.content_id})" for ref in artifact.parents} or "none",
             **dict(artifact.metadata),
             "arrays": {name: f"{' × '.join(map(str, shape)) or 'scalar'} {dtype}" for name, (shape, dtype) in artifact.shapes.items()},

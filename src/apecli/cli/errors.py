@@ -34,6 +34,7 @@ FLAGS = {  # a setting's Python name → the flag that sets it
     "text_weights": "--text-weights",
     "texts": "--text-model",
     "top": "--top",
+    "trust_torchscript": "--trust-torchscript",
     "val_shots": "--val-shots",
     "work": "--work",
 }

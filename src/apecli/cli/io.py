@@ -15,7 +15,7 @@ from rich.console import Console
 
 from apecli import store
 from apecli.cli.errors import in_flags
-from apecli.errors import ApecliError
+from apecli.errors import ApecliError, first_line
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -62,11 +62,17 @@ def reports_errors(command: Command) -> Command:
 
 
 def _stdin_is_piped() -> bool:
-    """True when stdin is a pipe or a file (a pipeline), not a terminal or /dev/null."""
+    """True when stdin is a pipe or a file (a pipeline), not a terminal, /dev/null or closed."""
+    if sys.stdin is None or getattr(sys.stdin, "closed", False):
+        return False
     try:
-        mode = os.fstat(sys.stdin.fileno()).st_mode
+        descriptor = sys.stdin.fileno()
     except (AttributeError, OSError, ValueError):
         return True  # an in-memory stream, as under a test runner
+    try:
+        mode = os.fstat(descriptor).st_mode
+    except OSError:
+        return False  # a descriptor closed under it
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
@@ -74,15 +80,21 @@ def resolve_input(value: str | None, store_dir: Path, kinds: Iterable[str]) -> s
     """The artifact a command reads: the path given, a path read from stdin, or the newest in the store."""
     kinds = tuple(kinds)
     if value == "-" or (value is None and _stdin_is_piped()):
-        lines = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
+        try:
+            text = sys.stdin.read() if sys.stdin is not None else ""
+        except (OSError, ValueError) as error:  # closed, or not text
+            raise ApecliError(f"cannot read an artifact path on stdin ({first_line(error)})") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise ApecliError("no artifact path on stdin (did the previous command fail?)")
         value = lines[-1]
-        if value.startswith("{"):  # the previous command ran with --json
+        if value.startswith(("{", "[")):  # the previous command ran with --json
             try:
                 value = json.loads(value)["artifact"]
-            except (ValueError, KeyError, TypeError):
-                raise ApecliError("stdin holds JSON without an 'artifact' path") from None
+            except (ValueError, KeyError, TypeError, IndexError):
+                value = None
+            if not isinstance(value, str) or not value:
+                raise ApecliError("stdin holds JSON without an 'artifact' path")
     if value is None:
         artifact = store.newest_artifact(store_dir, kinds)
         console.print(f"using the newest {artifact.kind} artifact: {artifact.path}")
@@ -99,6 +111,8 @@ def piped_input(kinds: Iterable[str]) -> store.Artifact | None:
 def emit(artifact: store.Artifact | Path, result: dict[str, Any], as_json: bool) -> None:
     """The command's result on stdout: the artifact path, or one JSON object with ``--json``."""
     path = str(artifact.path if isinstance(artifact, store.Artifact) else artifact)
+    if sys.stdout is None or getattr(sys.stdout, "closed", False):  # the result would be lost without a word
+        raise ApecliError(f"stdout is closed: the result cannot be printed (it is {path})")
     if as_json:
         typer.echo(json.dumps({"artifact": path, **result}, default=_plain))
     else:

@@ -60,3 +60,8 @@ TextRoot = Annotated[
 TextPrompts = Annotated[Optional[Path], typer.Option("--prompts", help="With --text-model: CuPL-style JSON, class name → sentences.")]
 Normalise = Annotated[bool, typer.Option("--normalise", help="Divide each row by its L2 norm where rows are not of unit length (refused without it).")]
 
+TrustTorchScript = Annotated[
+    bool,
+    typer.Option("--trust-torchscript", help="Read a --pretrained archive that apecli's weights reader refuses as "
+                 "TorchScript, which runs the code the file holds: only for a file you trust."),
+]

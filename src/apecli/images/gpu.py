@@ -22,7 +22,7 @@ import numpy as np
 
 from apecli.errors import ApecliError, Setting, first_line
 from apecli.images.exif import ORIENTATION, UNDO, exif_orientation, turn_upright
-from apecli.images.loading import Batch, Item, Pixels, open_rgb, split_transform
+from apecli.images.loading import Batch, Item, Pixels, image_errors, open_rgb, split_transform
 
 ON_GPU, ON_PIL = Setting("decode", "gpu"), Setting("decode", "pil")
 
@@ -245,7 +245,7 @@ def decode_on_device(batch: Batch, paths: Sequence[Path], encoder, pixels: Pixel
             continue
         try:  # not a JPEG, or not one the decoder reads: the faithful path
             tensors.append(pixels.on_image(open_rgb(paths[index], upright)).to(device))
-        except (OSError, ValueError, SyntaxError) as failure:
+        except image_errors() as failure:
             errors[position] = first_line(failure)
     images = torch.stack(tensors) if tensors else torch.empty((0, 3, *encoder.image_size), dtype=torch.uint8, device=device)
     return Batch(batch.indices, errors, images)

@@ -23,6 +23,14 @@ from apecli.images.exif import TRANSPOSES, pil_orientation
 Item = tuple  # (index, the image as a tensor or its raw bytes, or None; why it could not be read, or None)
 
 
+def image_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a file that is not an image it can decode, a decompression bomb included (an
+    image that declares far more pixels than any photo: a bad image like any other)."""
+    from PIL import Image
+
+    return OSError, ValueError, SyntaxError, Image.DecompressionBombError
+
+
 def readable(path: Path) -> str | None:
     """None when the image decodes, else why not."""
     from PIL import Image
@@ -31,7 +39,7 @@ def readable(path: Path) -> str | None:
         with Image.open(path) as image:
             image.load()
         return None
-    except (OSError, ValueError, SyntaxError) as error:  # PIL's ways of saying "not an image"
+    except image_errors() as error:  # PIL's ways of saying "not an image"
         return first_line(error)
 
 
@@ -123,7 +131,7 @@ class PilImages:
 
         try:
             image = open_rgb(self.paths[index], self.upright)
-        except (OSError, ValueError, SyntaxError) as error:
+        except image_errors() as error:
             return index, None, first_line(error)
         if self.views == 0:
             return index, self.transform(image), None

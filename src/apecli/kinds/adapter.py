@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 from apecli import store
 from apecli.errors import ApecliError, InputError
 from apecli.kinds.features import FeatureSet, load_features
+from apecli.kinds.fields import NUMBER, OBJECT, TEXT, WHOLE, checked
 from apecli.kinds.refinement import read_channels
 from apecli.methods.ape_t import Adapter, FitResult, FitSettings
 
@@ -31,12 +32,16 @@ class AdapterHeader:
 
     @classmethod
     def of(cls, artifact: store.Artifact) -> "AdapterHeader":
+        """The header of an adapter artifact, each field checked against the format."""
         meta = artifact.metadata
+        recorded = checked(artifact, meta, "settings", OBJECT)
         try:
-            return cls(meta.get("dataset"), int(meta["shots"]), settings_of(meta["settings"]), int(meta["best_epoch"]),
-                       float(meta["best_val_accuracy"]), bool(meta["trained_on_views"]), str(meta.get("device", "cpu")))
-        except (KeyError, TypeError, ValueError) as error:
-            raise InputError(artifact.path, f"its header is damaged (adapter metadata: {error})") from None
+            settings = settings_of(recorded)
+        except (ApecliError, KeyError, TypeError, ValueError) as error:
+            raise InputError(artifact.path, f"its header is damaged (metadata 'settings': {error})") from None
+        return cls(checked(artifact, meta, "dataset", TEXT, None, optional=True), checked(artifact, meta, "shots", WHOLE),
+                   settings, checked(artifact, meta, "best_epoch", WHOLE), checked(artifact, meta, "best_val_accuracy", NUMBER),
+                   checked(artifact, meta, "trained_on_views", (bool,)), checked(artifact, meta, "device", TEXT, "cpu"))
 
     def describe(self) -> str:
         on = f" ({self.settings.val_shots} a class)" if self.settings.val_shots else ""
@@ -45,9 +50,17 @@ class AdapterHeader:
 
 def settings_of(recorded: Mapping[str, Any]) -> FitSettings:
     """The settings an adapter records (``val_shots`` absent in adapters written before it: the whole split)."""
-    known = {field.name for field in fields(FitSettings)}
+    known = {entry.name for entry in fields(FitSettings)}
     settings = {key: value for key, value in recorded.items() if key in known}
     settings["weights"] = tuple(settings["weights"])
+    if len(settings["weights"]) != 2 or not all(isinstance(weight, (int, float)) for weight in settings["weights"]):
+        raise ValueError("weights are not two numbers")
+    for name in ("shots", "k", "epochs", "batch_size", "seed", "val_shots"):
+        if settings.get(name) is not None and (not isinstance(settings[name], int) or isinstance(settings[name], bool)):
+            raise ValueError(f"{name} is not a whole number")
+    for name in ("lr", "eps", "weight_decay", "init_alpha", "init_beta"):
+        if settings.get(name) is not None and not isinstance(settings[name], (int, float)):
+            raise ValueError(f"{name} is not a number")
     return FitSettings(**settings)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from apecli import store
 from apecli.errors import ApecliError, InputError, Step
 from apecli.kinds.features import FeatureSet, features_of
+from apecli.kinds.fields import LIST, NUMBER, OBJECT, TEXT, WHOLE, checked, each
 from apecli.methods.base import TASK_ARRAYS, at_least_float32
 from apecli.methods.grid import SearchResult
 
@@ -157,6 +158,7 @@ class EvaluationRecord:
             raise InputError(artifact.path, f"is an artifact of kind '{artifact.kind}'; expected an evaluation "
                                             f"(from {Step('evaluate_artifact')})")
         meta = artifact.metadata
+        _check_summary(artifact, meta)
         stored = {name[len(LEARNED):]: _reader(artifact, name) for name in artifact.names if name.startswith(LEARNED)}
         if CHANNELS in artifact:
             stored[CHANNELS] = _reader(artifact, CHANNELS)
@@ -253,6 +255,20 @@ class State(Mapping):
 
     def __len__(self) -> int:
         return len(self.readers)
+
+
+def _check_summary(artifact: store.Artifact, meta: Mapping[str, Any]) -> None:
+    """The fields of an evaluation's summary that apecli reads, each checked against the format."""
+    checked(artifact, meta, "mode", TEXT)
+    checked(artifact, meta, "dataset", TEXT, None, optional=True)
+    for name in ("shots", "val_shots", "k"):
+        checked(artifact, meta, name, WHOLE, None, optional=True)
+    for name in ("val_accuracy", "test_accuracy"):
+        checked(artifact, meta, name, NUMBER)
+    for name in (*NAMED, "lambda", "zero_shot_accuracy", "zero_shot_val_accuracy", "test_class_accuracy"):
+        checked(artifact, meta, name, NUMBER, None, optional=True)
+    each(artifact, list(checked(artifact, meta, "given", OBJECT, {}).values()), "given", NUMBER)
+    each(artifact, checked(artifact, meta, "k_tried", LIST, []), "k_tried", WHOLE)
 
 
 def _reader(artifact: store.Artifact, name: str) -> Callable[[], np.ndarray]:

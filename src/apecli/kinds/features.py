@@ -164,10 +164,16 @@ class FeaturesHeader(Described):
 
     @classmethod
     def of(cls, artifact: store.Artifact) -> "FeaturesHeader":
+        """The header of a features artifact, each field checked against the format."""
+        from apecli.kinds.fields import LIST, OBJECT, TEXT, WHOLE, checked, each
+
         meta = artifact.metadata
-        return cls(meta.get("dataset"), meta.get("model", {}), meta.get("provenance", {}), int(meta.get("num_classes", 0)),
-                   int(meta.get("dim", 0)), tuple(int(k) for k in meta.get("shots", ())), dict(meta.get("splits", {})),
-                   artifact)
+        provenance = checked(artifact, meta, "provenance", OBJECT, {})
+        checked(artifact, provenance, "seed", WHOLE, 1)  # the draw's, where recorded
+        return cls(checked(artifact, meta, "dataset", TEXT, None, optional=True), checked(artifact, meta, "model", OBJECT, {}),
+                   provenance, checked(artifact, meta, "num_classes", WHOLE, 0), checked(artifact, meta, "dim", WHOLE, 0),
+                   tuple(each(artifact, checked(artifact, meta, "shots", LIST, []), "shots", WHOLE)),
+                   checked(artifact, meta, "splits", OBJECT, {}), artifact)
 
     def describe(self) -> str:
         """One line on what it holds (``apecli ls``)."""
@@ -415,8 +421,9 @@ def _optional(artifact: store.Artifact, name: str) -> np.ndarray | None:
 def load_features(source: str | Path | store.Artifact, *, with_views: bool = False) -> FeatureSet:
     """Read a features artifact (views stay on disk unless ``with_views``) and validate it."""
     artifact = store.opened(source, KIND)
+    header = FeaturesHeader.of(artifact)
     caches = {}
-    for shots in artifact.metadata.get("shots", []):
+    for shots in header.shots:
         views = artifact.read(f"cache/{shots}/views") if with_views and f"cache/{shots}/views" in artifact else None
         caches[int(shots)] = FewShotCache(
             artifact.read(f"cache/{shots}/keys"), artifact.read(f"cache/{shots}/labels"), views,
@@ -433,9 +440,9 @@ def load_features(source: str | Path | store.Artifact, *, with_views: bool = Fal
         classifier=artifact.read("text/classifier"),
         caches=caches,
         splits=splits,
-        dataset=artifact.metadata.get("dataset"),
-        model=artifact.metadata.get("model", {}),
-        provenance=artifact.metadata.get("provenance", {}),
+        dataset=header.dataset,
+        model=header.model,
+        provenance=header.provenance,
         artifact=artifact,
     )
     try:

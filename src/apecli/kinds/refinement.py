@@ -10,8 +10,9 @@ from typing import Callable
 import numpy as np
 
 from apecli import store
-from apecli.errors import ApecliError
+from apecli.errors import ApecliError, InputError
 from apecli.kinds.features import FeatureSet, load_features
+from apecli.kinds.fields import LIST, NUMBER, TEXT, WHOLE, checked, each
 from apecli.methods.ape import checked_channels
 
 KIND = "refinement"
@@ -47,8 +48,14 @@ class RefinementHeader:
 
     @classmethod
     def of(cls, artifact: store.Artifact) -> "RefinementHeader":
+        """The header of a refinement artifact, each field checked against the format."""
         meta = artifact.metadata
-        return cls(meta.get("dataset"), int(meta.get("k", 0)), int(meta.get("shots", 0)), tuple(meta.get("weights", ())))
+        weights = each(artifact, checked(artifact, meta, "weights", LIST), "weights", NUMBER)
+        if len(weights) != 2:
+            raise InputError(artifact.path, f"its header is damaged (metadata 'weights' holds {len(weights)} "
+                                            "numbers, where the format says two)")
+        return cls(checked(artifact, meta, "dataset", TEXT, None, optional=True), checked(artifact, meta, "k", WHOLE),
+                   checked(artifact, meta, "shots", WHOLE), tuple(weights))
 
     def describe(self) -> str:
         return f"k={self.k} of the {self.shots}-shot cache, w={list(self.weights)}"

@@ -13,6 +13,7 @@ from apecli import store
 from apecli.errors import InputError, Setting
 from apecli.kinds.evaluation import EvaluationRecord
 from apecli.kinds.features import FeatureSet, load_features
+from apecli.kinds.fields import LIST, NUMBER, OBJECT, TEXT, WHOLE, checked, each
 
 KIND = "transfer"
 
@@ -67,12 +68,17 @@ class TransferRecord:
 
     @classmethod
     def read(cls, artifact: store.Artifact) -> "TransferRecord":
+        """A transfer artifact's header, each field checked against the format."""
         meta = artifact.metadata
-        targets = tuple(Target(entry.get("dataset"), str(entry.get("artifact", "")), int(entry.get("classes", 0)),
-                               int(entry.get("correct", 0)), int(entry.get("total", 0)),
-                               float(entry.get("test_accuracy", 0.0))) for entry in meta.get("targets", []))
-        return cls(artifact, meta.get("mode"), meta.get("dataset"), meta.get("shots"), meta.get("source_test_accuracy"),
-                   targets)
+        targets = tuple(Target(checked(artifact, entry, "dataset", TEXT, None, optional=True),
+                               checked(artifact, entry, "artifact", TEXT, ""), checked(artifact, entry, "classes", WHOLE, 0),
+                               checked(artifact, entry, "correct", WHOLE, 0), checked(artifact, entry, "total", WHOLE, 0),
+                               checked(artifact, entry, "test_accuracy", NUMBER, 0.0))
+                        for entry in each(artifact, checked(artifact, meta, "targets", LIST, []), "targets", OBJECT))
+        return cls(artifact, checked(artifact, meta, "mode", TEXT, None, optional=True),
+                   checked(artifact, meta, "dataset", TEXT, None, optional=True),
+                   checked(artifact, meta, "shots", WHOLE, None, optional=True),
+                   checked(artifact, meta, "source_test_accuracy", NUMBER, None, optional=True), targets)
 
     def summary(self) -> dict:
         """The JSON-ready record, as ``apecli transfer --json`` prints it (less the artifact's path)."""

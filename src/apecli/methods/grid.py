@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int, int], None]  # steps done, steps in all
 MAX_SETTINGS = 10**8  # the largest search: its counts alone take 800 MB, and at Caltech101 scale it takes hours
+START = 0.1  # where the β and α values of a grid start (γ's start at 0)
 EXACT_EVERY = 8  # the search's kernel is an exp at every 8th β, a product by exp(−Δβ(1 − a)) between
 
 
@@ -53,6 +54,10 @@ class SearchGrid:
             # negative α would flip the cache's vote
             raise SettingError("scale", self.scale, f"search scales must be finite and not negative, got "
                                                     f"{tuple(self.scale)}")
+        low = [symbol for symbol, scale, given in zip("βα", self.scale, self.fixed) if given is None and scale < START]
+        if low:  # their values run from 0.1 up to the scale: below it, every value would lie above the scale
+            raise SettingError("scale", self.scale, f"the search scale of {low[0]} must be at least {START}, where its "
+                                                    f"values start, got {tuple(self.scale)}")
         for symbol, value, positive in zip("βαγ", self.fixed, (False, True, False)):  # α = 0 is zero-shot CLIP
             if value is not None:
                 check_value(f"a given {symbol}", value, positive)
@@ -72,11 +77,11 @@ class SearchGrid:
 
     @property
     def betas(self) -> np.ndarray:
-        return self._values(0, 0.1)
+        return self._values(0, START)
 
     @property
     def alphas(self) -> np.ndarray:
-        return self._values(1, 0.1)
+        return self._values(1, START)
 
     @property
     def gammas(self) -> np.ndarray:
