@@ -226,12 +226,18 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
-def test_a_header_field_the_format_does_not_allow_is_one_line_everywhere(chain, damage):
+def test_a_header_field_the_format_does_not_allow_is_one_line_everywhere(chain, damage, tmp_path):
     features, refinement = chain
+    evaluated = run("eval", features, "--mode", "zero-shot", "--store", features.parent.parent)
+    evaluation = evaluated.stdout.strip()
+    image = tmp_path / "image.jpg"
+    image.write_bytes(b"not read: the model is refused first")
     with h5py.File(features, "a") as handle:
         DAMAGES[damage](handle)
     for command in (["info", features], ["refine", features], ["eval", features, "--mode", "zero-shot"],
-                    ["export", features, "--out", features.parent / "x.npz"]):
+                    ["export", features, "--out", features.parent / "x.npz"], ["fit", features, "--epochs", "1"],
+                    ["classes", evaluation], ["predict", image, "--model-artifact", evaluation],
+                    ["transfer", evaluation, "--to", features]):
         assert_one_line_error(run(*command, "--store", features.parent.parent), str(features))
     assert_one_line_error(run("eval", refinement, "--store", features.parent.parent), str(features))
     folder = features.parent.parent
