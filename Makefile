@@ -5,8 +5,14 @@ PYTHON ?= python3
 
 .PHONY: install test demo bench docs
 
+# CPU=1: torch and torchvision from PyTorch's CPU-only wheels (about 1 GB installed instead of 5.7 GB with
+# the CUDA libraries); the pins are pyproject.toml's (tests/test_docs.py checks that they agree).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PINS := 'torch>=2.1,<=2.14.1' 'torchvision<=0.29.1'
+
 install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(if $(CPU),$(BIN)/python -m pip install $(TORCH_PINS) --index-url $(TORCH_CPU_INDEX))
 	$(BIN)/python -m pip install -e '.[test]'
 
 test:
@@ -14,7 +20,7 @@ test:
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 docs:  # the command reference, from the command line's own help (tests/test_docs.py checks it is current)
-	$(BIN)/python -m typer apecli.cli.app utils docs --name apecli --title "apecli command reference" --output docs/cli.md
+	$(BIN)/python -m typer apecli.cli.commands utils docs --name apecli --title "apecli command reference" --output docs/cli.md
 
 demo:
 	HF_HUB_OFFLINE=1 $(BIN)/apecli demo --store caches-demo

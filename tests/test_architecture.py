@@ -98,7 +98,7 @@ def test_a_modes_name_is_spelled_in_its_own_module_only():
                     and path.name != own[node.value]:
                 elsewhere.append((path.name, node.value))
     # "tip-adapter" there is the Tip-Adapter cache format that `apecli import tip-adapter` reads, not the mode
-    assert sorted(elsewhere) == [("app.py", "tip-adapter"), ("importers.py", "tip-adapter")]
+    assert sorted(elsewhere) == [("commands.py", "tip-adapter"), ("importers.py", "tip-adapter")]
 
 
 def test_the_version_has_one_source():

@@ -56,7 +56,8 @@ def test_the_average_row_and_the_plot(two_stores, tmp_path):
     table = bench.summary_table(rows, 4, ["zero-shot", "gda"])
     assert [line[0] for line in table] == ["alpha (synthetic)", "beta (synthetic)", "Average"]
     assert table[-1][2] == pytest.approx((table[0][2] + table[1][2]) / 2)
-    picture = bench.plot(rows, ["zero-shot", "gda"], tmp_path / "out" / "plot.png")
+    picture, replaced = bench.plot(rows, ["zero-shot", "gda"], tmp_path / "out" / "plot.png")
+    assert replaced is None  # no chart there before
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
 
 
@@ -88,7 +89,7 @@ def test_feature_sets_of_one_dataset_are_averaged_not_overwritten(tmp_path):
     shown = CliRunner().invoke(app, ["bench", str(tmp_path / "caches"), "--shots", "4", "--modes", "zero-shot",
                                      "--out", str(tmp_path / "out")])
     assert shown.exit_code == 0, shown.stderr
-    assert f"{sum(alpha) / 3:.2f} ± {statistics.stdev(alpha):.2f}" in shown.stderr
+    assert f"{sum(alpha) / 3:.2f} ± {statistics.stdev(alpha):.2f}" in shown.stdout
 
     import matplotlib.axes
 
@@ -134,7 +135,7 @@ def test_bench_on_the_command_line(two_stores, tmp_path):
     only_beta = runner.invoke(app, ["bench", str(two_stores / "beta"), "--shots", "4", "--modes", "zero-shot",
                                     "--out", str(tmp_path / "out")])
     assert only_beta.exit_code == 0, only_beta.stderr
-    assert "beta (synthetic)" in only_beta.stderr and "alpha" not in only_beta.stderr  # this run's cells, not all
+    assert "beta (synthetic)" in only_beta.stdout and "alpha" not in only_beta.stdout  # this run's cells, not all
     assert_one_line_error(runner.invoke(app, ["bench", "--store", str(two_stores), "--modes", "magic",
                                               "--out", str(tmp_path / "o2")]), "unknown mode 'magic'")
 
@@ -165,7 +166,8 @@ def test_without_shots_bench_takes_those_every_feature_set_holds(two_stores, tmp
                                  "--json"])
     assert result.exit_code == 0, result.stderr
     assert {row["shots"] for row in json.loads(result.stdout)["rows"]} == {4}
-    assert "shots 4: those every feature set holds" in result.stderr
+    said = result.stderr.split("\n")[0]  # said before the first cell runs
+    assert said.startswith("bench: ") and "shots 4 (those every feature set holds" in said
     only_two = synthetic_features(num_classes=5, dim=24, shots=(2,), seed=8, dataset="delta")
     save_features(only_two, store.in_store(two_stores, "delta", "features"))
     assert_one_line_error(runner.invoke(app, ["bench", "--store", str(two_stores), "--out", str(tmp_path / "other")]),
@@ -197,9 +199,67 @@ def test_ape_cells_that_choose_k_are_cells_of_their_own(two_stores, tmp_path):
     result = runner.invoke(app, ["bench", str(artifacts[0].path), "--shots", "4", "--modes", "zero-shot,training-free",
                                  "--k", "8,4,16", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.stderr
-    assert "test accuracy (%), 4 shots, APE's k chosen among 4,8,16" in result.stderr
-    line = next(line for line in result.stderr.splitlines() if line.startswith("│ alpha"))
+    assert "test accuracy (%), 4 shots, APE's k chosen among 4,8,16" in result.stdout
+    line = next(line for line in result.stdout.splitlines() if line.startswith("│ alpha"))
     assert plain[1]["test_accuracy"] != chosen["test_accuracy"]  # the table shows the choice, not the dataset's k
     assert f"{chosen['test_accuracy']:.2f}" in line and f"{plain[1]['test_accuracy']:.2f}" not in line
     with open(tmp_path / "out" / "results.csv") as handle:
         assert [row["k_tried"] for row in csv.DictReader(handle)] == ["", "", "4,8,16"]
+
+
+def test_bench_says_what_it_will_run_before_it_starts_and_names_a_replaced_chart(two_stores, tmp_path):
+    out = tmp_path / "out"
+    first = runner.invoke(app, ["bench", "--store", str(two_stores), "--shots", "1,4", "--modes", "zero-shot,gda",
+                                "--out", str(out)])
+    assert first.exit_code == 0, first.stderr
+    lines = first.stderr.splitlines()
+    assert lines[0] == "bench: 2 feature sets (alpha (synthetic), beta (synthetic)) × shots 1,4 × modes zero-shot,gda"
+    assert "note:" not in first.stderr  # no chart was there
+    assert first.stdout.count("test accuracy (%)") == 2 and "results:" not in first.stdout
+    shows = bench.chart_shows(out / "accuracy-vs-shots.png")
+    assert shows == "apecli bench: alpha (synthetic); beta (synthetic) | shots 1,4 | modes zero-shot,gda"
+
+    same = runner.invoke(app, ["bench", "--store", str(two_stores), "--shots", "1,4", "--modes", "zero-shot,gda",
+                               "--out", str(out)])
+    assert same.exit_code == 0 and "note:" not in same.stderr  # the same cells drawn again: nothing to say
+    narrower = runner.invoke(app, ["bench", str(two_stores / "beta"), "--shots", "1", "--modes", "zero-shot,gda",
+                                   "--out", str(out)])
+    assert narrower.exit_code == 0, narrower.stderr
+    assert (f"note: {out / 'accuracy-vs-shots.png'} showed other cells ({shows}); it now shows this run's"
+            in narrower.stderr)
+    assert bench.chart_shows(out / "accuracy-vs-shots.png") == "apecli bench: beta (synthetic) | shots 1 | modes zero-shot,gda"
+
+
+def test_a_chart_that_says_nothing_or_is_no_png_is_handled(tmp_path):
+    rows = [{"dataset": "d", "model": None, "shots": 1, "mode": "zero-shot", "test_accuracy": 50.0}]
+    (tmp_path / "plot.png").write_bytes(b"not a png at all")
+    assert bench.chart_shows(tmp_path / "plot.png") is None
+    assert bench.plot(rows, ["zero-shot"], tmp_path / "plot.png")[1] is None  # a stray file: nothing it showed
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")  # a chart of an earlier release: no description
+    assert bench.chart_shows(tmp_path / "plain.png") == ""
+    assert bench.plot(rows, ["zero-shot"], tmp_path / "plain.png")[1] == ""
+
+
+def test_coincident_points_of_two_modes_stay_visible(tmp_path):
+    rows = [{"dataset": "d", "model": None, "shots": 1, "mode": mode, "test_accuracy": 60.0, "content_id": "c"}
+            for mode in ("zero-shot", "gda")]  # GDA at one shot without views: zero-shot's accuracy
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.axes.Axes, "plot",
+                      lambda axis, x, y, **kw: drawn.append((tuple(x), tuple(y), kw["marker"])) or original(axis, x, y, **kw))
+        bench.plot(rows, ["zero-shot", "gda"], tmp_path / "plot.png")
+    (x1, y1, m1), (x2, y2, m2) = drawn[:2]  # the average panel's two lines
+    assert y1 == y2 and x1 != x2 and m1 != m2  # side by side, each with its own marker
+    assert x1[0] < 1 < x2[0] and x2[0] / 1 == pytest.approx(1 / x1[0])  # centred on one shot
+    assert abs(x2[0] - x1[0]) < 0.1  # still read as one shot
+
+
+def test_sets_of_an_unknown_model_are_named_by_their_dataset_alone():
+    assert bench._panel({"dataset": "caltech101", "model": None}) == "caltech101"
+    assert bench._panel({"dataset": "caltech101", "model": "unknown"}) == "caltech101"  # rows of earlier releases
+    assert bench._panel({"dataset": "caltech101", "model": "ViT-B-32"}) == "caltech101 (ViT-B-32)"

@@ -115,21 +115,21 @@ def test_an_evaluation_without_test_predictions_is_refused(features, tmp_path):
         class_report(artifact)
 
 
-def test_the_command_lists_the_lowest_classes_and_passes_the_evaluation_on(features, tmp_path):
+def test_the_command_lists_the_lowest_classes_on_stdout(features, tmp_path):
     evaluation = evaluated(features, "training-free", tmp_path)
     result = runner.invoke(app, ["classes", str(evaluation.path), "--worst", "2"])
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.strip() == str(evaluation.path)
+    assert result.stderr == ""  # the report is the command's result
     report = class_report(evaluation)
     lowest = [r.name for r in report.classes]
-    assert "the 2 lowest of 6" in result.stderr
-    rows = [line.split("│")[1].strip() for line in result.stderr.splitlines() if line.startswith("│")]
+    assert "the 2 lowest of 6" in result.stdout
+    rows = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")]
     shown = [row for row in rows if row]  # a row the last column wraps onto has an empty first column
     assert sorted(shown) == sorted(lowest[:2])
     below = sum(r.correct < r.zero_shot_correct for r in report.classes)
     perfect = sum(r.correct == r.images for r in report.classes)
     assert f"mean over 6 classes {report.mean_accuracy:.2f} %; {perfect} without a mistake; {below} below zero-shot CLIP" \
-        in result.stderr
+        in result.stdout
 
 
 def test_the_command_reads_the_evaluation_from_a_pipe_and_gives_every_class_as_json(features, tmp_path):
@@ -190,5 +190,5 @@ def test_a_transfer_target_is_reported_over_its_own_classes(tmp_path):
         class_report(evaluation, "two.h5")
     result = runner.invoke(app, ["classes", str(saved.path), "--target", "two.h5"])
     assert result.exit_code == 0, result.stderr
-    assert "shifted · training-free chosen on synthetic · 4 shots · test accuracy per class (all 2)" in result.stderr
+    assert "shifted · training-free chosen on synthetic · 4 shots · test accuracy per class (all 2)" in result.stdout
     assert_one_line_error(runner.invoke(app, ["classes", str(saved.path)]), "holds 2 targets")

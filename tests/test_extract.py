@@ -291,8 +291,10 @@ def test_an_empty_class(tiny, tmp_path):
 
 
 def test_dataset_layout_errors(caltech, tmp_path):
-    with pytest.raises(ApecliError, match="unknown dataset 'cifar10'"):
+    with pytest.raises(ApecliError, match="unknown dataset 'cifar10' \\(known: caltech101, dtd, "):
         read_coop("cifar10", caltech)
+    with pytest.raises(ApecliError, match="unknown dataset 'pets'; did you mean oxford_pets\\? \\(known: caltech101"):
+        read_coop("pets", caltech)
     with pytest.raises(ApecliError, match="no oxford_pets dataset here"):
         read_coop("oxford_pets", caltech)
     (caltech / "caltech-101" / "split_zhou_Caltech101.json").unlink()

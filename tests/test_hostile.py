@@ -60,12 +60,11 @@ def chain(small_features, tmp_path):
 
 def test_a_torchscript_archive_is_read_as_torchscript_only_when_the_user_trusts_it(tmp_path, monkeypatch):
     import torch
+    from test_archives import _odd_module  # a module whose state is pickled as a tuple: the weights reader refuses it
 
     from apecli.encoder import EncoderSpec, load_encoder
     from apecli.errors import ApecliError
     from apecli.synthetic import tiny_model_config
-
-    from test_archives import _odd_module  # a module whose state is pickled as a tuple: the weights reader refuses it
 
     archive = tmp_path / "odd.pt"
     import warnings

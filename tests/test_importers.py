@@ -359,3 +359,28 @@ def test_a_cache_without_text_gets_it_from_the_model_that_made_it(tiny, caltech,
     names.write_text("\n".join(small_features.class_names) + "\n")
     assert_one_line_error(runner.invoke(app, [*base[:2], str(narrow), *base[3:], "--class-names", str(names)]),
                           "the text of apecli-tiny has 64 channels, the cache's features 32")
+
+
+def test_a_dataset_name_apecli_does_not_know_is_said_with_the_nearest_one(small_features, tmp_path):
+    from typer.testing import CliRunner
+
+    from apecli.cli import app
+    from apecli.presets import nearest_dataset, unknown_dataset
+
+    assert [nearest_dataset(name) for name in ("pets", "Flowers", "aircraft", "caltec101", "my_birds")] == [
+        "oxford_pets", "oxford_flowers", "fgvc", "caltech101", None]
+    assert unknown_dataset("oxford_pets") is None and unknown_dataset("OxfordPets") is None
+    assert unknown_dataset("imagenet-v2") is None and unknown_dataset(None) is None
+    folder = write_tip_adapter(tmp_path / "cache", small_features)
+    command = ["import", "tip-adapter", str(folder), "--text-weights", str(folder / "text.pt"), "--store", str(tmp_path / "s")]
+    result = CliRunner().invoke(app, [*command, "--dataset", "pets"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines()[0] == (
+        "note: 'pets' is not a dataset apecli knows, so its settings are the generic ones; did you mean oxford_pets? "
+        "(known: caltech101, dtd, eurosat, fgvc, food101, imagenet, oxford_flowers, oxford_pets, stanford_cars, sun397, "
+        "ucf101, imagenet_a, imagenet_r, imagenet_sketch, imagenetv2)")
+    known = CliRunner().invoke(app, [*command, "--dataset", "Oxford_Pets"])
+    assert known.exit_code == 0 and "note: " not in known.stderr
+    unnamed = CliRunner().invoke(app, command)
+    assert unnamed.exit_code == 0
+    assert "note: no --dataset named, so the settings are the generic ones" in unnamed.stderr

@@ -227,7 +227,7 @@ def test_given_values_replace_their_axis_and_the_others_keep_the_authors_values(
     assert given.shape == (200, 1, 1) and given.size == 200 and given.given == {"alpha": 1.5, "gamma": 0.25}
     assert given.alphas.tolist() == [1.5] and given.gammas.tolist() == [0.25]
     # The searched axes are the authors' formulas, value for value.
-    assert given.betas.tolist() == [0.1 + i * (7.0 - 0.1) / 200 for i in range(200)]
+    assert given.betas.tolist() == [float(f"{0.1 + i * (7.0 - 0.1) / 200:.12g}") for i in range(200)]
     assert grid.gammas.tolist() == [i * 1.0 / 20 for i in range(20)] and grid.given == {}
     assert grid.fixing(beta=0.0).betas.tolist() == [0.0]  # β = 0: every key weighs the same
 

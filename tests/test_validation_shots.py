@@ -150,6 +150,6 @@ def test_on_the_command_line(saved, tmp_path):
                str(tmp_path / "r"))["rows"]
     assert [row["val_shots"] for row in rows] == [3]
     table = runner.invoke(app, ["bench", path, "--shots", "4", "--modes", "zero-shot", "--val-shots", "3", "--out",
-                                str(tmp_path / "r"), "--store", str(tmp_path / "s")]).stderr
+                                str(tmp_path / "r"), "--store", str(tmp_path / "s")]).stdout
     assert "test accuracy (%), 4 shots, chosen on 3 validation images a class" in " ".join(table.split())
     assert runner.invoke(app, ["eval", path, "--val-shots", "0", "--store", str(tmp_path / "s")]).exit_code == 2

@@ -104,7 +104,7 @@ def _row(artifact: store.Artifact, shots: int, mode: str, evaluation: Evaluation
     header = FeaturesHeader.of(artifact)
     return {
         "dataset": header.dataset or artifact.path.parent.name,
-        "model": header.encoder.display_name,
+        "model": header.encoder.name or header.encoder.model,  # None where the set does not say (an import)
         "shots": shots,
         "mode": mode,
         "val_shots": summary.get("val_shots"),  # validation images per class it chose on (None: the whole split)
@@ -112,6 +112,7 @@ def _row(artifact: store.Artifact, shots: int, mode: str, evaluation: Evaluation
                                              "alpha", "beta", "gamma", "lambda", "k", "best_epoch")},
         "k_tried": k_choice(summary.get("k_tried")),  # the k APE chose among on validation (None: the dataset's k)
         **({"formula": summary["formula"]} if "formula" in summary else {}),
+        **({"notes": list(evaluation.notes)} if evaluation.notes else {}),
         "seconds": round(seconds, 3),
         "device": summary.get("device", "cpu"),  # where the cell's search (and training) ran
         "features": str(artifact.path),
@@ -128,10 +129,12 @@ def run_bench(
     device: str | None = None,
     val_shots: int | None = None,
     ks: Sequence[int] | None = None,
+    starting: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every cell not yet in ``out``'s results, searching and training on ``device`` (the CPU by
     default), choosing on ``val_shots`` validation images per class (None: the whole split), and the k of
-    the methods that choose one among ``ks`` (None: the dataset's k); return all results."""
+    the methods that choose one among ``ks`` (None: the dataset's k); return all results. ``starting`` is
+    called once everything asked has been checked, before the first cell."""
     methods = [registry.get(mode) for mode in modes]
     on = resolve(device, any(method.float64 for method in methods))
     ks = tuple(sorted(set(ks))) if ks else None  # in increasing order: of equally good k, the smaller wins
@@ -149,6 +152,8 @@ def run_bench(
         raise InputError(out, "is a file; the results go to a folder")
     rows = read_results(out)
     done = {_cell(row): row for row in rows if _current(row)}
+    if starting is not None:
+        starting()
     for artifact in artifacts:
         features = None
         for count in shots:
@@ -191,7 +196,17 @@ def _current(row: dict[str, Any]) -> bool:
 
 
 def _panel(row: dict[str, Any]) -> str:
-    return f"{row['dataset']} ({row['model']})"
+    """A dataset under one model, as tables and plots name it: "caltech101 (ViT-B-32)", or the dataset
+    alone where the model is not known (rows of earlier releases say "unknown")."""
+    model = row.get("model")
+    return f"{row['dataset']} ({model})" if model and model != "unknown" else str(row["dataset"])
+
+
+def set_name(artifact: store.Artifact) -> str:
+    """A feature set's name as bench's tables will show it."""
+    header = FeaturesHeader.of(artifact)
+    return _panel({"dataset": header.dataset or artifact.path.parent.name,
+                   "model": header.encoder.name or header.encoder.model})
 
 
 def means(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[tuple[str, int, str], tuple[float, int, float | None]]:
@@ -231,8 +246,50 @@ def summary_table(rows: Sequence[dict[str, Any]], shots: int, modes: Sequence[st
     return table + [["Average", *((value, None) if deviations and value is not None else value for value in averages)]]
 
 
-def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], path: Path) -> Path:
-    """Test accuracy against shots: a panel per dataset and one for the average, a line per mode."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DODGE = 0.035  # log2 units between the lines at one shot count: coincident points stay side by side
+DESCRIPTION = "Description"  # the PNG text key that says which cells a chart shows
+
+
+def dodged(shots: Sequence[int], line: int, lines: int) -> list[float]:
+    """Where the ``line``-th of ``lines`` lines draws its points at ``shots``: shifted sideways by a few
+    per cent of a doubling each, centred on the true count, so that equal accuracies of two modes
+    (zero-shot and GDA at one shot) show as two markers side by side, not one over the other."""
+    return [count * 2 ** (DODGE * (line - (lines - 1) / 2)) for count in shots]
+
+
+def chart_description(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> str:
+    """What a chart of ``rows`` shows, as its PNG metadata records it: sets, shot counts and modes."""
+    cells = means(rows, modes)
+    panels = sorted({panel for panel, _, _ in cells})
+    counts = sorted({count for _, count, _ in cells})
+    shown = [mode for mode in modes if any(mode == cell_mode for _, _, cell_mode in cells)]
+    return (f"apecli bench: {'; '.join(panels)} | shots {','.join(map(str, counts))} | "
+            f"modes {','.join(shown)}")
+
+
+def chart_shows(path: Path) -> str | None:
+    """What an existing chart says it shows (its PNG description, at most 300 characters), "" for a PNG
+    that does not say, or None where there is no chart (or a file that is not a PNG)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as image:  # the header and text chunks only: no pixels decoded
+            if image.format != "PNG":
+                return None
+            said = image.info.get(DESCRIPTION, "")
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+    return " ".join(str(said).split())[:300]
+
+
+def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], path: Path) -> tuple[Path, str | None]:
+    """Test accuracy against shots: a panel per dataset and one for the average, a line per mode, each
+    with its own marker and dodged sideways so that coincident points stay visible. Returns the chart's
+    path and, where it replaced a chart of other cells, what that one showed ("" when it did not say)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,7 +303,7 @@ def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], path: Path) -> Pa
     lines = (len(panels) + columns - 1) // columns
     figure, axes = plt.subplots(lines, columns, figsize=(4 * columns, 3.2 * lines), squeeze=False)
     for axis, panel in zip(axes.flat, panels):
-        for mode in modes:
+        for index, mode in enumerate(modes):
             if panel == "Average":
                 points = {count: _average([cells[p, count, mode][0] if (p, count, mode) in cells else None
                                            for p in datasets]) for count in shot_counts}
@@ -254,11 +311,13 @@ def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], path: Path) -> Pa
                 points = {count: cells[panel, count, mode][0] for count in shot_counts if (panel, count, mode) in cells}
             xs = [count for count in shot_counts if points.get(count) is not None]
             if xs:
-                line, = axis.plot(xs, [points[x] for x in xs], marker="o", label=registry.label(mode))
+                at = dict(zip(xs, dodged(xs, index, len(modes))))
+                line, = axis.plot([at[x] for x in xs], [points[x] for x in xs], marker=MARKERS[index % len(MARKERS)],
+                                  markersize=6, markerfacecolor="none", label=registry.label(mode))
                 spread = [(x, cells[panel, x, mode][2]) for x in xs if panel != "Average" and cells[panel, x, mode][2]]
                 if spread:  # the seeds' standard deviation, where a dataset has several feature sets
-                    axis.errorbar([x for x, _ in spread], [points[x] for x, _ in spread], yerr=[d for _, d in spread],
-                                  fmt="none", ecolor=line.get_color(), capsize=3)
+                    axis.errorbar([at[x] for x, _ in spread], [points[x] for x, _ in spread],
+                                  yerr=[d for _, d in spread], fmt="none", ecolor=line.get_color(), capsize=3)
         axis.set_title(panel, fontsize=10)
         axis.set_xscale("log", base=2)
         axis.set_xticks(shot_counts, [str(count) for count in shot_counts])
@@ -270,9 +329,11 @@ def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], path: Path) -> Pa
     axes.flat[0].legend(fontsize=8)
     figure.tight_layout()
     path = Path(path)
+    description = chart_description(rows, modes)
+    before = chart_shows(path)
     try:
         with replacing(path) as temporary:
-            figure.savefig(temporary, dpi=110, format="png")
+            figure.savefig(temporary, dpi=110, format="png", metadata={DESCRIPTION: description})
     finally:
         plt.close(figure)
-    return path
+    return path, (before if before is not None and before != description else None)

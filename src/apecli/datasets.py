@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from apecli.errors import ApecliError, Setting, SettingError, Step
+from apecli.errors import ApecliError, ChoiceError, Setting, Step
 from apecli.files import file_sha256
-from apecli.presets import canonical_name
+from apecli.presets import canonical_name, nearest_dataset
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 GENERIC_TEMPLATES = ("a photo of a {}.",)
@@ -134,9 +134,10 @@ def read_coop(name: str, root: str | Path) -> ImageDataset:
     if canonical in SHIFT_LAYOUTS:
         return read_shifted_imagenet(canonical, root)
     if canonical not in LAYOUTS:
-        known = ", ".join(sorted([*LAYOUTS, *SHIFT_LAYOUTS]))
-        raise SettingError("dataset", name, f"unknown dataset '{name}'; known: {known} (or use "
-                                            f"{Step('read_image_folder')})")
+        known = tuple(sorted([*LAYOUTS, *SHIFT_LAYOUTS]))
+        nearest = nearest_dataset(canonical)
+        raise ChoiceError("dataset", name, f"unknown dataset '{name}'" + (f"; did you mean {nearest}?" if nearest else "")
+                          + f" (known: {', '.join(known)}; or use {Step('read_image_folder')})", known)
     layout = LAYOUTS[canonical]
     folder = _dataset_folder(Path(root), canonical, layout)
     if canonical == "fgvc":

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from apecli.errors import Setting, SettingError
+from apecli.errors import ChoiceError, Setting, SettingError
 
 if TYPE_CHECKING:
     import torch
 
 NAMES = "auto, cpu, cuda, cuda:N or mps"
+CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 ON_CPU = Setting("device", "cpu")
 
 
@@ -29,7 +30,7 @@ def torch_device(name: str, float64: bool = False) -> "torch.device":
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise SettingError("device", name, f"unknown device '{name}'; use {NAMES}") from None
+        raise ChoiceError("device", name, f"unknown device '{name}'; use {NAMES}", CHOICES) from None
     if device.type == "cpu":
         return device
     if device.type == "mps":
@@ -41,7 +42,7 @@ def torch_device(name: str, float64: bool = False) -> "torch.device":
                                ON_CPU)
         return device
     if device.type != "cuda":
-        raise SettingError("device", name, f"device '{name}' is not supported; use {NAMES}")
+        raise ChoiceError("device", name, f"device '{name}' is not supported; use {NAMES}", CHOICES)
     if not torch.cuda.is_available():
         built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
         raise SettingError("device", name, f"device '{name}': no CUDA GPU is usable here (torch {torch.__version__}, "

@@ -24,12 +24,13 @@ import numpy as np
 
 from apecli.archives import is_openai_archive
 from apecli.devices import torch_device
-from apecli.errors import ApecliError, Placeholder, Setting, SettingError, Step, first_line
+from apecli.errors import ApecliError, ChoiceError, Placeholder, Setting, SettingError, Step, first_line
 from apecli.files import file_sha256
 
 if TYPE_CHECKING:
     import torch
 
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 NO_WEIGHTS = ("none", "random", "")  # random weights, seeded: the same in every run
 CARRIES_WEIGHTS = ("hf-hub:", "local-dir:")  # model names whose config and weights come with them
 HF_CONFIG = "open_clip_config.json"
@@ -103,6 +104,11 @@ class EncoderSpec:
     device: str = "auto"  # auto: CUDA when present
     precision: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     trust_torchscript: bool = False  # read an archive the weights reader refuses as TorchScript, which runs its code
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ChoiceError("precision", self.precision, f"unknown precision '{self.precision}'; use "
+                                                           f"{', '.join(PRECISIONS)}", PRECISIONS)
 
     def identity(self) -> dict[str, Any]:
         """What makes features of this encoder what they are, computed without building the model."""

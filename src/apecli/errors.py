@@ -96,6 +96,14 @@ class SettingError(ApecliError):
         super().__init__(message, Setting(option), *named, option=option, value=value)
 
 
+class ChoiceError(SettingError):
+    """A value outside a fixed set of choices (a mode, a kind, a device's name), which it lists."""
+
+    def __init__(self, option: str, value: Any, message: str, choices: tuple[str, ...], *named: Named) -> None:
+        super().__init__(option, value, message, *named)
+        self.choices = tuple(choices)
+
+
 class InputError(ApecliError):
     """A file, folder or artifact that cannot be used as it is."""
 
@@ -104,6 +112,10 @@ class InputError(ApecliError):
 
 
 def first_line(error: BaseException, limit: int | None = None) -> str:
-    """What an exception says, in one line: its message's first line (at most ``limit`` characters), or
-    its type's name where it says nothing."""
-    return str(error).split("\n")[0][:limit] or type(error).__name__
+    """What an exception says, in one line: its message's first line, or its type's name where it says
+    nothing; past ``limit`` characters, cut at the last whole word before it, and ``…`` said."""
+    line = str(error).split("\n")[0].rstrip() or type(error).__name__
+    if limit is None or len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0] if " " in line[:limit] else line[:limit]
+    return cut.rstrip(" ,;:(") + " …"

@@ -79,7 +79,17 @@ def scored(method: Method, features: FeatureSet, shots: int | None, val_shots: i
                       task.shots if uses_cache else None, *(hyperparameters.get(name) for name in NAMED),
                       channels=channels, search=method.search, extra=extra, learned=learned,
                       test_predictions=test_predictions, test_class_accuracy=class_accuracy(test_predictions, test.labels),
-                      hyperparameters=hyperparameters)
+                      hyperparameters=hyperparameters, notes=notes_of(method))
+
+
+def notes_of(method: Method) -> tuple[str, ...]:
+    """What a fitted method says a careful user should know, and the searched values it chose at the top
+    of their grid, one line each."""
+    notes = method.notes
+    if isinstance(notes, str) or not all(isinstance(note, str) for note in notes):
+        raise SettingError("mode", method.name, f"method {method.name} gave notes that are not a sequence of strings")
+    edges = method.search.edges() if method.search is not None else []
+    return tuple(dict.fromkeys(" ".join(note.split()) for note in (*notes, *edges)))
 
 
 def _cacheless_task(features: FeatureSet, val_shots: int | None, on: str) -> Task:

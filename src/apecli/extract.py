@@ -38,7 +38,7 @@ from apecli.checks import check_seed
 from apecli.datasets import ImageDataset
 from apecli.distributed import Ranks, agree, barrier, owns
 from apecli.encoder import Encoder, EncoderSpec, load_encoder
-from apecli.errors import ApecliError, InputError, Setting, SettingError, Step
+from apecli.errors import ApecliError, ChoiceError, InputError, Setting, SettingError, Step
 from apecli.files import replacing
 from apecli.images.gpu import decoded_batches, device_decoder
 from apecli.images.loading import Batch, pil_batches, readable, split_transform
@@ -107,7 +107,7 @@ class ExtractSettings:
 
     def __post_init__(self) -> None:
         if self.decode not in ("pil", "gpu"):
-            raise ApecliError(f"decode must be pil or gpu, got '{self.decode}'")
+            raise ChoiceError("decode", self.decode, f"decode must be pil or gpu, got '{self.decode}'", ("pil", "gpu"))
         if not self.shots or min(self.shots) < 1:
             raise ApecliError(f"shots must be positive, got {list(self.shots)}")
         for name in ("views", "batch_size", "chunk_images", "read_threads"):

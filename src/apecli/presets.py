@@ -6,6 +6,7 @@ Channel counts are given for D = 1024; for another feature width they scale with
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 REFERENCE_DIM = 1024
@@ -92,3 +93,34 @@ def canonical_name(dataset: str | None) -> str | None:
 def preset_for(dataset: str | None) -> Preset:
     """The defaults of a known dataset, else the generic ones."""
     return PRESETS.get(canonical_name(dataset) or "", GENERIC)
+
+
+# Test sets only (ImageNet's shifted variants): known, and nothing to set for them.
+TEST_ONLY = ("imagenet_a", "imagenet_r", "imagenet_sketch", "imagenetv2")
+
+
+def known_datasets() -> tuple[str, ...]:
+    """The dataset names apecli knows, sorted: those with settings of their own, then the test-only sets."""
+    return (*sorted(PRESETS), *TEST_ONLY)
+
+
+def nearest_dataset(dataset: str) -> str | None:
+    """The known dataset a name most likely meant (``pets`` → ``oxford_pets``), or None where none is close."""
+    key = dataset.strip().lower().replace("-", "_").replace(" ", "_")
+    spellings = {name: name for name in known_datasets()} | ALIASES
+    within = sorted({canonical for spelling, canonical in spellings.items() if key and key in spelling})
+    if len(within) == 1:  # a part of one name: pets, flowers, aircraft
+        return within[0]
+    close = difflib.get_close_matches(key, list(spellings), n=1, cutoff=0.7)
+    return spellings[close[0]] if close else None
+
+
+def unknown_dataset(dataset: str | None) -> str | None:
+    """What to tell a user who names a dataset apecli does not know (None for a known one, or none
+    named): it runs with the generic settings, the nearest known name, and the known ones."""
+    canonical = canonical_name(dataset)
+    if canonical is None or canonical in PRESETS or canonical in TEST_ONLY:
+        return None
+    nearest = nearest_dataset(canonical)
+    return (f"'{dataset}' is not a dataset apecli knows, so its settings are the generic ones"
+            + (f"; did you mean {nearest}?" if nearest else "") + f" (known: {', '.join(known_datasets())})")

@@ -105,6 +105,34 @@ def make_image(path: Path, label: int, index: int, size: int = 48) -> Path:
     return path
 
 
+DEMO_NAME = "demo-stripes"  # the demo's generated set: a name no benchmark has
+
+
+def demo_images(root: Path, classes: int = 8, per_split: tuple[int, int, int] = (16, 24, 24), seed: int = 0) -> Path:
+    """The demo's generated set: ``DIR/{train,val,test}/<class>/*.jpg``, a class a hue and a stripe width,
+    with hues near each other, colour jitter and pixel noise enough to confuse neighbouring classes (a few-
+    shot problem where the cache helps and does not solve it)."""
+    from PIL import Image
+
+    folder = Path(root) / DEMO_NAME
+    rng = np.random.default_rng(seed)
+    for part, count in zip(("train", "val", "test"), per_split):
+        for label in range(classes):
+            hue = label / classes
+            for index in range(count):
+                colour = 127 + 90 * np.cos(2 * np.pi * (hue + np.array([0.0, 1 / 3, 2 / 3])))
+                colour = colour + rng.normal(scale=55, size=3)  # a neighbour's colour, often
+                size, width = 48, 3 + label % 4
+                pixels = np.broadcast_to(colour, (size, size, 3)).copy()
+                phase = rng.integers(width)
+                pixels[:, (np.arange(size) + phase) % (2 * width) < width] *= 0.6
+                pixels += rng.normal(scale=45, size=pixels.shape)
+                path = folder / part / f"shade_{label}" / f"{index:03d}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return folder
+
+
 def coop_caltech(root: Path, classes: int = 3, per_split: tuple[int, int, int] = (6, 3, 3)) -> Path:
     """A caltech101-style dataset: caltech-101/101_ObjectCategories/<class>/*.jpg + split_zhou json."""
     folder = Path(root) / "caltech-101"

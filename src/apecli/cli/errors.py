@@ -16,11 +16,13 @@ FLAGS = {  # a setting's Python name → the flag that sets it
     "dataset": "--dataset",
     "decode": "--decode",
     "device": "--device",
+    "epochs": "--epochs",
     "k": "--k",
     "ks": "--k",
     "mode": "--mode",
     "model": "--model",
     "normalise": "--normalise",
+    "precision": "--precision",
     "pretrained": "--pretrained",
     "root": "--root",
     "scale": "--search-scale",
@@ -36,6 +38,7 @@ FLAGS = {  # a setting's Python name → the flag that sets it
     "top": "--top",
     "trust_torchscript": "--trust-torchscript",
     "val_shots": "--val-shots",
+    "views": "--views",
     "work": "--work",
 }
 COMMANDS = {  # a library call → what does it on the command line

@@ -15,9 +15,10 @@ from rich.console import Console
 
 from apecli import store
 from apecli.cli.errors import in_flags
-from apecli.errors import ApecliError, first_line
+from apecli.errors import ApecliError, ChoiceError, first_line
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages, progress, the tables beside an artifact
+out = Console(highlight=False, soft_wrap=True)  # a command's report, when the report is its result
 
 
 def say(message: str) -> None:
@@ -35,9 +36,9 @@ def reports_errors(command: Command) -> Command:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except ApecliError as error:
+        except ApecliError as error:  # a value outside a fixed set of choices: a mistyped command line
             typer.echo(f"apecli: error: {in_flags(str(error))}", err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(2 if isinstance(error, ChoiceError) else 1) from None
         except OSError as error:  # the file system's word: a full disk, a read-only or missing folder
             typer.echo(f"apecli: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
             raise typer.Exit(1) from None
@@ -117,6 +118,18 @@ def emit(artifact: store.Artifact | Path, result: dict[str, Any], as_json: bool)
         typer.echo(json.dumps({"artifact": path, **result}, default=_plain))
     else:
         typer.echo(path)
+
+
+def report(artifact: store.Artifact | Path, result: dict[str, Any], as_json: bool, lines: Iterable[Any]) -> None:
+    """A command whose result is a report: the report on stdout (rich renderables or lines of text), or
+    with ``--json`` one JSON object (the artifact's path in it)."""
+    if as_json:
+        emit(artifact, result, True)
+        return
+    if sys.stdout is None or getattr(sys.stdout, "closed", False):
+        raise ApecliError("stdout is closed: the report cannot be printed")
+    for line in lines:
+        out.print(line, markup=False) if isinstance(line, str) else out.print(line)
 
 
 def _plain(value: Any) -> Any:

@@ -22,7 +22,7 @@ Store = Annotated[
     typer.Option(
         "--store",
         envvar="APECLI_STORE",
-        help="Folder where artifacts are written (and looked up). Env: APECLI_STORE.",
+        help="Folder where artifacts are written (and looked up).",
         file_okay=False,
     ),
 ]
@@ -34,7 +34,9 @@ ComputeDevice = Annotated[
     typer.Option("--device", help="Where searches and training run: cpu, cuda or cuda:N (float64 searches; a GPU's "
                  "float32 training rounds otherwise than the CPU's)."),
 ]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the artifact path.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the artifact "
+                                                              "path.")]
+JsonReport = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")]
 Shots = Annotated[Optional[int], typer.Option("--shots", help="Shot count of the cache to use (default: the largest stored).", min=1)]
 ValShots = Annotated[
     Optional[int],

@@ -58,6 +58,7 @@ class Evaluation:
     test_predictions: np.ndarray | None = None  # the predicted class of each test image (stored)
     test_class_accuracy: float | None = None  # the mean over the test split's classes of their accuracy, percent
     hyperparameters: dict[str, float] = field(default_factory=dict)  # as the method's fit returned them
+    notes: tuple[str, ...] = ()  # what a careful user should know of this fit, one line each (not stored)
 
     @property
     def val_shots(self) -> int | None:

@@ -28,7 +28,7 @@ from apecli.methods.cache_model import CacheModel
 from apecli.methods.criterion import channel_criterion, top_channels
 from apecli.methods.grid import SearchGrid, dataset_grid
 from apecli.methods.scores import class_sums
-from apecli.methods.trainer import check_training, reproducible, training_samples
+from apecli.methods.trainer import check_training, last_epoch_note, no_views_note, reproducible, training_samples
 from apecli.methods.trainer import train as train_loop
 from apecli.presets import preset_for
 
@@ -120,6 +120,13 @@ class FitResult:
             "device": self.device,
             "history": {"loss": self.loss.tolist(), "val_accuracy": self.val_accuracy.tolist()},
         }
+
+
+def fit_notes(fitted: FitResult) -> tuple[str, ...]:
+    """What a careful user should know of a training run: no views to train on, validation still rising."""
+    last = last_epoch_note(fitted.best_epoch, fitted.settings.epochs)
+    return tuple(note for note in ((None if fitted.trained_on_views else no_views_note("APE-T", fitted.settings.shots)),
+                                   last) if note)
 
 
 def train(task: Task, settings: FitSettings, progress: EpochProgress | None = None,
@@ -269,6 +276,7 @@ class APET(Method):
         self.channels, self.val_accuracy, self.search = self.adapter.channels, result.accuracy, result
         self.details = {"best_epoch": fitted.best_epoch, "epochs": fitted.settings.epochs,
                         "trained_on_views": fitted.trained_on_views, "device": on.type}
+        self.notes = fit_notes(fitted)
         return {"alpha": result.alpha, "beta": result.beta}
 
     def logits(self, features: np.ndarray) -> np.ndarray:

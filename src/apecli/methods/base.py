@@ -6,7 +6,8 @@ A method learns from a task (``fit``), scores features (``logits``), says which 
 default: what it is called in tables (``label``), which hyperparameters a user may give instead of
 having them searched (``given``), which Task arrays its ``restore`` needs from the evaluated features
 (``task_state``, so that they are not stored twice), and what its fit reports besides its
-hyperparameters (``val_accuracy``, ``search``, ``channels``, ``details``).
+hyperparameters (``val_accuracy``, ``search``, ``channels``, ``details``) and what a careful user should
+know about it (``notes``).
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class Method:
     search: "SearchResult | None" = None  # the grid it searched, every setting's validation hits
     channels: np.ndarray | None = None  # the feature channels it uses, where it chose some
     details: Mapping[str, Any] = MappingProxyType({})  # more to report (JSON values): best epoch, device, …
+    notes: tuple[str, ...] = ()  # one line each that a careful user should read: a degenerate case, a choice at an edge
 
     @classmethod
     def create(cls, options: Options) -> "Method":

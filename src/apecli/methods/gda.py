@@ -11,7 +11,7 @@ from apecli.errors import ApecliError
 from apecli.methods.base import Method, Options, Task
 from apecli.methods.grid import SearchGrid
 from apecli.methods.scores import percent, zero_shot_logits
-from apecli.methods.trainer import training_samples
+from apecli.methods.trainer import no_views_note, training_samples
 
 GDA_ALPHAS = tuple(10.0**i for i in range(-4, 5))
 
@@ -68,6 +68,9 @@ class GDA(Method):
         self.alpha = float(alphas[best])
         self.val_accuracy = percent(int(val_correct[best]), task.val_labels.shape[0])
         self.details = {"trained_on_views": on_views, **({"given": given} if given else {})}
+        self.notes = tuple([] if on_views else [no_views_note(self.label, task.shots)]) + (
+            () if np.any(self.weights) else ("one sample a class leaves GDA no spread to estimate its covariance from: "
+                                             "its head is zero, so it classifies as zero-shot CLIP whatever its α",))
         return {"alpha": self.alpha}
 
     def logits(self, features: np.ndarray) -> np.ndarray:

@@ -72,8 +72,9 @@ class SearchGrid:
     def _values(self, axis: int, start: float) -> np.ndarray:
         if self.fixed[axis] is not None:
             return np.array([float(self.fixed[axis])])
-        top, steps = self.scale[axis], self.steps[axis]
-        return np.array([i * (top - start) / steps + start for i in range(steps)])
+        top, steps = self.scale[axis], self.steps[axis]  # the decimal values the grid's formula defines,
+        # not their float sums' rounding noise (6.655, not 6.654999999999999)
+        return np.array([float(f"{i * (top - start) / steps + start:.12g}") for i in range(steps)])
 
     @property
     def betas(self) -> np.ndarray:
@@ -145,6 +146,16 @@ class SearchResult:
     @property
     def accuracy(self) -> float:
         return 100.0 * float(self.correct[self.best_index]) / self.total
+
+    def edges(self) -> list[str]:
+        """A note for each searched value chosen at the top of its grid: the best may lie beyond it."""
+        notes = []
+        for axis, (symbol, values) in enumerate(zip("βαγ", (self.grid.betas, self.grid.alphas, self.grid.gammas))):
+            if self.grid.fixed[axis] is None and len(values) > 1 and self.best_index[axis] == len(values) - 1:
+                notes.append(f"{symbol} = {values[-1]:g} is the largest value its grid tried ({values[0]:g} … "
+                             f"{values[-1]:g}): a better one may lie beyond it; {Setting('scale')} widens the grid "
+                             f"(the upper ends of β, α and γ; now {' '.join(f'{s:g}' for s in self.grid.scale)})")
+        return notes
 
     @property
     def ties(self) -> int:

@@ -12,7 +12,7 @@ import functools
 import warnings
 from importlib.metadata import entry_points
 
-from apecli.errors import SettingError, first_line
+from apecli.errors import ChoiceError, first_line
 from apecli.methods.ape import APE
 from apecli.methods.ape_t import APET
 from apecli.methods.base import Method
@@ -78,7 +78,7 @@ def get(name: str) -> type[Method]:
             return method
     known = methods()
     if name not in known:
-        raise SettingError("mode", name, f"unknown mode '{name}'; choose one of {', '.join(known)}")
+        raise ChoiceError("mode", name, f"unknown mode '{name}'; choose one of {', '.join(known)}", tuple(known))
     return known[name]
 
 

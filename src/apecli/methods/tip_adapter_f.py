@@ -12,7 +12,7 @@ from apecli.methods.cache_model import CacheModel
 from apecli.methods.grid import SearchGrid, dataset_grid
 from apecli.methods.scores import class_sums
 from apecli.methods.tip_adapter import TipAdapter, plain_cache
-from apecli.methods.trainer import check_training, reproducible, train, training_samples
+from apecli.methods.trainer import check_training, no_views_note, reproducible, train, training_samples
 
 # Tip-Adapter-F's training α and epochs where the authors' configurations give them (dataset → α, epochs);
 # other datasets train with α = 1 for 20 epochs. β is 1 in all of them.
@@ -88,6 +88,7 @@ class TipAdapterF(TipAdapter):
         self.val_accuracy, self.search = result.accuracy, result
         self.details = {"best_epoch": run.best_epoch, "epochs": settings.epochs, "init_alpha": settings.alpha,
                         "trained_on_views": on_views, "device": on.type}
+        self.notes = () if on_views else (no_views_note(self.label, task.shots),)
         return {"alpha": result.alpha, "beta": result.beta}
 
     def state(self) -> dict[str, np.ndarray]:

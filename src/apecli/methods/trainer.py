@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 
 from apecli.checks import check_seed, check_value
-from apecli.errors import ApecliError, SettingError
+from apecli.errors import ApecliError, Setting, SettingError
 
 if TYPE_CHECKING:
     import torch
@@ -103,6 +103,20 @@ def check_training(*, epochs: int, batch_size: int, lr: float, eps: float, weigh
     check_value("α during training", alpha, positive=True)
     check_value("β during training", beta)
     check_seed(seed)
+
+
+def no_views_note(label: str, shots: int) -> str:
+    """What a method that trains on augmented views says when the cache has none."""
+    return (f"no augmented views stored for {shots} shot{'s' * (shots != 1)}: {label} learned from the cache keys "
+            f"themselves (extract's {Setting('views')} stores augmented views of each training image)")
+
+
+def last_epoch_note(best_epoch: int, epochs: int) -> str | None:
+    """A note where training's best validation accuracy came at its last epoch (still rising), else None."""
+    if epochs <= 1 or best_epoch != epochs:
+        return None
+    return (f"the best validation accuracy came at the last epoch ({epochs} of {epochs}): it was still rising, and "
+            f"more {Setting('epochs')} may do better")
 
 
 def training_samples(task: "Task") -> tuple[np.ndarray, bool]:

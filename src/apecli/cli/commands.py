@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 from rich.table import Table
 
 from apecli import kinds, store
 from apecli.cli import progress
 from apecli.cli.errors import in_flags
 from apecli.cli.io import console, emit, outline, piped_input, reports_errors, resolve_input, say
+from apecli.cli.io import report as report_lines
 from apecli.cli.options import (
     DEFAULT_STORE,
     ClassNames,
@@ -23,6 +25,7 @@ from apecli.cli.options import (
     Dataset,
     Input,
     Json,
+    JsonReport,
     Model,
     Normalise,
     Shots,
@@ -35,11 +38,21 @@ from apecli.cli.options import (
     TrustTorchScript,
     ValShots,
 )
-from apecli.errors import ApecliError
+from apecli.errors import ApecliError, ChoiceError
 from apecli.kinds.evaluation import SYMBOLS
 from apecli.methods import registry
 from apecli.methods.zero_shot import ZeroShot
 from apecli.version import __version__
+
+
+def _flag_type(option: "typer.core.TyperOption", ctx: "typer.Context") -> str | None:
+    """What the help shows after an option's name: nothing for a flag (``--json``, not ``--json <bool>``,
+    which reads as if it took a value), the value's type otherwise."""
+    return None if option.is_flag else _value_type(option, ctx)
+
+
+_value_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flag_type
 
 app = typer.Typer(
     name="apecli",
@@ -73,12 +86,24 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     typer.echo(f"apecli: warning: {in_flags(str(message))}", err=True)
 
 
+def _dataset_note(dataset: str | None) -> None:
+    """One line where the settings a dataset's name selects are the generic ones."""
+    from apecli.presets import unknown_dataset
+
+    if dataset is None:
+        say("note: no --dataset named, so the settings are the generic ones (--dataset NAME selects a known "
+            "dataset's)")
+    elif (note := unknown_dataset(dataset)) is not None:
+        say(f"note: {note}")
+
+
 def _save_imported(features, store_dir: Path, as_json: bool, texts=None) -> None:
     from apecli.kinds.features import mismatch_warnings, save_features
 
     if texts is not None:
         console.print(f"text classifier: {len(texts.class_names)} classes encoded by {texts.model_name}")
     saved = save_features(features, store.in_store(store_dir, features.dataset, "features"))
+    _dataset_note(saved.dataset)  # once it is stored: a name the store refuses is that one error alone
     for note in saved.notes:
         say(f"note: {note}")
     for warning in mismatch_warnings(saved):
@@ -163,7 +188,7 @@ def _class_texts(text_model: str | None, pretrained: str, dataset: str | None, r
 @reports_errors
 def extract(
     dataset: Dataset = None,
-    root: Annotated[Path, typer.Option("--root", envvar="APECLI_DATA", help="Folder holding the CoOp datasets. Env: APECLI_DATA.")] = Path("."),
+    root: Annotated[Path, typer.Option("--root", envvar="APECLI_DATA", help="Folder holding the CoOp datasets.")] = Path("."),
     images: Annotated[Optional[Path], typer.Option("--images", help="Your own images: a folder per class, or a CSV of path,label[,split].")] = None,
     model: Annotated[str, typer.Option("--model", help="open_clip model name, the path of a model-config JSON, hf-hub:ORG/REPO or local-dir:PATH.")] = "RN50",
     pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip pretrained tag, a local checkpoint path, or none (ignored for hf-hub: and local-dir: models).")] = "openai",
@@ -233,6 +258,8 @@ def extract(
         leave(ranks)
     if features is None:  # another rank: rank 0 reports
         return
+    if images is not None and dataset:  # one's own images need no name; a name given may be a known one misspelt
+        _dataset_note(dataset)
     skipped = list(features.skipped)
     console.print(f"{features.num_classes} classes × {features.dim} channels, shots {list(features.shots)}, "
                   + ", ".join(f"{n} {p.labels.shape[0]}" for n, p in features.splits.items())
@@ -348,6 +375,8 @@ def evaluate(
     stem = f"eval-{method.name}" + (f"-{evaluation.shots}shot" if evaluation.shots else "")
     saved = save_evaluation(evaluation, [artifact], store.in_store(store_dir, evaluation.dataset, stem))
     _print_evaluation(evaluation)
+    for note in evaluation.notes:
+        say(f"note: {note}")
     emit(saved, evaluation.summary(), as_json)
 
 
@@ -395,10 +424,11 @@ def classes(
                                                   "report, by dataset or features path (needed where it has several).",
                                                   show_default=False)] = None,
     store_dir: Store = Path(DEFAULT_STORE),
-    as_json: Json = False,
+    as_json: JsonReport = False,
 ) -> None:
-    """Per-class test accuracy of an evaluation (or of a transfer's test set), lowest first, beside
-    zero-shot CLIP's, with what each class is mistaken for."""
+    """Test accuracy class by class, lowest first, beside zero-shot CLIP's, and what each is mistaken for.
+
+    Of an evaluation's test split, or of a transfer's test set."""
     from apecli.classes import class_report
 
     artifact = resolve_input(source, store_dir, ["evaluation", "transfer"])
@@ -415,13 +445,12 @@ def classes(
         more = len(result.mistaken_for) - 2
         table.add_row(result.name, f"{result.images:,}", f"{result.accuracy:.1f}", f"{result.zero_shot_accuracy:.1f}",
                       mistaken + (f" +{more}" if more > 0 else ""))
-    console.print(table)
     perfect = sum(result.correct == result.images for result in report.classes)
     below = sum(result.correct < result.zero_shot_correct for result in report.classes)
-    console.print(f"mean over {len(report.classes)} classes {report.mean_accuracy:.2f} %; {perfect} without a mistake"
-                  + (f"; {below} below zero-shot CLIP" if report.mode != ZeroShot.name else "")
-                  + (f"; no test image: {', '.join(report.absent)}" if report.absent else ""))
-    emit(artifact, report.summary(), as_json)
+    report_lines(artifact, report.summary(), as_json, [
+        table, f"mean over {len(report.classes)} classes {report.mean_accuracy:.2f} %; {perfect} without a mistake"
+        + (f"; {below} below zero-shot CLIP" if report.mode != ZeroShot.name else "")
+        + (f"; no test image: {', '.join(report.absent)}" if report.absent else "")])
 
 
 @app.command()
@@ -449,6 +478,7 @@ def fit(
     from apecli.kinds.adapter import save_fit
     from apecli.kinds.features import load_features
     from apecli.methods.ape_t import FitSettings
+    from apecli.methods.trainer import last_epoch_note
 
     features = load_features(resolve_input(source, store_dir, ["features"]))
     settings = FitSettings(shots, k, w, epochs, lr, eps, weight_decay, batch_size, alpha, beta, seed,
@@ -462,6 +492,8 @@ def fit(
     console.print(f"best validation accuracy {result.best_val_accuracy:.2f}% at epoch {result.best_epoch} "
                   f"of {settings.epochs} (α = {settings.init_alpha:g}, β = {settings.init_beta:g})"
                   + (f", on {settings.val_shots} validation images a class" if settings.val_shots else ""))
+    if (note := last_epoch_note(result.best_epoch, settings.epochs)) is not None:
+        say(f"note: {note}")
     emit(result.artifact, result.summary(), as_json)
 
 
@@ -481,7 +513,7 @@ def bench(
                                              show_default=False)] = None,
     device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
-    as_json: Json = False,
+    as_json: JsonReport = False,
 ) -> None:
     """Run modes × shot counts × feature sets; write CSV, JSON and plots; print the papers' table."""
     from apecli import bench as runner
@@ -493,17 +525,26 @@ def bench(
 
     def report(row: dict, skipped: bool) -> None:
         took = "done before" if skipped else f"{row['seconds']:7.1f} s"
-        console.print(f"{took}  {row['dataset']} {row['shots']}-shot {row['mode']}: test {row['test_accuracy']:.2f}%")
+        console.print(f"{took}  {row['dataset']} {row['shots']}-shot {row['mode']}: test {row['test_accuracy']:.2f}%",
+                      markup=False)
+        for note in [] if skipped else row.get("notes", []):  # this run's cells: an earlier file's said then
+            say(f"           note: {note}")
 
     ks = _integers(k, "--k") if k is not None else None
-    rows = runner.run_bench(artifacts, counts, chosen, out, report, device, val_shots, ks)
-    if shots is None:
-        console.print(f"shots {','.join(map(str, counts))}: those every feature set holds (--shots sets others)")
+    names = ", ".join(runner.set_name(artifact) for artifact in artifacts)
+    plan = (f"bench: {len(artifacts)} feature set{'s' * (len(artifacts) > 1)} ({names}) × shots "
+            f"{','.join(map(str, counts))}" + (" (those every feature set holds; --shots sets others)"
+                                               if shots is None else "") + f" × modes {','.join(chosen)}")
+    rows = runner.run_bench(artifacts, counts, chosen, out, report, device, val_shots, ks,
+                            starting=lambda: console.print(plan, markup=False))
     asked = {artifact.content_id for artifact in artifacts}  # the table and plot: this run's cells only
     current = [row for row in rows if row["content_id"] in asked and row["shots"] in counts
                and row.get("val_shots") == val_shots
                and row.get("k_tried") == (runner.k_choice(ks) if row["mode"] in choosing_k else None)]
-    picture = runner.plot(current, chosen, out / "accuracy-vs-shots.png")
+    picture, replaced = runner.plot(current, chosen, out / "accuracy-vs-shots.png")
+    if replaced:
+        say(f"note: {picture} showed other cells ({replaced or 'an earlier run'}); it now shows this run's")
+    tables = []
     for count in counts:
         table = Table(title=f"test accuracy (%), {count} shot{'s' if count > 1 else ''}"
                       + (f", chosen on {val_shots} validation images a class" if val_shots else "")
@@ -514,8 +555,14 @@ def bench(
         for line in runner.summary_table(current, count, chosen, deviations=True):
             table.add_row(line[0], *("" if cell is None else f"{cell[0]:.2f}" + ("" if cell[1] is None else f" ± {cell[1]:.2f}")
                                      for cell in line[1:]), style="bold" if line[0] == "Average" else None)
-        console.print(table)
-    emit(out / "results.json", {"csv": str(out / "results.csv"), "plot": str(picture), "rows": rows}, as_json)
+        tables.append(table)
+    if as_json:  # stdout holds the JSON: the tables go beside the progress
+        for table in tables:
+            console.print(table)
+    else:
+        console.print(f"results: {out / 'results.json'}, {out / 'results.csv'} and {picture}")
+    report_lines(out / "results.json", {"csv": str(out / "results.csv"), "plot": str(picture), "rows": rows}, as_json,
+                 tables)
 
 
 def _integers(text: str, option: str) -> tuple[int, ...]:
@@ -541,7 +588,7 @@ def predict(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per encoder batch.")] = 64,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Image decoding processes (0: in the main process; default: as extract's).", show_default=False)] = None,
     store_dir: Store = Path(DEFAULT_STORE),
-    as_json: Json = False,
+    as_json: JsonReport = False,
 ) -> None:
     """Classify image files with an evaluated model (re-encoded with the model its features came from)."""
     from apecli.predict import predict as classify
@@ -573,14 +620,14 @@ def list_store(
     store_dir: StoreFolder = None,
     kind: Annotated[Optional[str], typer.Option("--kind", help="Only artifacts of this kind: features, refinement, adapter, evaluation or transfer.")] = None,
     store_option: Store = Path(DEFAULT_STORE),
-    as_json: Json = False,
+    as_json: JsonReport = False,
 ) -> None:
     """List the artifacts of a store, oldest first: path, kind, dataset, what each holds."""
     folder = store_dir or store_option
     if not folder.is_dir():
         raise ApecliError(f"{folder}: no such folder")
     if kind is not None and kind not in kinds.KINDS:
-        raise ApecliError(f"unknown kind '{kind}'; choose one of {', '.join(kinds.KINDS)}")
+        raise ChoiceError("kind", kind, f"unknown kind '{kind}'; choose one of {', '.join(kinds.KINDS)}", kinds.KINDS)
     artifacts = store.list_artifacts(folder, [kind] if kind else None)
     known: dict = {}
     reasons = [store.stale_reason(artifact, known) for artifact in artifacts]
@@ -636,7 +683,7 @@ def gc(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
     work: Annotated[bool, typer.Option("--work", help="Also remove interrupted extractions (their resume state).")] = False,
     store_option: Store = Path(DEFAULT_STORE),
-    as_json: Json = False,
+    as_json: JsonReport = False,
 ) -> None:
     """Remove stale artifacts (a parent missing or changed) and files of writes that were killed."""
     folder = store_dir or store_option
@@ -661,7 +708,7 @@ def verify(
         help="Artifacts or folders of them (default: a path on stdin when piped, else the whole store).",
         show_default=False)] = None,
     store_option: Store = Path(DEFAULT_STORE),
-    as_json: Json = False,
+    as_json: JsonReport = False,
 ) -> None:
     """Hash each artifact and its ancestors again against their content ids: files edited or damaged."""
     piped = None if sources else piped_input(kinds.KINDS)
@@ -728,7 +775,7 @@ def list_methods(
 
 @app.command()
 @reports_errors
-def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: Json = False) -> None:
+def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: JsonReport = False) -> None:
     """Describe an artifact: kind, content id, parents, settings and arrays."""
     artifact = resolve_input(source, store_dir, kinds.KINDS)
     kinds.header(artifact)  # its kind's fields checked: one line for a header the format does not allow
@@ -746,6 +793,7 @@ def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: 
     }
     if not as_json:
         readable = {
+            "path": str(artifact.path),
             "kind": artifact.kind,
             "content id": f"{artifact.content_id} (format {artifact.format_version})",
             "written": f"{artifact.created or '?'} by {artifact.writer or '?'}",
@@ -755,9 +803,7 @@ def info(source: Input = None, store_dir: Store = Path(DEFAULT_STORE), as_json: 
             **dict(artifact.metadata),
             "arrays": {name: f"{' × '.join(map(str, shape)) or 'scalar'} {dtype}" for name, (shape, dtype) in artifact.shapes.items()},
         }
-        for line in outline(readable):
-            console.print(line, markup=False)
-    emit(artifact, details, as_json)
+    report_lines(artifact, details, as_json, outline(readable) if not as_json else [])
 
 
 @app.command()
@@ -766,24 +812,25 @@ def demo(
     store_dir: Annotated[Path, typer.Option("--store", help="Folder for the demo's images and artifacts.")] = Path("caches-demo"),
     as_json: Json = False,
 ) -> None:
-    """Run the whole chain offline: generated images → extract (tiny model) → refine → eval."""
-    from apecli.datasets import read_coop
+    """Run the whole chain offline on a generated set: images → extract (tiny model) → refine → eval."""
+    from apecli.datasets import read_image_folder
     from apecli.encoder import EncoderSpec
     from apecli.evaluate import evaluate_training_free, save_evaluation
     from apecli.extract import ExtractSettings
     from apecli.extract import extract as run_extract
     from apecli.kinds.refinement import save_refinement
     from apecli.refine import select_channels
-    from apecli.synthetic import coop_caltech, tiny_model_config
+    from apecli.synthetic import DEMO_NAME, demo_images, tiny_model_config
 
     images = store_dir / "images"
-    if not (images / "caltech-101").is_dir():
-        coop_caltech(images, classes=5, per_split=(16, 8, 8))
-        console.print(f"generated 5 classes of images in {images}")
+    if not (images / DEMO_NAME / "test").is_dir():
+        demo_images(images)
+    console.print(f"{DEMO_NAME}: a generated set, not a benchmark: 8 classes of striped patches told apart by hue and "
+                  f"stripe width through noise ({images / DEMO_NAME})")
     model = tiny_model_config(store_dir)
-    console.print(f"model: {model} (a tiny open_clip config with seeded random weights)")
+    console.print(f"model: {model} (a tiny open_clip config with seeded random weights: its zero-shot CLIP is chance)")
     with progress.splits() as report:
-        features = run_extract(read_coop("caltech101", images), EncoderSpec(str(model), "none"), store_dir,
+        features = run_extract(read_image_folder(images / DEMO_NAME), EncoderSpec(str(model), "none"), store_dir,
                                ExtractSettings(shots=(1, 2, 4, 8, 16), workers=0), progress=report, say=say)
     console.print(f"features: {features.artifact.path}")
     refinement = save_refinement(select_channels(features, k=32), features,
@@ -794,6 +841,8 @@ def demo(
     saved = save_evaluation(evaluation, [refinement.artifact],
                             store.in_store(store_dir, features.dataset, f"eval-{evaluation.mode}-16shot"))
     _print_evaluation(evaluation)
+    for note in evaluation.notes:
+        say(f"note: {note}")
     emit(saved, evaluation.summary(), as_json)
 
 
