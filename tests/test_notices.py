@@ -61,7 +61,14 @@ def test_a_choice_at_the_top_of_its_grid_names_the_option_that_widens_it(feature
     chosen = evaluate_method(features, APE(narrow), 1)
     assert chosen.alpha == 6.655 and chosen.search.best_index[1] == 19  # at the top of α's values
     assert chosen.notes == ("α = 6.655 is the largest value its grid tried (0.1 … 6.655): a better one may lie beyond "
-                            "it; `scale` widens the grid (the upper ends of β, α and γ; now 7 7 1)",)
+                            "it; `scale` widens the grid (the upper ends of β, α and γ; now β 7, α 7, γ 1)",)
+    from apecli.methods.grid import SearchResult
+
+    correct = np.zeros((3, 4, 1))
+    correct[0, 3, 0] = 5  # the best at the top of α's values, in a search without γ (the Tip-Adapter family's)
+    assert SearchResult(correct, 10, SearchGrid((7.0, 7.0, 0.0), (3, 4, 1))).edges() == [
+        "α = 5.275 is the largest value its grid tried (0.1 … 5.275): a better one may lie beyond it; `scale` widens "
+        "the grid (the upper ends of β, α and γ; now β 7, α 7)"]
     inside = evaluate_method(features, APE(narrow), 4)
     assert inside.alpha < 6.655 and not any(note.startswith("α") for note in inside.notes)
     given = evaluate_method(features, APE(narrow.fixing(alpha=6.655)), 1)  # a value given is no choice
@@ -113,7 +120,7 @@ def test_the_command_line_says_the_notes_on_stderr_and_keeps_them_out_of_the_rec
                                str(tmp_path)])
     assert edge.exit_code == 0, edge.stderr
     assert ("note: α = 6.655 is the largest value its grid tried (0.1 … 6.655): a better one may lie beyond it; "
-            "--search-scale widens the grid (the upper ends of β, α and γ; now 7 7 1)") in edge.stderr.splitlines()
+            "--search-scale widens the grid (the upper ends of β, α and γ; now β 7, α 7, γ 1)") in edge.stderr.splitlines()
     bench = runner.invoke(app, ["bench", str(saved.artifact.path), "--shots", "1", "--modes", "zero-shot,gda",
                                 "--out", str(tmp_path / "out")])
     assert bench.exit_code == 0, bench.stderr

@@ -152,9 +152,11 @@ class SearchResult:
         notes = []
         for axis, (symbol, values) in enumerate(zip("βαγ", (self.grid.betas, self.grid.alphas, self.grid.gammas))):
             if self.grid.fixed[axis] is None and len(values) > 1 and self.best_index[axis] == len(values) - 1:
+                ends = ", ".join(f"{name} {scale:g}" for name, scale, count in zip("βαγ", self.grid.scale, self.grid.shape)
+                                 if count > 1)  # the axes it searched (a cache without γ searches β and α)
                 notes.append(f"{symbol} = {values[-1]:g} is the largest value its grid tried ({values[0]:g} … "
                              f"{values[-1]:g}): a better one may lie beyond it; {Setting('scale')} widens the grid "
-                             f"(the upper ends of β, α and γ; now {' '.join(f'{s:g}' for s in self.grid.scale)})")
+                             f"(the upper ends of β, α and γ; now {ends})")
         return notes
 
     @property
