@@ -258,9 +258,9 @@ def dodged(shots: Sequence[int], line: int, lines: int) -> list[float]:
     return [count * 2 ** (DODGE * (line - (lines - 1) / 2)) for count in shots]
 
 
-def chart_description(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> str:
-    """What a chart of ``rows`` shows, as its PNG metadata records it: sets, shot counts and modes."""
-    cells = means(rows, modes)
+def chart_description(cells: dict[tuple[str, int, str], Any], modes: Sequence[str]) -> str:
+    """What a chart of the :func:`means` ``cells`` shows, as its PNG metadata records it: sets, shot
+    counts and modes."""
     panels = sorted({panel for panel, _, _ in cells})
     counts = sorted({count for _, count, _ in cells})
     shown = [mode for mode in modes if any(mode == cell_mode for _, _, cell_mode in cells)]
@@ -329,7 +329,7 @@ def plot(rows: Sequence[dict[str, Any]], modes: Sequence[str], path: Path) -> tu
     axes.flat[0].legend(fontsize=8)
     figure.tight_layout()
     path = Path(path)
-    description = chart_description(rows, modes)
+    description = chart_description(cells, modes)
     before = chart_shows(path)
     try:
         with replacing(path) as temporary:

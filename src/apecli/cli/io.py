@@ -36,9 +36,9 @@ def reports_errors(command: Command) -> Command:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except ApecliError as error:  # a value outside a fixed set of choices: a mistyped command line
-            typer.echo(f"apecli: error: {in_flags(str(error))}", err=True)
-            raise typer.Exit(2 if isinstance(error, ChoiceError) else 1) from None
+        except ApecliError as error:
+            typer.echo(f"apecli: error: {in_flags(str(error))}", err=True)  # a value outside fixed choices is a
+            raise typer.Exit(2 if isinstance(error, ChoiceError) else 1) from None  # mistyped command line: 2
         except OSError as error:  # the file system's word: a full disk, a read-only or missing folder
             typer.echo(f"apecli: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), err=True)
             raise typer.Exit(1) from None

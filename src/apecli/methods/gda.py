@@ -68,9 +68,11 @@ class GDA(Method):
         self.alpha = float(alphas[best])
         self.val_accuracy = percent(int(val_correct[best]), task.val_labels.shape[0])
         self.details = {"trained_on_views": on_views, **({"given": given} if given else {})}
-        self.notes = tuple([] if on_views else [no_views_note(self.label, task.shots)]) + (
-            () if np.any(self.weights) else ("one sample a class leaves GDA no spread to estimate its covariance from: "
-                                             "its head is zero, so it classifies as zero-shot CLIP whatever its α",))
+        notes = [] if on_views else [no_views_note(self.label, task.shots)]
+        if not np.any(self.weights):
+            notes.append("one sample a class leaves GDA no spread to estimate its covariance from: its head is zero, "
+                         "so it classifies as zero-shot CLIP whatever its α")
+        self.notes = tuple(notes)
         return {"alpha": self.alpha}
 
     def logits(self, features: np.ndarray) -> np.ndarray:
