@@ -34,3 +34,4 @@ bench:
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/extract_seeds.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/fit_speed.py
 	$(BIN)/python benchmarks/fit_imagenet.py  # 3 epochs; --epochs 20 for ImageNet's whole fit
+	$(BIN)/python benchmarks/methods_imagenet.py --classes 100 --dim 512 --val 1649 --test 2465 --views 10  # Caltech101 shape; no options: ImageNet shape (about 11 min)

@@ -86,7 +86,7 @@ def test_every_setting_and_call_the_library_names_has_the_command_lines_word():
 
 def test_a_modes_name_is_spelled_in_its_own_module_only():
     own = {method.name: Path(method.__module__.replace(".", "/") + ".py").name for method in BUILT_IN}
-    assert len(own) == len(BUILT_IN) == 7
+    assert len(own) == len(BUILT_IN) == 13
     elsewhere = []
     for path in sorted((ROOT / "src" / "apecli").rglob("*.py")):
         tree = ast.parse(path.read_text())
@@ -97,8 +97,12 @@ def test_a_modes_name_is_spelled_in_its_own_module_only():
             if isinstance(node, ast.Constant) and node.value in own and id(node) not in docstrings \
                     and path.name != own[node.value]:
                 elsewhere.append((path.name, node.value))
-    # "tip-adapter" there is the Tip-Adapter cache format that `apecli import tip-adapter` reads, not the mode
-    assert sorted(elsewhere) == [("commands.py", "tip-adapter"), ("importers.py", "tip-adapter")]
+    # "tip-adapter" there is the Tip-Adapter cache format that `apecli import tip-adapter` reads, not the mode;
+    # "auto" elsewhere is the device choice (--device auto), a word of its own
+    assert sorted(entry for entry in elsewhere if entry[1] != "auto") == [("commands.py", "tip-adapter"),
+                                                                          ("importers.py", "tip-adapter")]
+    assert {name for name, word in elsewhere if word == "auto"} == {"commands.py", "devices.py", "encoder.py",
+                                                                    "predict.py"}
 
 
 def test_the_version_has_one_source():

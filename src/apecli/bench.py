@@ -30,7 +30,7 @@ from apecli.methods.base import Options
 
 COLUMNS = ("dataset", "model", "shots", "mode", "val_shots", "val_accuracy", "test_accuracy", "test_class_accuracy",
            "zero_shot_accuracy", "alpha", "beta", "gamma", "lambda", "k", "k_tried", "best_epoch", "seconds", "device",
-           "features", "content_id")
+           "chosen", "features", "content_id")
 CellProgress = Callable[[dict[str, Any], bool], None]  # the row, and whether it was already done
 
 
@@ -112,6 +112,7 @@ def _row(artifact: store.Artifact, shots: int, mode: str, evaluation: Evaluation
                                              "alpha", "beta", "gamma", "lambda", "k", "best_epoch")},
         "k_tried": k_choice(summary.get("k_tried")),  # the k APE chose among on validation (None: the dataset's k)
         **({"formula": summary["formula"]} if "formula" in summary else {}),
+        **({"chosen": summary["chosen"], "candidates": summary["candidates"]} if "chosen" in summary else {}),  # auto
         **({"notes": list(evaluation.notes)} if evaluation.notes else {}),
         "seconds": round(seconds, 3),
         "device": summary.get("device", "cpu"),  # where the cell's search (and training) ran

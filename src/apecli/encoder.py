@@ -345,18 +345,27 @@ class Encoder:
     def text_classifier(self, class_names: tuple[str, ...], templates: tuple[str, ...],
                         prompts: dict[str, list[str]] | None = None) -> np.ndarray:
         """One L2-normalised row per class: the normalised mean of its normalised prompt embeddings."""
+        return self.text_embeddings(class_names, templates, prompts)[0]
+
+    def text_embeddings(self, class_names: tuple[str, ...], templates: tuple[str, ...],
+                        prompts: dict[str, list[str]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The text classifier (C × D, :meth:`text_classifier`), and the L2-normalised embedding of every
+        prompt it averaged (M × D: each class's templates, then its sentences) with each one's class (M,)."""
         import torch
 
-        rows = []
+        rows, embeddings, labels = [], [], []
         with torch.inference_mode():
-            for name in class_names:
+            for label, name in enumerate(class_names):
                 spoken = name.replace("_", " ")
                 texts = [template.format(spoken) for template in templates] + list((prompts or {}).get(name, []))
                 embedded = self.model.encode_text(self.tokenizer(texts).to(self.device)).float()
                 embedded = embedded / embedded.norm(dim=-1, keepdim=True)
                 mean = embedded.mean(dim=0)
                 rows.append((mean / mean.norm()).cpu().numpy())
-        return np.stack(rows).astype(np.float32)
+                embeddings.append(embedded.cpu().numpy())
+                labels.append(np.full(len(texts), label, dtype=np.int64))
+        return (np.stack(rows).astype(np.float32), np.concatenate(embeddings).astype(np.float32),
+                np.concatenate(labels))
 
 
 @contextlib.contextmanager

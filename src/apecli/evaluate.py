@@ -22,6 +22,7 @@ from apecli.kinds.refinement import RefinementHeader
 from apecli.methods import registry
 from apecli.methods.ape import APE
 from apecli.methods.ape_t import APET, FitResult
+from apecli.methods.auto import Auto
 from apecli.methods.base import Method, Options, Progress, Task, at_least_float32
 from apecli.methods.grid import SearchGrid, dataset_grid
 from apecli.methods.scores import count_correct, percent, predicted, zero_shot_logits
@@ -139,6 +140,7 @@ def evaluate_artifact(
     device: str | None = None,
     val_shots: int | None = None,
     ks: Sequence[int] | None = None,
+    candidates: Sequence[str] | None = None,
 ) -> Evaluation:
     """Evaluate a features, refinement or adapter artifact with the method ``mode`` names.
 
@@ -148,7 +150,8 @@ def evaluate_artifact(
     search of their axis, and a method refuses one it does not take. ``device`` (the CPU by default)
     runs the searches and training of the methods that have them. ``val_shots`` chooses on that many
     validation images per class (:meth:`FeatureSet.with_validation_shots`) instead of the whole split,
-    and is recorded; an adapter is evaluated on the validation images it was fitted with.
+    and is recorded; an adapter is evaluated on the validation images it was fitted with. ``candidates``
+    are the modes ``auto`` chooses among (default: every one that evaluates a features artifact).
     """
     method = registry.get(mode)
     on = resolve(device, method.float64)  # a mistyped device is refused by every mode
@@ -161,15 +164,20 @@ def evaluate_artifact(
     if ks and artifact.kind == "refinement":
         raise InputError(artifact.path, f"a refinement has chosen its k ({RefinementHeader.of(artifact).k}); evaluate "
                                         "its features artifact to choose k on validation")
+    if candidates is not None and method is not Auto:
+        raise SettingError("candidates", ",".join(candidates), f"{Setting('candidates')} are the modes that "
+                                                               f"{Setting('mode', Auto.name)} chooses among; mode "
+                                                               f"{mode} chooses none")
     given = grid.given if grid is not None else {}
     unknown = [name for name in given if name not in method.given]
     if unknown:
         takes = ", ".join(SYMBOLS[name] for name in method.given)
         raise SettingError(unknown[0], given[unknown[0]], f"mode {mode} has no {SYMBOLS[unknown[0]]} to give"
-                           + (f"; it takes {takes}" if takes else "; it chooses nothing on validation"))
+                           + (f"; it takes {takes}" if takes else "; it takes none of α, β, γ"))
     if artifact.kind not in method.reads:
         raise _unread(artifact, method)
-    options = Options(grid, tuple(ks) if ks else None, progress=progress)
+    options = Options(grid, tuple(ks) if ks else None, progress=progress,
+                      candidates=tuple(candidates) if candidates is not None else None)
     if artifact.kind == "adapter":
         from apecli.kinds.adapter import load_fit
 

@@ -500,8 +500,9 @@ def _save_extracted(dataset: ImageDataset, encoder: Encoder, chosen: Plan, work:
     if shared is not None:  # which feature set, and what computed them: the software may have changed since
         provenance["evaluation_features_from"] = {"content_id": shared.artifact.content_id,
                                                   "software": dict(shared.software)}
-    features = FeatureSet(dataset.class_names, encoder.text_classifier(dataset.class_names, dataset.templates, prompts),
-                          caches, evaluated, dataset.name, encoder.describe(), provenance)
+    classifier, embeddings, embedding_labels = encoder.text_embeddings(dataset.class_names, dataset.templates, prompts)
+    features = FeatureSet(dataset.class_names, classifier, caches, evaluated, dataset.name, encoder.describe(), provenance,
+                          prompts=embeddings, prompt_labels=embedding_labels)
     saved = save_features(features, store.in_store(store_dir, dataset.name, "features"))
     shutil.rmtree(work, ignore_errors=True)
     return saved

@@ -6,7 +6,10 @@
   names with the model that made the cache: :func:`class_texts`; Tip-Adapter saves none).
 - A plain ``.npz`` with ``text_weights`` (D × C; or computed as above), ``cache_keys`` (N × D), ``cache_labels``,
   ``val_features``, ``val_labels``, ``test_features``, ``test_labels``, and optionally ``cache_views``
-  (V × N × D) and ``class_names``. :func:`export_npz` writes the same arrays back.
+  (V × N × D), ``class_names`` and ``prompt_embeddings`` (C × P × D; or M × D with ``prompt_labels`` (M,)
+  where classes have different numbers of prompts). :func:`export_npz` writes the same arrays back.
+- Either may bring each class's prompt embeddings (C × P × D), whose mean made the text classifier; the
+  cache folder's come from a file given by the caller (:func:`prompt_table`).
 """
 
 from __future__ import annotations
@@ -151,6 +154,8 @@ class ClassTexts:
     encoder: dict[str, Any]
     templates: tuple[str, ...]
     prompted_classes: int
+    prompts: np.ndarray | None = None  # M × D, every prompt's embedding
+    prompt_labels: np.ndarray | None = None  # (M,), the class of each
 
     @property
     def model_name(self) -> str | None:
@@ -197,8 +202,26 @@ def class_texts(spec: "EncoderSpec", dataset: str | None, root: str | os.PathLik
     templates = LAYOUTS[canonical].templates if canonical in LAYOUTS else GENERIC_TEMPLATES
     sentences = read_prompts(prompts, names) if prompts is not None else None
     encoder = load_encoder(spec)
-    return ClassTexts(encoder.text_classifier(names, templates, sentences), names, encoder.describe(),
-                      templates, len(sentences or {}))
+    classifier, prompts, prompt_labels = encoder.text_embeddings(names, templates, sentences)
+    return ClassTexts(classifier, names, encoder.describe(), templates, len(sentences or {}), prompts, prompt_labels)
+
+
+def prompt_table(array: np.ndarray, what: str, num_classes: int, dim: int,
+                 labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt embeddings as a feature set keeps them (M × D rows and their classes), from C × P × D, or
+    from M × D rows with their ``labels`` (classes with different numbers of prompts)."""
+    if labels is None:
+        array = _as_features(array, what, 3)
+        if array.shape[0] != num_classes or array.shape[2] != dim or array.shape[1] == 0:
+            raise ApecliError(f"{what}: prompt embeddings of shape {tuple(array.shape)}, expected (C={num_classes} "
+                              f"classes, P ≥ 1 prompts, D={dim} channels)")
+        return (np.ascontiguousarray(array.reshape(-1, dim)),
+                np.repeat(np.arange(num_classes, dtype=np.int64), array.shape[1]))
+    array, labels = _as_features(array, what), _as_labels(labels, f"{what}: prompt_labels")
+    if array.shape[1] != dim or labels.shape[0] != array.shape[0]:
+        raise ApecliError(f"{what}: {array.shape[0]} prompt embeddings of {array.shape[1]} channels with "
+                          f"{labels.shape[0]} labels, expected one label each and {dim} channels")
+    return array, labels
 
 
 def import_tip_adapter(
@@ -210,12 +233,15 @@ def import_tip_adapter(
     shots: Sequence[int] | None = None,
     texts: ClassTexts | None = None,
     normalise: bool = False,
+    prompt_embeddings: str | os.PathLike[str] | None = None,
 ) -> FeatureSet:
     """Read an APE / Tip-Adapter cache folder: every shot count in it, or those of ``shots``.
 
     The text classifier is ``text_weights``, else ``texts`` (computed by :func:`class_texts`, whose
     encoder is then recorded as the features' model), else the folder's ``text_weights_cupl_t.pt``.
-    Rows must be L2-normalised; ``normalise`` divides each row by its norm instead (see :func:`unit_rows`)."""
+    ``prompt_embeddings`` is a C × P × D ``.pt`` of each class's prompt embeddings (with ``texts``, those
+    the text was computed from are kept). Rows must be L2-normalised; ``normalise`` divides each row by
+    its norm instead (see :func:`unit_rows`)."""
     folder = Path(directory)
     if not folder.is_dir():
         raise ApecliError(f"{folder}: no such folder")
@@ -306,11 +332,17 @@ def import_tip_adapter(
     }
     names = _class_names(num_classes, Path(class_names) if class_names else None)
     recorded = {"name": model} if model else {}
+    prompts = prompt_labels = None
     if computed is not None:
         provenance["text"] = computed.provenance()
         names, recorded = computed.class_names, computed.model_record(model)
+        prompts, prompt_labels = computed.prompts, computed.prompt_labels
     elif class_names is None:
         provenance["class_names"] = PLACEHOLDERS
+    if prompt_embeddings is not None:
+        prompt_path = Path(prompt_embeddings)
+        prompts, prompt_labels = prompt_table(_load_tensor(prompt_path), str(prompt_path), num_classes, dim)
+        provenance["files"]["prompt_embeddings"] = file_sha256(prompt_path)
     return unit_rows(FeatureSet(
         class_names=names,
         classifier=np.ascontiguousarray(text.T),
@@ -319,6 +351,8 @@ def import_tip_adapter(
         dataset=canonical_name(dataset),
         model=recorded,
         provenance=provenance,
+        prompts=prompts,
+        prompt_labels=prompt_labels,
     ).validate(), normalise)
 
 
@@ -375,6 +409,12 @@ def import_npz(
     if names is not None and (np.ndim(names) != 1 or len(names) != num_classes):
         raise ApecliError(f"{path}: class_names of shape {np.shape(names)}, expected one name for each of the "
                           f"{num_classes} classes")
+    prompts = prompt_labels = None
+    if "prompt_embeddings" in arrays:
+        prompts, prompt_labels = prompt_table(arrays["prompt_embeddings"], "prompt_embeddings", num_classes, width,
+                                              arrays.get("prompt_labels"))
+    elif texts is not None:
+        prompts, prompt_labels = texts.prompts, texts.prompt_labels
     provenance: dict[str, Any] = {"source": "npz", "path": str(path.resolve()), "files": {path.name: file_sha256(path)}}
     if texts is not None:
         provenance["text"] = texts.provenance()
@@ -395,6 +435,8 @@ def import_npz(
         dataset=canonical_name(dataset),
         model=texts.model_record(model) if texts is not None else {"name": model} if model else {},
         provenance=provenance,
+        prompts=prompts,
+        prompt_labels=prompt_labels,
     )
     try:
         return unit_rows(features.validate(), normalise)
@@ -419,6 +461,8 @@ def unit_rows(features: FeatureSet, normalise: bool = False) -> FeatureSet:
         if cache.views is not None:
             parts.append((f"{shots}-shot views", cache.views))
     parts += [(f"{split} features", part.features) for split, part in sorted(features.splits.items())]
+    if features.prompts is not None:
+        parts.append(("prompt embeddings", features.prompts))
     ranges = {}
     for what, array in parts:  # in float32 at least: float16 squares would lose the tolerance's digits
         norms = np.sqrt(np.einsum("...d,...d->...", array, array, dtype=np.promote_types(array.dtype, np.float32)))
@@ -438,6 +482,7 @@ def unit_rows(features: FeatureSet, normalise: bool = False) -> FeatureSet:
         caches={shots: replace(cache, keys=scaled(cache.keys), views=scaled(cache.views))
                 for shots, cache in features.caches.items()},
         splits={split: replace(part, features=scaled(part.features)) for split, part in features.splits.items()},
+        prompts=scaled(features.prompts),
         provenance={**features.provenance, "notes": [*features.provenance.get("notes", []), *notes]},
     )
 
@@ -456,6 +501,12 @@ def export_npz(features: FeatureSet, out: str | os.PathLike[str], shots: int | N
         arrays["cache_views"] = views
     for split, part in features.splits.items():
         arrays[f"{split}_features"], arrays[f"{split}_labels"] = part.features, part.labels
+    if features.prompts is not None:
+        counts = features.prompt_counts
+        if counts.min() == counts.max():  # C × P × D, as the importers read it
+            arrays["prompt_embeddings"] = features.prompts.reshape(features.num_classes, -1, features.dim)
+        else:
+            arrays["prompt_embeddings"], arrays["prompt_labels"] = features.prompts, features.prompt_labels
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with replacing(out) as temporary, open(temporary, "wb") as handle:

@@ -133,6 +133,10 @@ def import_tip_adapter(
     pretrained: TextPretrained = "openai",
     root: TextRoot = None,
     prompts: TextPrompts = None,
+    prompt_embeddings: Annotated[
+        Optional[Path], typer.Option("--prompt-embeddings", help="C × P × D .pt: each class's prompt embeddings, "
+                                                                  "kept for the methods that weigh prompts (timo, timo-s).")
+    ] = None,
     normalise: Normalise = False,
     trust_torchscript: TrustTorchScript = False,
     store_dir: Store = Path(DEFAULT_STORE),
@@ -145,7 +149,7 @@ def import_tip_adapter(
     if text_model is not None and text_weights is not None:
         raise ApecliError("give --text-weights or --text-model, not both")
     texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts, trust_torchscript)
-    features = read(directory, text_weights, dataset, class_names, model, counts, texts, normalise)
+    features = read(directory, text_weights, dataset, class_names, model, counts, texts, normalise, prompt_embeddings)
     _save_imported(features, store_dir, as_json, texts)
 
 
@@ -352,6 +356,9 @@ def evaluate(
     k: Annotated[Optional[str], typer.Option("--k", help=f"{_choosing_k()} on a features artifact: the channels to "
                                              "keep, or several, comma-separated, to choose among on validation "
                                              "(default: the dataset's k, scaled to D).", show_default=False)] = None,
+    candidates: Annotated[Optional[str], typer.Option(
+        "--candidates", help="With --mode auto: the modes to choose among, comma-separated (default: every mode that "
+                             "evaluates a features artifact).", show_default=False)] = None,
     device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
@@ -371,7 +378,8 @@ def evaluate(
     ks = _integers(k, "--k") if k is not None else None
     tried = method.settings_tried(grid) * (len(ks) if ks else 1)
     with progress.steps(f"searching {tried:,} setting{'s' if tried != 1 else ''}" if tried else "evaluating") as advance:
-        evaluation = evaluate_artifact(artifact, method.name, shots, grid, advance, device, val_shots, ks)
+        evaluation = evaluate_artifact(artifact, method.name, shots, grid, advance, device, val_shots, ks,
+                                       _names(candidates) if candidates is not None else None)
     stem = f"eval-{method.name}" + (f"-{evaluation.shots}shot" if evaluation.shots else "")
     saved = save_evaluation(evaluation, [artifact], store.in_store(store_dir, evaluation.dataset, stem))
     _print_evaluation(evaluation)
@@ -518,7 +526,7 @@ def bench(
     """Run modes × shot counts × feature sets; write CSV, JSON and plots; print the papers' table."""
     from apecli import bench as runner
 
-    chosen = [mode.strip() for mode in modes.split(",") if mode.strip()]
+    chosen = _names(modes)
     choosing_k = {mode for mode in chosen if registry.get(mode).chooses_k}
     artifacts = runner.find_features(sources or [store_dir])
     counts = _integers(shots, "--shots") if shots is not None else runner.common_shots(artifacts)
@@ -871,6 +879,19 @@ def _print_evaluation(evaluation) -> None:
         table.add_row(registry.label(evaluation.mode), f"{evaluation.val_accuracy:.2f}", f"{evaluation.test_accuracy:.2f}",
                       "; ".join(part for part in (" ".join(chosen), "given " * bool(given) + " ".join(given)) if part))
     console.print(table)
+    if "candidates" in evaluation.extra:  # auto: what each candidate reached on validation, and its time
+        chosen = Table(title="candidates, chosen on validation", title_justify="left")
+        for column in ("method", "val %", "seconds", ""):
+            chosen.add_column(column, justify="left" if column in ("method", "") else "right")
+        for row in sorted(evaluation.extra["candidates"], key=lambda row: (-row["val_accuracy"], row["seconds"])):
+            chosen.add_row(registry.label(row["mode"]), f"{row['val_accuracy']:.2f}", f"{row['seconds']:.2f}",
+                           "chosen" if row["mode"] == evaluation.extra["chosen"] else "")
+        console.print(chosen)
+
+
+def _names(text: str) -> list[str]:
+    """Comma-separated names, blanks dropped."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import re
 
 FLAGS = {  # a setting's Python name → the flag that sets it
     "allow_missing": "--allow-missing-prompts",
+    "candidates": "--candidates",
     "class_names": "--class-names",
     "dataset": "--dataset",
     "decode": "--decode",

@@ -17,8 +17,20 @@ from apecli import store
 from apecli.cli.errors import in_flags
 from apecli.errors import ApecliError, ChoiceError, first_line
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages, progress, the tables beside an artifact
-out = Console(highlight=False, soft_wrap=True)  # a command's report, when the report is its result
+
+def _width(stream) -> int | None:
+    """A console's width: the terminal's (or $COLUMNS), else wide enough that a table written to a file or
+    a pipe keeps every column whole (rich would fit it to 80 columns, cutting each cell to a few letters)."""
+    try:
+        interactive = stream.isatty()
+    except (AttributeError, ValueError):
+        interactive = False
+    return None if interactive or os.environ.get("COLUMNS") else 1000
+
+
+console = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))  # messages, progress, the
+# tables beside an artifact
+out = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))  # a command's report, when it is the result
 
 
 def say(message: str) -> None:

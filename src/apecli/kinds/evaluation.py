@@ -225,7 +225,8 @@ class EvaluationRecord:
         meta = self.summary
         given = " ".join(f"{symbol}={self.given[name]:.4g}" for name, symbol in SYMBOLS.items() if name in self.given)
         on = f" ({self.val_shots} a class)" if self.val_shots else ""
-        return (f"{self.mode}, val {meta.get('val_accuracy', 0):.2f}%{on}, test {self.test_accuracy:.2f}%"
+        chose = f" (chose {meta['chosen']})" if "chosen" in meta else ""  # auto
+        return (f"{self.mode}{chose}, val {meta.get('val_accuracy', 0):.2f}%{on}, test {self.test_accuracy:.2f}%"
                 + (f", given {given}" if given else "")
                 + (f", k={meta.get('k')} of {len(meta['k_tried'])} tried" if "k_tried" in meta else ""))
 
@@ -262,6 +263,7 @@ def _check_summary(artifact: store.Artifact, meta: Mapping[str, Any]) -> None:
     """The fields of an evaluation's summary that apecli reads, each checked against the format."""
     checked(artifact, meta, "mode", TEXT)
     checked(artifact, meta, "dataset", TEXT, None, optional=True)
+    checked(artifact, meta, "chosen", TEXT, None, optional=True)
     for name in ("shots", "val_shots", "k"):
         checked(artifact, meta, name, WHOLE, None, optional=True)
     for name in ("val_accuracy", "test_accuracy"):

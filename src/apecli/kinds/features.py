@@ -4,7 +4,9 @@ Conventions (all arrays are numpy, one row per item):
 - ``classifier``: C × D, the text classifier W transposed (one L2-normalised row per class);
 - ``caches[K]``: the K-shot cache, keys (C·K) × D with their labels, and optionally the augmented
   views V × (C·K) × D whose mean gave the keys;
-- ``splits["val"]``, ``splits["test"]``: N × D features with their labels.
+- ``splits["val"]``, ``splits["test"]``: N × D features with their labels;
+- ``prompts`` (optional): M × D, the L2-normalised text embedding of every prompt whose mean made a class's
+  classifier row (templates, then sentences), ``prompt_labels`` (M,) their classes, in class order.
 Floating arrays keep the dtype they were given (float16 caches stay float16); the math casts up.
 
 This module owns the kind's array names and metadata keys (docs/cache-format.md, ``features``): other
@@ -195,10 +197,19 @@ class FeatureSet(Described):
     model: Mapping[str, Any] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
     artifact: store.Artifact | None = None
+    prompts: np.ndarray | None = None  # M × D, each prompt's embedding (None: not kept)
+    prompt_labels: np.ndarray | None = None  # (M,), the class of each, in class order
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def prompt_counts(self) -> np.ndarray:
+        """How many prompt embeddings each class keeps (one a class, the classifier, where none are kept)."""
+        if self.prompt_labels is None:
+            return np.ones(self.num_classes, dtype=np.int64)
+        return np.bincount(self.prompt_labels, minlength=self.num_classes)
 
     @property
     def dim(self) -> int:
@@ -256,7 +267,7 @@ class FeatureSet(Described):
         val = features.split("val")
         views = cache.views if cache.views is not None else (lambda: self.views(shots))
         return Task(self.classifier, cache.keys, cache.labels, val.features, val.labels, self.class_names, shots,
-                    self.seed, device, views, self.dataset, self.name)
+                    self.seed, device, views, self.dataset, self.name, self.prompts, self.prompt_labels)
 
     def _test_set_hint(self) -> str:
         """What to do with a feature set that is a test split alone (ImageNet-R, …), said in a refusal."""
@@ -295,6 +306,20 @@ class FeatureSet(Described):
             if cache.views is not None:
                 _check_views(f"{shots}-shot views", cache.views, cache.keys.shape)
                 arrays.append((f"{shots}-shot views", cache.views, None))
+        if (self.prompts is None) != (self.prompt_labels is None):
+            raise ApecliError("prompt embeddings without their classes, or classes without embeddings")
+        if self.prompts is not None:
+            _check_rows("prompt embeddings", self.prompts, width)
+            arrays.append(("prompt embeddings", self.prompts, self.prompt_labels))
+            labels = np.asarray(self.prompt_labels)
+            if labels.ndim == 1 and labels.size and np.issubdtype(labels.dtype, np.integer) and 0 <= labels.min() and \
+                    labels.max() < names:
+                if np.any(np.diff(labels) < 0):
+                    raise ApecliError("prompt embeddings: not in class order")
+                counts = np.bincount(labels, minlength=names)
+                if counts.min() == 0:
+                    bad = int(np.argmin(counts))
+                    raise ApecliError(f"prompt embeddings: class {bad} ({self.class_names[bad]}) has none")
         for split, part in sorted(self.splits.items()):
             _check_rows(f"{split} features", part.features, width)
             if part.features.shape[0] == 0:
@@ -383,6 +408,9 @@ def to_arrays(features: FeatureSet) -> dict[str, np.ndarray]:
         "class_names": np.array(features.class_names, dtype=str),
         "text/classifier": features.classifier,
     }
+    if features.prompts is not None:
+        arrays["text/prompts"] = features.prompts
+        arrays["text/prompt_labels"] = np.asarray(features.prompt_labels, dtype=np.int64)
     for shots, cache in features.caches.items():
         arrays[f"cache/{shots}/keys"] = cache.keys
         arrays[f"cache/{shots}/labels"] = cache.labels.astype(np.int64)
@@ -444,6 +472,8 @@ def load_features(source: str | Path | store.Artifact, *, with_views: bool = Fal
         model=header.model,
         provenance=header.provenance,
         artifact=artifact,
+        prompts=_optional(artifact, "text/prompts"),
+        prompt_labels=_optional(artifact, "text/prompt_labels"),
     )
     try:
         return features.validate()

@@ -34,14 +34,18 @@ class Task:
     Arrays are numpy, one row per item, in float32 (float64 where the features were stored so):
     ``text`` C × D (rows L2-normalised), ``keys`` N × D with ``key_labels`` (N,), ``views`` V × N × D
     (float32; None where none are stored; read on first use), ``val_features`` and ``val_labels`` (already
-    reduced to a few images a class where that was asked). ``device`` is where a method may compute
-    (``cpu``, ``cuda``, ``cuda:1``), resolved and checked already; ``dataset`` selects per-dataset defaults.
+    reduced to a few images a class where that was asked). ``prompts`` (M × D, rows L2-normalised) are the
+    text embeddings of every prompt of every class whose mean made ``text``, ``prompt_labels`` (M,) their
+    classes in order; a feature set that kept none gives one a class, the classifier's own row
+    (``prompts_kept`` says which). ``device`` is where a method may compute (``cpu``, ``cuda``, ``cuda:1``),
+    resolved and checked already; ``dataset`` selects per-dataset defaults.
     """
 
     def __init__(self, text: np.ndarray, keys: np.ndarray, key_labels: np.ndarray, val_features: np.ndarray,
                  val_labels: np.ndarray, class_names: Sequence[str], shots: int, seed: int = 1, device: str = "cpu",
                  views: "np.ndarray | Callable[[], np.ndarray | None] | None" = None, dataset: str | None = None,
-                 source: str = "the task") -> None:
+                 source: str = "the task", prompts: np.ndarray | None = None,
+                 prompt_labels: np.ndarray | None = None) -> None:
         self.text = at_least_float32(text)
         self.keys = at_least_float32(keys)
         self.key_labels = np.asarray(key_labels, dtype=np.int64)
@@ -50,6 +54,10 @@ class Task:
         self.class_names = tuple(class_names)
         self.shots, self.seed, self.device, self.dataset, self.source = int(shots), int(seed), device, dataset, source
         self._views, self._views_read = views, False
+        self.prompts_kept = prompts is not None
+        self.prompts = self.text if prompts is None else at_least_float32(prompts)
+        self.prompt_labels = (np.arange(self.text.shape[0]) if prompt_labels is None
+                              else np.asarray(prompt_labels, dtype=np.int64))
 
     @property
     def views(self) -> np.ndarray | None:
@@ -94,6 +102,7 @@ class Options:
     fitted: Any = None
     progress: Progress | None = None
     epoch_progress: EpochProgress | None = None
+    candidates: tuple[str, ...] | None = None
 
 
 class Method:

@@ -29,6 +29,39 @@ def gda_head(samples: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple
     return weights, bias
 
 
+class ScatterSums:
+    """What GDA's head needs of its samples, as sums that further samples add to without a pass over those
+    already counted: each class's count and sum, and the sum of every sample's outer product. The head
+    equals :func:`gda_head`'s of the same samples, up to rounding: the within-class scatter is
+    ``Σ x xᵀ − Σ_c n_c μ_c μ_cᵀ``."""
+
+    def __init__(self, counts: np.ndarray, sums: np.ndarray, outer: np.ndarray) -> None:
+        self.counts, self.sums, self.outer = counts, sums, outer
+
+    @classmethod
+    def of(cls, samples: np.ndarray, labels: np.ndarray, num_classes: int) -> "ScatterSums":
+        x = np.asarray(samples, dtype=np.float64)
+        sums = np.zeros((num_classes, x.shape[1]))
+        np.add.at(sums, labels, x)
+        return cls(np.bincount(labels, minlength=num_classes).astype(np.float64), sums, x.T @ x)
+
+    def plus(self, samples: np.ndarray, labels: np.ndarray) -> "ScatterSums":
+        """These sums with ``samples`` (labelled ``labels``) added."""
+        more = ScatterSums.of(samples, labels, self.sums.shape[0])
+        return ScatterSums(self.counts + more.counts, self.sums + more.sums, self.outer + more.outer)
+
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """GDA's linear head (C × D weights, C biases), as :func:`gda_head` computes it."""
+        means = self.sums / self.counts[:, None]
+        count, dim = self.counts.sum(), self.sums.shape[1]
+        scatter = self.outer - (means * self.counts[:, None]).T @ means  # (count − 1) · covariance
+        scatter = (scatter + scatter.T) / 2
+        precision = dim * np.linalg.pinv(scatter + np.trace(scatter) / (count - 1) * np.eye(dim), hermitian=True)
+        weights = means @ precision
+        bias = np.log(1.0 / len(means)) - 0.5 * np.einsum("cd,cd->c", weights, means)
+        return weights, bias
+
+
 def head_of(views: np.ndarray | None, keys: np.ndarray, key_labels: np.ndarray,
             num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """GDA's head from a cache's stored views (V × N × D; its keys as one view without them)."""
@@ -62,8 +95,8 @@ class GDA(Method):
         alphas = np.array((given["alpha"],) if given else GDA_ALPHAS)
         x = task.val_features.astype(np.float64)
         zero_shot, head = zero_shot_logits(x, self.text), x @ self.weights.T + self.bias
-        val_correct = (np.argmax(zero_shot[None] + alphas[:, None, None] * head[None], axis=2)
-                       == task.val_labels[None]).sum(axis=1)
+        val_correct = np.array([int((np.argmax(zero_shot + alpha * head, axis=1) == task.val_labels).sum())
+                                for alpha in alphas])  # one α at a time: at ImageNet's shape, all at once took 3.6 GB
         best = int(np.argmax(val_correct))  # first of the best
         self.alpha = float(alphas[best])
         self.val_accuracy = percent(int(val_correct[best]), task.val_labels.shape[0])

@@ -15,9 +15,14 @@ from importlib.metadata import entry_points
 from apecli.errors import ChoiceError, first_line
 from apecli.methods.ape import APE
 from apecli.methods.ape_t import APET
+from apecli.methods.auto import Auto
 from apecli.methods.base import Method
+from apecli.methods.clap import CLAP
+from apecli.methods.class_mean import ClassMean
 from apecli.methods.gda import GDA
+from apecli.methods.lp_plus_plus import LPPlusPlus
 from apecli.methods.proker import ProKeR
+from apecli.methods.timo import TIMO, TIMOS
 from apecli.methods.tip_adapter import TipAdapter
 from apecli.methods.tip_adapter_f import TipAdapterF
 from apecli.methods.zero_shot import ZeroShot
@@ -33,6 +38,12 @@ BUILT_IN: tuple[type[Method], ...] = (
     APET,
     GDA,
     ProKeR,
+    TIMO,
+    TIMOS,
+    LPPlusPlus,
+    CLAP,
+    ClassMean,
+    Auto,
 )
 
 
@@ -85,6 +96,9 @@ def get(name: str) -> type[Method]:
 def default_for(kind: str) -> type[Method]:
     """The method ``apecli eval`` uses on an artifact of ``kind`` when no mode is given."""
     return DEFAULT if kind in DEFAULT.reads else next(method for method in BUILT_IN if kind in method.reads)
+
+
+Auto.known, Auto.lookup = staticmethod(methods), staticmethod(get)  # what auto chooses among: this list
 
 
 def label(name: str) -> str:

@@ -105,6 +105,18 @@ def check_training(*, epochs: int, batch_size: int, lr: float, eps: float, weigh
     check_seed(seed)
 
 
+class ReportsEpochs:
+    """Mixed into a method that trains epoch by epoch: it reports each epoch to the evaluation's
+    ``epoch_progress`` (epoch, epochs, mean loss, validation accuracy or NaN)."""
+
+    def __init__(self, progress: EpochProgress | None = None) -> None:
+        self.progress = progress
+
+    @classmethod
+    def create(cls, options):
+        return cls(options.epoch_progress)
+
+
 def no_views_note(label: str, shots: int) -> str:
     """What a method that trains on augmented views says when the cache has none."""
     return (f"no augmented views stored for {shots} shot{'s' * (shots != 1)}: {label} learned from the cache keys "
