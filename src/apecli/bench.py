@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from apecli.devices import resolve
 from apecli.errors import ApecliError, InputError, Setting
 from apecli.evaluate import scored
 from apecli.files import replacing
+from apecli.interop import clip_benchmark_result
 from apecli.kinds.evaluation import Evaluation
 from apecli.kinds.features import KIND as FEATURES
 from apecli.kinds.features import TEST_SET_HINT, FeaturesHeader, load_features
@@ -97,6 +99,30 @@ def write_results(out: Path, rows: Sequence[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     _write_atomic(Path(out) / "results.csv", buffer.getvalue())
+    for row in rows:  # each cell in CLIP_benchmark's form too, for that tool's users to aggregate
+        if isinstance(row.get("clip_benchmark"), dict):
+            path = Path(out) / CLIP_BENCHMARK_FOLDER / cell_file(row)
+            text = json.dumps(row["clip_benchmark"], indent=1)
+            if not path.is_file() or path.read_text(errors="replace") != text:
+                path.parent.mkdir(exist_ok=True)
+                _write_atomic(path, text)
+
+
+CLIP_BENCHMARK_FOLDER = "clip-benchmark"
+
+
+def cell_file(row: dict[str, Any]) -> str:
+    """The name of a cell's CLIP_benchmark result: its dataset, mode, shots and validation images, and its
+    feature set's content id, in letters a file name may hold (the names come from files, never paths)."""
+    def plain(text: Any) -> str:
+        return re.sub(r"[^A-Za-z0-9.+=-]", "_", str(text)).strip(".") or "_"
+
+    parts = [plain(row.get("dataset")), plain(row["mode"]), f"{int(row['shots'])}shot"]
+    if row.get("val_shots"):
+        parts.append(f"val{int(row['val_shots'])}")
+    if row.get("k_tried"):
+        parts.append("k" + plain(row["k_tried"]))
+    return "_".join(parts + [plain(row["content_id"])[:16]]) + ".json"
 
 
 def _row(artifact: store.Artifact, shots: int, mode: str, evaluation: Evaluation, seconds: float) -> dict[str, Any]:
@@ -170,6 +196,7 @@ def run_bench(
                     features = load_features(artifact)
                 evaluation = scored(method.create(Options(ks=chosen_k)), features, count, val_shots, on)
                 row = _row(artifact, count, method.name, evaluation, time.perf_counter() - start)
+                row["clip_benchmark"] = clip_benchmark_result(evaluation.summary(), features)
                 rows = [kept for kept in rows if _cell(kept) != _cell(row)] + [row]  # replaces an outdated cell
                 write_results(out, rows)
                 if progress is not None:

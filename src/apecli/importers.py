@@ -181,16 +181,18 @@ class ClassTexts:
 
 def class_texts(spec: "EncoderSpec", dataset: str | None, root: str | os.PathLike[str] | None = None,
                 class_names: str | os.PathLike[str] | None = None,
-                prompts: str | os.PathLike[str] | None = None) -> ClassTexts:
+                prompts: str | os.PathLike[str] | None = None, names: Sequence[str] | None = None) -> ClassTexts:
     """CLIP's text classifier for a cache whose folder has none, as :mod:`apecli.extract` would make it:
-    the class names from ``class_names`` (a file, one per line in label order) or else from the CoOp
-    layout of ``dataset`` under ``root``; the dataset's templates (the generic one for another dataset),
+    the class names ``names``, or from ``class_names`` (a file, one per line in label order), or else from
+    the CoOp layout of ``dataset`` under ``root``; the dataset's templates (the generic one for another dataset),
     and CuPL sentences from ``prompts``."""
     from apecli.datasets import GENERIC_TEMPLATES, LAYOUTS, read_coop, read_prompts
     from apecli.encoder import load_encoder
 
     canonical = canonical_name(dataset)
-    if class_names is not None:
+    if names is not None:  # found in the features' own files
+        names = tuple(names)
+    elif class_names is not None:
         names = _class_names(None, Path(class_names))
     elif canonical in LAYOUTS and root is not None:
         names = read_coop(canonical, Path(root)).class_names

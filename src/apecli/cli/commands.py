@@ -23,6 +23,8 @@ from apecli.cli.options import (
     ClassNames,
     ComputeDevice,
     Dataset,
+    DrawnShots,
+    DrawSeed,
     Input,
     Json,
     JsonReport,
@@ -174,6 +176,74 @@ def import_npz(
 
     texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts, trust_torchscript)
     _save_imported(read(file, dataset, model, texts, normalise), store_dir, as_json, texts)
+
+
+@import_app.command("clip-benchmark")
+@reports_errors
+def import_clip_benchmark(
+    directory: Annotated[Path, typer.Argument(help="A CLIP_benchmark linear-probe feature folder: features_{train,val,"
+                                                   "test}.pt and targets_{train,val,test}.pt (val optional).")],
+    text_weights: Annotated[
+        Optional[Path], typer.Option("--text-weights", help="The D × C zero-shot head clip_benchmark's --save_clf wrote.")
+    ] = None,
+    shots: DrawnShots = "1,2,4,8,16",
+    seed: DrawSeed = 1,
+    dataset: Dataset = None,
+    text_model: TextModel = None,
+    pretrained: TextPretrained = "openai",
+    root: TextRoot = None,
+    class_names: ClassNames = None,
+    prompts: TextPrompts = None,
+    trust_torchscript: TrustTorchScript = False,
+    store_dir: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Import a CLIP_benchmark feature folder: few-shot caches drawn from its train split, its val and test as they are."""
+    from apecli.interop import import_clip_benchmark as read
+
+    if text_model is not None and text_weights is not None:
+        raise ApecliError("give --text-weights or --text-model, not both")
+    texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts, trust_torchscript)
+    features = read(directory, text_weights, texts, _integers(shots, "--shots"), seed, dataset, class_names)
+    _save_imported(features, store_dir, as_json, texts)
+
+
+@import_app.command("clip-retrieval")
+@reports_errors
+def import_clip_retrieval(
+    directory: Annotated[Path, typer.Argument(help="A clip-retrieval output folder: img_emb/img_emb_{i}.npy and "
+                                                   "metadata/metadata_{i}.parquet.")],
+    labels: Annotated[str, typer.Option("--labels", help="folder: each image's parent folder; else the metadata "
+                                                         "column that holds the labels.")] = "folder",
+    splits: Annotated[str, typer.Option("--splits", help="train/val/test fractions, drawn per class by --seed; or the "
+                                                         "metadata column holding train, val or test.")] = "0.6/0.2/0.2",
+    text_weights: Annotated[
+        Optional[Path], typer.Option("--text-weights", help="D × C text classifier, the classes (labels) sorted.")
+    ] = None,
+    shots: DrawnShots = "1,2,4,8,16",
+    seed: DrawSeed = 1,
+    dataset: Dataset = None,
+    text_model: TextModel = None,
+    pretrained: TextPretrained = "openai",
+    prompts: TextPrompts = None,
+    trust_torchscript: TrustTorchScript = False,
+    store_dir: Store = Path(DEFAULT_STORE),
+    as_json: Json = False,
+) -> None:
+    """Import a clip-retrieval embedding folder, labelled by folder or column (parquet needs apecli[interop])."""
+    from apecli.interop import import_clip_retrieval as read
+
+    if text_model is not None and text_weights is not None:
+        raise ApecliError("give --text-weights or --text-model, not both")
+    texts = None
+    if text_model is not None:
+        from apecli.encoder import EncoderSpec
+        from apecli.importers import class_texts
+
+        spec = EncoderSpec(text_model, pretrained, "cpu", trust_torchscript=trust_torchscript)
+        texts = lambda names: class_texts(spec, dataset, prompts=prompts, names=names)  # noqa: E731
+    features = read(directory, labels, splits, text_weights, texts, _integers(shots, "--shots"), seed, dataset)
+    _save_imported(features, store_dir, as_json)
 
 
 def _class_texts(text_model: str | None, pretrained: str, dataset: str | None, root: Path | None,
@@ -362,11 +432,19 @@ def evaluate(
     device: ComputeDevice = "cpu",
     store_dir: Store = Path(DEFAULT_STORE),
     as_json: Json = False,
+    result_format: Annotated[Optional[str], typer.Option(
+        "--format", help="clip-benchmark: print the result as CLIP_benchmark's result JSON (dataset, model, "
+                         "pretrained, task, metrics) instead of the artifact's path.", show_default=False)] = None,
 ) -> None:
     """Evaluate on test with hyperparameters searched on validation (or given); print the accuracies."""
     from apecli.evaluate import evaluate_artifact, save_evaluation
     from apecli.methods.grid import SearchGrid, dataset_grid
 
+    if result_format not in (None, "clip-benchmark"):
+        raise ChoiceError("format", result_format, f"unknown format '{result_format}'; use clip-benchmark (or --json "
+                                                   "for apecli's own)", ("clip-benchmark",))
+    if result_format is not None and as_json:
+        raise ApecliError("give --json or --format clip-benchmark, not both")
     method = registry.get(mode) if mode is not None else None
     readable = method.reads if method is not None else tuple(dict.fromkeys(
         kind for candidate in registry.BUILT_IN for kind in candidate.reads))
@@ -385,6 +463,12 @@ def evaluate(
     _print_evaluation(evaluation)
     for note in evaluation.notes:
         say(f"note: {note}")
+    if result_format == "clip-benchmark":
+        from apecli.interop import clip_benchmark_result
+        from apecli.kinds.evaluation import EvaluationRecord
+
+        typer.echo(json.dumps(clip_benchmark_result(evaluation.summary(), EvaluationRecord.read(saved).features())))
+        return
     emit(saved, evaluation.summary(), as_json)
 
 

@@ -13,6 +13,7 @@ import re
 FLAGS = {  # a setting's Python name → the flag that sets it
     "allow_missing": "--allow-missing-prompts",
     "candidates": "--candidates",
+    "format": "--format",
     "class_names": "--class-names",
     "dataset": "--dataset",
     "decode": "--decode",
@@ -30,6 +31,7 @@ FLAGS = {  # a setting's Python name → the flag that sets it
     "seed": "--seed",
     "shots": "--shots",
     "skip_bad": "--skip-bad",
+    "splits": "--splits",
     "steps": "--search-step",
     "store": "--store",
     "target": "--target",

@@ -67,3 +67,6 @@ TrustTorchScript = Annotated[
     typer.Option("--trust-torchscript", help="Read a --pretrained archive that apecli's weights reader refuses as "
                  "TorchScript, which runs the code the file holds: only for a file you trust."),
 ]
+DrawnShots = Annotated[str, typer.Option("--shots", help="Shot counts to draw from the train split, comma-separated.")]
+DrawSeed = Annotated[int, typer.Option("--seed", help="The few-shot draw's seed (each class's images in a seeded order; "
+                                                      "the caches nest), and the splits' where drawn by fractions.")]
