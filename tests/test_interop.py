@@ -251,3 +251,114 @@ def test_clip_retrieval_embeddings_and_metadata_of_different_lengths_are_refused
     result = runner.invoke(app, ["import", "clip-retrieval", str(folder), "--text-weights", str(tmp_path / "text.pt"),
                                  "--store", str(tmp_path / "s")])
     assert_one_line_error(result, "metadata_1.parquet", "rows of metadata, but img_emb_1.npy holds 3 embeddings")
+
+
+# ---- WebDataset shards ----
+
+def write_shards(images: Path, shards: Path, per_shard: int = 4) -> Path:
+    """The images of ``images/{train,val,test}/<class>/*`` as WebDataset shards, samples in the order a folder
+    is listed (classes sorted, files sorted), each an image and its class index in .cls."""
+    import io
+    import tarfile
+
+    names = sorted(path.name for path in (images / "train").iterdir() if path.is_dir())
+    shards.mkdir(parents=True)
+    (shards / "classes.txt").write_text("\n".join(names) + "\n")
+    for part in ("train", "val", "test"):
+        samples = [(path, label) for label, name in enumerate(names) for path in sorted((images / part / name).iterdir())]
+        (shards / part).mkdir()
+        for number, start in enumerate(range(0, len(samples), per_shard)):
+            with tarfile.open(shards / part / f"{part}-{number:04d}.tar", "w") as tar:
+                for index, (path, label) in enumerate(samples[start:start + per_shard]):
+                    key = f"sample{start + index:06d}"
+                    for name, data in ((f"{key}{path.suffix}", path.read_bytes()), (f"{key}.cls", str(label).encode())):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+    return shards
+
+
+def test_webdataset_shards_extract_as_the_same_images_in_folders(tiny, tmp_path):
+    from apecli.datasets import read_image_folder
+    from apecli.extract import ExtractSettings, extract
+    from apecli.synthetic import demo_images
+
+    images = demo_images(tmp_path / "images", classes=3, per_split=(5, 3, 3))
+    shards = write_shards(images, tmp_path / "shards")
+    settings = ExtractSettings(shots=(1, 2), views=2, workers=0, chunk_images=4)
+    from_folders = extract(read_image_folder(images), tiny, tmp_path / "a", settings)
+    dataset = read_image_folder(shards)
+    assert dataset.class_names == from_folders.class_names and len(dataset.splits["train"]) == 15
+    from_shards = extract(dataset, tiny, tmp_path / "b", settings)
+    for k in (1, 2):
+        np.testing.assert_array_equal(from_shards.caches[k].keys, from_folders.caches[k].keys)
+        np.testing.assert_array_equal(from_shards.views(k), from_folders.views(k))
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(from_shards.split(split).features, from_folders.split(split).features)
+    assert str(from_shards.caches[2].paths[0]).startswith(str(shards / "train"))  # shard:member
+    assert not any(path.suffix in (".jpg", ".png") for path in shards.rglob("*") if path.is_file())  # never unpacked
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no-cls", "sample 'sample000001' has no .cls (its class index)"),
+    ("out-of-range", "sample 'sample000001': class index '7' out of range for the 3 classes of classes.txt"),
+    ("no-classes", "need classes.txt"),
+])
+def test_bad_shards_are_one_line(tiny, tmp_path, damage, message):
+    import io
+    import tarfile
+
+    from apecli.synthetic import demo_images
+
+    images = demo_images(tmp_path / "images", classes=3, per_split=(2, 1, 1))
+    shards = write_shards(images, tmp_path / "shards")
+    shard = shards / "train" / "train-0000.tar"
+    if damage == "no-classes":
+        (shards / "classes.txt").unlink()
+    else:
+        with tarfile.open(shard) as tar:
+            members = [(member, tar.extractfile(member).read()) for member in tar]
+        with tarfile.open(shard, "w") as tar:
+            for member, data in members:
+                if member.name == "sample000001.cls":
+                    if damage == "no-cls":
+                        continue
+                    data, member.size = b"7", 1
+                tar.addfile(member, io.BytesIO(data))
+    result = runner.invoke(app, ["extract", "--images", str(shards), "--model", tiny.model, "--pretrained",
+                                 tiny.pretrained, "--shots", "1", "--workers", "0", "--store", str(tmp_path / "s")])
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").rglob("*.h5"))
+
+
+def test_torchrun_ranks_share_out_whole_shards(tmp_path):
+    from apecli.distributed import owns
+    from apecli.extract import _sharding_units
+    from apecli.files import ShardMember
+
+    paths = [ShardMember(tmp_path / f"train-{shard}.tar", f"s{i}.jpg", 512 * i, 10) for shard in range(3)
+             for i in range(6)]  # three shards of six images
+    chunks = [range(start, min(start + 3, 18)) for start in range(0, 18, 3)]
+    units = _sharding_units(paths, chunks)
+    assert units == [0, 0, 1, 1, 2, 2]
+    for rank in range(2):  # two ranks: shards 0 and 2 to rank 0, shard 1 to rank 1
+        read = {paths[chunk.start].shard.name for n, chunk in enumerate(chunks) if owns(units[n], rank, 2)}
+        assert read == ({"train-0.tar", "train-2.tar"} if rank == 0 else {"train-1.tar"})
+    assert _sharding_units([tmp_path / "a.jpg"] * 4, [range(0, 2), range(2, 4)]) == [0, 1]  # files: chunk by chunk
+
+
+def test_an_interrupted_extraction_from_shards_resumes_to_the_same_result(tiny, tmp_path, monkeypatch, interrupt_encoder):
+    from apecli.datasets import read_image_folder
+    from apecli.extract import ExtractSettings, extract
+    from apecli.synthetic import demo_images
+
+    shards = write_shards(demo_images(tmp_path / "images", classes=3, per_split=(5, 3, 3)), tmp_path / "shards")
+    settings = ExtractSettings(shots=(1, 2), views=2, workers=0, chunk_images=4, batch_size=4)
+    whole = extract(read_image_folder(shards), tiny, tmp_path / "whole", settings)
+    interrupt_encoder(3)
+    with pytest.raises(KeyboardInterrupt):
+        extract(read_image_folder(shards), tiny, tmp_path / "cut", settings)
+    assert list((tmp_path / "cut").rglob(".extract-*/*.npz")) and not list((tmp_path / "cut").rglob("*.h5"))
+    monkeypatch.undo()
+    resumed = extract(read_image_folder(shards), tiny, tmp_path / "cut", settings)
+    assert resumed.artifact.content_id == whole.artifact.content_id

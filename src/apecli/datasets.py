@@ -1,5 +1,5 @@
 """Image datasets: the CoOp few-shot benchmarks' layouts, ImageNet's shifted test sets, a folder per
-class, and CSV lists.
+class, CSV lists, and WebDataset tar shards.
 
 Every reader returns an :class:`ImageDataset`: class names in label order, and (path, label) lists for
 the train, val and test splits, with the prompt templates of the dataset. The shifted test sets
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from apecli.errors import ApecliError, ChoiceError, Setting, Step
-from apecli.files import file_sha256
+from apecli.errors import ApecliError, ChoiceError, InputError, Setting, Step
+from apecli.files import ShardMember, file_sha256
 from apecli.presets import canonical_name, nearest_dataset
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -262,10 +262,13 @@ def _split_by_ratio(groups: list[list[Path]], seed: int, source: Path) -> dict[s
 
 
 def read_image_folder(directory: str | Path, seed: int = 1) -> ImageDataset:
-    """A folder per class: ``DIR/{train,val,test}/CLASS/*`` or ``DIR/CLASS/*`` (split 50/20/30, seeded)."""
+    """A folder per class: ``DIR/{train,val,test}/CLASS/*`` or ``DIR/CLASS/*`` (split 50/20/30, seeded);
+    or WebDataset shards, ``DIR/{train,val,test}/*.tar`` with ``DIR/classes.txt`` (:func:`read_webdataset`)."""
     directory = Path(directory).expanduser().resolve()
     if not directory.is_dir():
         raise ApecliError(f"{directory}: no such folder")
+    if (directory / "train").is_dir() and any(path.suffix == ".tar" for path in (directory / "train").iterdir()):
+        return read_webdataset(directory)
     if (directory / "train").is_dir():
         names = sorted(p.name for p in (directory / "train").iterdir() if p.is_dir())
         splits = {}
@@ -288,6 +291,76 @@ def read_image_folder(directory: str | Path, seed: int = 1) -> ImageDataset:
     groups = [_images_in(directory / name) for name in names]
     return ImageDataset(directory.name, directory, tuple(names), _split_by_ratio(groups, seed, directory),
                         notes=(f"split per class by seeded ratios {RATIOS} (seed {seed})",))
+
+
+CLASS_INDEX_BYTES = 32  # a sample's .cls holds a class index as text: anything longer is no class index
+
+
+def read_webdataset(directory: Path) -> ImageDataset:
+    """WebDataset shards: ``DIR/{train,val,test}/*.tar`` (uncompressed, in name order), each sample an image
+    under its usual extension and its class index as text in ``.cls`` (the sample's key is its member's
+    path up to the first dot of its name, as WebDataset groups them), the class names one a line in
+    ``DIR/classes.txt``. Only the members' headers and the ``.cls`` texts are read here; an image's bytes
+    are read where they lie when it is encoded (:class:`ShardMember`), never unpacked to disk."""
+    names_file = directory / "classes.txt"
+    if not names_file.is_file():
+        raise ApecliError(f"{directory}: WebDataset shards need classes.txt beside train/ (the class names, one a line, "
+                          "in class-index order)")
+    names = tuple(_read_lines(names_file))
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise InputError(names_file, f"{len(names)} class names{' (some repeated)' if len(set(names)) != len(names) else ''}"
+                                     "; give two or more distinct names, one a line")
+    splits = {}
+    for part in ("train", "val", "test"):
+        folder = directory / part
+        shards = sorted(path for path in folder.iterdir() if path.suffix == ".tar") if folder.is_dir() else []
+        if not shards:
+            raise ApecliError(f"{directory}: no .tar shards in {part}/ (WebDataset shards need train/, val/ and test/)")
+        splits[part] = tuple(entry for shard in shards for entry in _shard_samples(shard, len(names)))
+    return ImageDataset(directory.name, directory, names, splits,
+                        notes=(f"WebDataset shards: {', '.join(f'{len(v)} {k}' for k, v in splits.items())} images",))
+
+
+def _shard_samples(shard: Path, num_classes: int) -> list[tuple[ShardMember, int]]:
+    """The (image, class) samples of one shard, in its order."""
+    import tarfile
+
+    samples: dict[str, dict[str, object]] = {}
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            for member in tar:
+                if member.isdir():
+                    continue
+                if not member.isfile():
+                    raise InputError(shard, f"member '{member.name}' is a link or a device, not a file")
+                folder, _, base = member.name.rpartition("/")
+                stem, dot, extension = base.partition(".")
+                if not dot:
+                    continue  # no extension: no part of a sample
+                sample = samples.setdefault(f"{folder}/{stem}" if folder else stem, {})
+                extension = extension.lower()
+                if extension == "cls":
+                    if member.size > CLASS_INDEX_BYTES:
+                        raise InputError(shard, f"sample '{member.name}': a .cls of {member.size} bytes is no class index")
+                    sample["cls"] = tar.extractfile(member).read()
+                elif f".{extension}" in IMAGE_SUFFIXES:
+                    sample["image"] = ShardMember(shard, member.name, member.offset_data, member.size)
+    except tarfile.TarError as error:
+        raise InputError(shard, f"not a readable uncompressed tar shard ({error})") from None
+    entries = []
+    for key, sample in samples.items():
+        if "image" not in sample:
+            if "cls" in sample:
+                raise InputError(shard, f"sample '{key}' has a class but no image (.jpg, .png, …)")
+            continue
+        if "cls" not in sample:
+            raise InputError(shard, f"sample '{key}' has no .cls (its class index)")
+        text = bytes(sample["cls"]).decode("ascii", errors="replace").strip()
+        if not text.isdigit() or int(text) >= num_classes:
+            raise InputError(shard, f"sample '{key}': class index '{text[:12]}' out of range for the {num_classes} "
+                                    "classes of classes.txt")
+        entries.append((sample["image"], int(text)))
+    return entries
 
 
 def read_image_list(csv_file: str | Path, seed: int = 1) -> ImageDataset:

@@ -39,7 +39,7 @@ from apecli.datasets import ImageDataset
 from apecli.distributed import Ranks, agree, barrier, owns
 from apecli.encoder import Encoder, EncoderSpec, load_encoder
 from apecli.errors import ApecliError, ChoiceError, InputError, Setting, SettingError, Step
-from apecli.files import replacing
+from apecli.files import ShardMember, replacing
 from apecli.images.gpu import decoded_batches, device_decoder
 from apecli.images.loading import Batch, pil_batches, readable, split_transform
 from apecli.kinds.features import (
@@ -230,6 +230,18 @@ def _chunk_files(work: Path, name: str, count: int, settings: ExtractSettings) -
     return [work / f"{name}-{number:05d}.npz" for number in range(len(_chunks(count, settings)))]
 
 
+def _sharding_units(paths: Sequence[Path], chunks: Sequence[range]) -> list[int]:
+    """What the ranks of a torchrun extraction share out, one number per chunk: the chunk itself, or, for
+    images in WebDataset shards, the shard its first image lies in, so that each rank reads whole shards
+    of its own."""
+    if not paths or not isinstance(paths[0], ShardMember):
+        return list(range(len(chunks)))
+    order: dict[Path, int] = {}
+    for path in paths:
+        order.setdefault(path.shard, len(order))
+    return [order[paths[chunk.start].shard] if chunk else 0 for chunk in chunks]
+
+
 def encode_batches(encoder: Encoder, paths: Sequence[Path], batches: Sequence[Sequence[int]], views: int,
                    settings: ExtractSettings, finish: Callable[[Batch, dict[int, np.ndarray]], None]) -> None:
     """Decode and encode the images of ``batches`` (lists of indices into ``paths``), handing each batch
@@ -286,7 +298,8 @@ def encode_chunks(encoder: Encoder, name: str, paths: Sequence[Path], views: int
     Path(work).mkdir(parents=True, exist_ok=True)
     chunks = _chunks(len(paths), settings)
     files = _chunk_files(work, name, len(paths), settings)
-    pending = [n for n, file in enumerate(files) if not file.is_file() and owns(n, ranks.rank, ranks.world)]
+    units = _sharding_units(paths, chunks)
+    pending = [n for n, file in enumerate(files) if not file.is_file() and owns(units[n], ranks.rank, ranks.world)]
 
     def report(in_memory: int) -> None:
         if progress is not None:

@@ -1,14 +1,17 @@
-"""Files written whole and files read whole.
+"""Files written whole and files read whole, and files inside tar shards.
 
 A file is written beside its destination under a temporary name, then put in its place by one
-``os.replace``, so that a reader (or a killed run) never sees half of it.
+``os.replace``, so that a reader (or a killed run) never sees half of it. A file inside a tar shard
+(:class:`ShardMember`) is read where it lies, never unpacked to disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -61,3 +64,34 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardMember:
+    """A file inside an uncompressed tar shard: its bytes lie at ``offset`` (``size`` of them), read by a
+    seek and a read, never unpacked. It stands where an image's path stands (``str`` names it
+    ``shard.tar:member``)."""
+
+    shard: Path
+    name: str
+    offset: int
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.shard}:{self.name}"
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.name).suffix
+
+    def read_bytes(self) -> bytes:
+        with open(self.shard, "rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self}: the shard ends {self.size - len(data)} bytes into it (truncated?)")
+        return data
+
+    def open_binary(self) -> io.BytesIO:
+        return io.BytesIO(self.read_bytes())
+

@@ -263,7 +263,7 @@ def _class_texts(text_model: str | None, pretrained: str, dataset: str | None, r
 def extract(
     dataset: Dataset = None,
     root: Annotated[Path, typer.Option("--root", envvar="APECLI_DATA", help="Folder holding the CoOp datasets.")] = Path("."),
-    images: Annotated[Optional[Path], typer.Option("--images", help="Your own images: a folder per class, or a CSV of path,label[,split].")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Your own images: a folder per class, WebDataset shards (train/, val/, test/ *.tar and classes.txt), or a CSV of path,label[,split].")] = None,
     model: Annotated[str, typer.Option("--model", help="open_clip model name, the path of a model-config JSON, hf-hub:ORG/REPO or local-dir:PATH.")] = "RN50",
     pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip pretrained tag, a local checkpoint path, or none (ignored for hf-hub: and local-dir: models).")] = "openai",
     shots: Annotated[Optional[str], typer.Option("--shots", help="Shot counts, comma-separated (default: 1,2,4,8,16; with "

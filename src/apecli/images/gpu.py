@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from apecli.errors import ApecliError, Setting, first_line
+from apecli.files import ShardMember
 from apecli.images.exif import ORIENTATION, UNDO, exif_orientation, turn_upright
 from apecli.images.loading import Batch, Item, Pixels, image_errors, open_rgb, split_transform
 
@@ -38,8 +39,12 @@ class RawBytes:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Item:
-        try:  # readinto releases the GIL while it reads (numpy's fromfile held it, and the encoding thread waited)
-            with open(self.paths[index], "rb", buffering=0) as file:
+        path = self.paths[index]
+        try:
+            if isinstance(path, ShardMember):  # a file inside a tar shard: its bytes where they lie
+                return index, np.frombuffer(path.read_bytes(), dtype=np.uint8), None
+            # readinto releases the GIL while it reads (numpy's fromfile held it, and the encoding thread waited)
+            with open(path, "rb", buffering=0) as file:
                 data = bytearray(os.fstat(file.fileno()).st_size)
                 size = file.readinto(data)
             return index, np.frombuffer(data, dtype=np.uint8, count=size), None

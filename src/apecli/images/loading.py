@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from apecli.errors import first_line
+from apecli.files import ShardMember
 from apecli.images.exif import TRANSPOSES, pil_orientation
 
 Item = tuple  # (index, the image as a tensor or its raw bytes, or None; why it could not be read, or None)
@@ -36,18 +37,23 @@ def readable(path: Path) -> str | None:
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with Image.open(_source(path)) as image:
             image.load()
         return None
     except image_errors() as error:  # PIL's ways of saying "not an image"
         return first_line(error)
 
 
+def _source(path: "Path | ShardMember"):
+    """What PIL opens: a file's path, or the bytes of a file inside a tar shard."""
+    return path.open_binary() if isinstance(path, ShardMember) else path
+
+
 def open_rgb(path: Path, upright: bool = False):
     """The image as RGB; ``upright``: turned as its EXIF orientation tag says, as photo viewers show it."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    with Image.open(_source(path)) as image:
         orientation = pil_orientation(image) if upright else 1
         return (image.transpose(TRANSPOSES[orientation]) if orientation in TRANSPOSES else image).convert("RGB")
 
