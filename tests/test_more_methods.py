@@ -393,3 +393,14 @@ def test_extract_keeps_every_prompt_embedding(tiny, caltech, tmp_path):
     for c in range(stored.num_classes):
         mean = stored.prompts[stored.prompt_labels == c].mean(axis=0)
         np.testing.assert_allclose(stored.classifier[c], mean / np.linalg.norm(mean), atol=1e-5)
+
+
+def test_an_auto_evaluation_naming_no_installed_method_is_one_error():
+    with pytest.raises(ApecliError, match="auto chose 'nope', which is not a method installed here"):
+        Auto.restore({}, {"auto_chosen": np.frombuffer(b"nope", dtype=np.uint8)})
+    with pytest.raises(ApecliError, match="auto chose 'a name no mode has'"):
+        Auto.restore({}, {"auto_chosen": np.frombuffer(b"x\nfake: line", dtype=np.uint8)})
+    with pytest.raises(ApecliError, match="does not name the method it chose"):
+        Auto.restore({}, {})
+    assert "earlier apecli" in Auto.outdated({"chosen": "proker", "chosen_details": [1, 2]})  # not a map: none of it read
+    assert Auto.outdated({"chosen": "gda", "chosen_details": {}}) is None

@@ -960,7 +960,9 @@ def _print_evaluation(evaluation) -> None:
         if evaluation.epochs is not None:
             chosen.append(f"epoch {evaluation.epochs[0]}/{evaluation.epochs[1]}")
         given = [text for name, text in settings if name in evaluation.given]
-        table.add_row(registry.label(evaluation.mode), f"{evaluation.val_accuracy:.2f}", f"{evaluation.test_accuracy:.2f}",
+        label = registry.label(evaluation.mode) + (f" ({registry.label(evaluation.extra['chosen'])})"
+                                                   if "chosen" in evaluation.extra else "")  # auto: what it chose
+        table.add_row(label, f"{evaluation.val_accuracy:.2f}", f"{evaluation.test_accuracy:.2f}",
                       "; ".join(part for part in (" ".join(chosen), "given " * bool(given) + " ".join(given)) if part))
     console.print(table)
     if "candidates" in evaluation.extra:  # auto: what each candidate reached on validation, and its time

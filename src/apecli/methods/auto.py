@@ -66,7 +66,8 @@ class Auto(Method):
     @classmethod
     def outdated(cls, summary: Mapping[str, Any]) -> str | None:
         chosen = cls.known().get(str(summary.get("chosen")))
-        return None if chosen is None else chosen.outdated(summary.get("chosen_details", {}))
+        details = summary.get("chosen_details")
+        return None if chosen is None else chosen.outdated(details if isinstance(details, Mapping) else {})
 
     def fit(self, task: Task) -> dict[str, float]:
         tried = []
@@ -109,5 +110,6 @@ class Auto(Method):
         name = bytes(np.asarray(state[CHOSEN], dtype=np.uint8)).decode("utf-8", errors="replace")
         method = cls.known().get(name)
         if method is None or method is Auto:
-            raise ApecliError(f"auto chose '{name}', which is not a method installed here")
+            said = name if name.isprintable() and len(name) <= 64 else "a name no mode has"
+            raise ApecliError(f"auto chose '{said}', which is not a method installed here")
         return method.restore(hyperparameters, state)
