@@ -404,3 +404,22 @@ def test_an_auto_evaluation_naming_no_installed_method_is_one_error():
         Auto.restore({}, {})
     assert "earlier apecli" in Auto.outdated({"chosen": "proker", "chosen_details": [1, 2]})  # not a map: none of it read
     assert Auto.outdated({"chosen": "gda", "chosen_details": {}}) is None
+
+
+def test_a_candidate_that_cannot_fit_the_task_is_left_out_and_said(features, monkeypatch):
+    from apecli.methods import auto
+
+    class Refusing(ClassMean):
+        name = "refusing"
+
+        def fit(self, task):
+            raise ApecliError("needs more shots than 4")
+
+    monkeypatch.setattr(auto, "candidate_methods", lambda names=None: [Refusing, ClassMean])
+    evaluation = evaluate_method(features, Auto())
+    assert evaluation.extra["chosen"] == "class-mean"
+    assert [row["mode"] for row in evaluation.extra["candidates"]] == ["class-mean"]
+    assert "auto left out refusing: needs more shots than 4" in evaluation.notes
+    monkeypatch.setattr(auto, "candidate_methods", lambda names=None: [Refusing])
+    with pytest.raises(ApecliError, match="auto has no candidate that fits this task: auto left out refusing"):
+        evaluate_method(features, Auto())

@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from apecli.errors import ApecliError, SettingError
+from apecli.errors import ApecliError, SettingError, first_line
 from apecli.methods.base import TASK_ARRAYS, Method, Options, Task
 from apecli.methods.scores import count_correct, percent
 
@@ -70,17 +70,23 @@ class Auto(Method):
         return None if chosen is None else chosen.outdated(details if isinstance(details, Mapping) else {})
 
     def fit(self, task: Task) -> dict[str, float]:
-        tried = []
+        tried, left_out = [], []
         for method_type in candidate_methods(self.candidates):
             method = method_type.create(self.options)
             started = time.perf_counter()
-            hyperparameters = {str(name): float(value) for name, value in dict(method.fit(task)).items()}
+            try:
+                hyperparameters = {str(name): float(value) for name, value in dict(method.fit(task)).items()}
+            except ApecliError as error:  # this candidate cannot fit this task (say, too few shots): the others can
+                left_out.append(f"auto left out {method.name}: {first_line(error)}")
+                continue
             seconds = time.perf_counter() - started
             accuracy = method.val_accuracy
             if accuracy is None:
                 accuracy = percent(count_correct(np.asarray(method.logits(task.val_features)), task.val_labels),
                                    task.val_labels.shape[0])
             tried.append((float(accuracy), seconds, method, hyperparameters))
+        if not tried:
+            raise ApecliError("auto has no candidate that fits this task: " + "; ".join(left_out))
         best = max(tried, key=lambda entry: (entry[0], -entry[1]))  # the best, then the quickest of equals
         accuracy, _, self.chosen, hyperparameters = best
         self.val_accuracy, self.search, self.channels = accuracy, self.chosen.search, self.chosen.channels
@@ -90,7 +96,7 @@ class Auto(Method):
                                        for acc, seconds, method, _ in tried],
                         "chosen_details": dict(self.chosen.details)}
         self.notes = (f"auto chose {self.chosen.label or self.chosen.name} of {len(tried)} candidates, by its "
-                      f"validation accuracy ({accuracy:.2f}%)", *self.chosen.notes)
+                      f"validation accuracy ({accuracy:.2f}%)", *left_out, *self.chosen.notes)
         return hyperparameters
 
     def logits(self, features: np.ndarray) -> np.ndarray:
