@@ -214,10 +214,9 @@ def test_the_nearest_class_mean_is_the_argmax_of_cosines_to_the_mean_keys(featur
     evaluation = evaluate_method(features, ClassMean())
     _, cache = features.cache(4)
     means = np.stack([cache.keys[cache.labels == c].mean(0) for c in range(6)])
-    expected = np.argmax(features.split("test").features @ means.T, axis=1)  # normalising rows changes no argmax…
     np.testing.assert_array_equal(evaluation.test_predictions, np.argmax(
         features.split("test").features @ (means / np.linalg.norm(means, axis=1, keepdims=True)).T, axis=1))
-    assert evaluation.hyperparameters == {} and expected.shape == evaluation.test_predictions.shape
+    assert evaluation.hyperparameters == {}
 
 
 @pytest.mark.parametrize("mode", [*NEW, "auto"])

@@ -91,7 +91,9 @@ def _write_atomic(path: Path, text: str) -> None:
         temporary.write_text(text)
 
 
-def write_results(out: Path, rows: Sequence[dict[str, Any]]) -> None:
+def write_results(out: Path, rows: Sequence[dict[str, Any]], computed: dict[str, Any] | None = None) -> None:
+    """The rows as results.json and results.csv, and each cell in CLIP_benchmark's form: ``computed``'s file
+    (a cell just computed, perhaps replacing an outdated one) and any other that is missing."""
     Path(out).mkdir(parents=True, exist_ok=True)
     _write_atomic(Path(out) / "results.json", json.dumps(list(rows), indent=1))
     buffer = io.StringIO()
@@ -102,10 +104,9 @@ def write_results(out: Path, rows: Sequence[dict[str, Any]]) -> None:
     for row in rows:  # each cell in CLIP_benchmark's form too, for that tool's users to aggregate
         if isinstance(row.get("clip_benchmark"), dict):
             path = Path(out) / CLIP_BENCHMARK_FOLDER / cell_file(row)
-            text = json.dumps(row["clip_benchmark"], indent=1)
-            if not path.is_file() or path.read_text(errors="replace") != text:
+            if row is computed or not path.is_file():
                 path.parent.mkdir(exist_ok=True)
-                _write_atomic(path, text)
+                _write_atomic(path, json.dumps(row["clip_benchmark"], indent=1))
 
 
 CLIP_BENCHMARK_FOLDER = "clip-benchmark"
@@ -198,7 +199,7 @@ def run_bench(
                 row = _row(artifact, count, method.name, evaluation, time.perf_counter() - start)
                 row["clip_benchmark"] = clip_benchmark_result(evaluation.summary(), features)
                 rows = [kept for kept in rows if _cell(kept) != _cell(row)] + [row]  # replaces an outdated cell
-                write_results(out, rows)
+                write_results(out, rows, row)
                 if progress is not None:
                     progress(row, False)
     table, results = Path(out) / "results.csv", Path(out) / "results.json"

@@ -37,7 +37,7 @@ NPZ_REQUIRED = ("text_weights", "cache_keys", "cache_labels", "val_features", "v
 UNIT_TOLERANCE = 0.01  # how far from 1 an imported row's L2 norm may be: float16 storage moves it by about 5e-4
 
 
-def _load_tensor(path: Path) -> np.ndarray:
+def load_tensor(path: Path) -> np.ndarray:
     """A tensor saved with torch.save, read safely (``weights_only=True``) as a numpy array."""
     import torch
 
@@ -104,7 +104,7 @@ def _available_memory() -> int | None:
         return None
 
 
-def _as_features(array: np.ndarray, what: str, ndim: int = 2) -> np.ndarray:
+def as_features(array: np.ndarray, what: str, ndim: int = 2) -> np.ndarray:
     """``array`` when it holds floating-point features in ``ndim`` dimensions (rows × channels by default)."""
     if not np.issubdtype(array.dtype, np.floating):
         raise ApecliError(f"{what}: of type {array.dtype}, expected floating-point features")
@@ -113,7 +113,7 @@ def _as_features(array: np.ndarray, what: str, ndim: int = 2) -> np.ndarray:
     return array
 
 
-def _as_labels(array: np.ndarray, what: str) -> np.ndarray:
+def as_labels(array: np.ndarray, what: str) -> np.ndarray:
     if array.ndim != 1:
         raise ApecliError(f"{what}: labels of shape {array.shape}, expected one dimension")
     if not np.issubdtype(array.dtype, np.integer):
@@ -132,7 +132,7 @@ def _labels_from_one_hot(values: np.ndarray, what: str) -> np.ndarray:
     return np.argmax(values, axis=1).astype(np.int64)
 
 
-def _class_names(count: int | None, names_file: Path | None) -> tuple[str, ...]:
+def names_from_file(count: int | None, names_file: Path | None) -> tuple[str, ...]:
     """Names from a file, one per line (``count`` of them, when given), or placeholders."""
     if names_file is None:
         return tuple(f"class_{i}" for i in range(count or 0))
@@ -193,7 +193,7 @@ def class_texts(spec: "EncoderSpec", dataset: str | None, root: str | os.PathLik
     if names is not None:  # found in the features' own files
         names = tuple(names)
     elif class_names is not None:
-        names = _class_names(None, Path(class_names))
+        names = names_from_file(None, Path(class_names))
     elif canonical in LAYOUTS and root is not None:
         names = read_coop(canonical, Path(root)).class_names
     else:
@@ -213,13 +213,13 @@ def prompt_table(array: np.ndarray, what: str, num_classes: int, dim: int,
     """Prompt embeddings as a feature set keeps them (M × D rows and their classes), from C × P × D, or
     from M × D rows with their ``labels`` (classes with different numbers of prompts)."""
     if labels is None:
-        array = _as_features(array, what, 3)
+        array = as_features(array, what, 3)
         if array.shape[0] != num_classes or array.shape[2] != dim or array.shape[1] == 0:
             raise ApecliError(f"{what}: prompt embeddings of shape {tuple(array.shape)}, expected (C={num_classes} "
                               f"classes, P ≥ 1 prompts, D={dim} channels)")
         return (np.ascontiguousarray(array.reshape(-1, dim)),
                 np.repeat(np.arange(num_classes, dtype=np.int64), array.shape[1]))
-    array, labels = _as_features(array, what), _as_labels(labels, f"{what}: prompt_labels")
+    array, labels = as_features(array, what), as_labels(labels, f"{what}: prompt_labels")
     if array.shape[1] != dim or labels.shape[0] != array.shape[0]:
         raise ApecliError(f"{what}: {array.shape[0]} prompt embeddings of {array.shape[1]} channels with "
                           f"{labels.shape[0]} labels, expected one label each and {dim} channels")
@@ -270,7 +270,7 @@ def import_tip_adapter(
     if computed is None:
         text_path = Path(text_weights)
         sources["text_weights"] = text_path
-        text = _as_features(_load_tensor(text_path), str(text_path))
+        text = as_features(load_tensor(text_path), str(text_path))
     else:  # C × D rows
         text = np.ascontiguousarray(computed.classifier.T)
     present = [split for split in ("val", "test") if (folder / f"{split}_f.pt").is_file()]
@@ -281,8 +281,8 @@ def import_tip_adapter(
         features_path, labels_path = folder / f"{split}_f.pt", folder / f"{split}_l.pt"
         sources[features_path.name], sources[labels_path.name] = features_path, labels_path
         splits[split] = LabelledFeatures(
-            _as_features(_load_tensor(features_path), str(features_path)),
-            _as_labels(_load_tensor(labels_path), str(labels_path)),
+            as_features(load_tensor(features_path), str(features_path)),
+            as_labels(load_tensor(labels_path), str(labels_path)),
         )
     if len(present) == 1:  # ImageNet's folders: APE writes val_f.pt alone, Tip-Adapter test_f.pt
         other = "test" if present == ["val"] else "val"
@@ -294,9 +294,9 @@ def import_tip_adapter(
         computed.check_width(dim, "the cache's features")
     if text.ndim != 2 or text.shape[0] != dim:
         raise ApecliError(f"{text_path}: shape {tuple(text.shape)}, expected (D={dim} channels, C classes)"
-                          + _transposed_hint(text.shape, dim))
+                          + transposed_hint(text.shape, dim))
     num_classes = text.shape[1]
-    keys_of = {count: _as_features(_load_tensor(folder / f"keys_{count}shots.pt"), f"{folder}/keys_{count}shots.pt")
+    keys_of = {count: as_features(load_tensor(folder / f"keys_{count}shots.pt"), f"{folder}/keys_{count}shots.pt")
                for count in shot_counts}
     matching = [count for count, keys in keys_of.items() if keys.ndim == 2 and keys.shape[0] == dim]
     if len(matching) < len(shot_counts):
@@ -312,7 +312,7 @@ def import_tip_adapter(
     for shots, keys in keys_of.items():
         keys_path, values_path = folder / f"keys_{shots}shots.pt", folder / f"values_{shots}shots.pt"
         sources[keys_path.name], sources[values_path.name] = keys_path, values_path
-        values = _load_tensor(values_path)
+        values = load_tensor(values_path)
         labels = _labels_from_one_hot(values, str(values_path))
         if values.shape[0] == keys.shape[1] and values.shape[1] != num_classes:
             raise ApecliError(f"{values_path}: labels of {values.shape[1]} classes, but the text classifier has "
@@ -332,7 +332,7 @@ def import_tip_adapter(
         "files": {name: file_sha256(path) for name, path in sorted(sources.items())},
         "notes": notes,
     }
-    names = _class_names(num_classes, Path(class_names) if class_names else None)
+    names = names_from_file(num_classes, Path(class_names) if class_names else None)
     recorded = {"name": model} if model else {}
     prompts = prompt_labels = None
     if computed is not None:
@@ -343,7 +343,7 @@ def import_tip_adapter(
         provenance["class_names"] = PLACEHOLDERS
     if prompt_embeddings is not None:
         prompt_path = Path(prompt_embeddings)
-        prompts, prompt_labels = prompt_table(_load_tensor(prompt_path), str(prompt_path), num_classes, dim)
+        prompts, prompt_labels = prompt_table(load_tensor(prompt_path), str(prompt_path), num_classes, dim)
         provenance["files"]["prompt_embeddings"] = file_sha256(prompt_path)
     return unit_rows(FeatureSet(
         class_names=names,
@@ -358,7 +358,7 @@ def import_tip_adapter(
     ).validate(), normalise)
 
 
-def _transposed_hint(shape: tuple[int, ...], width: int) -> str:
+def transposed_hint(shape: tuple[int, ...], width: int) -> str:
     return "; it holds C × D: transpose it" if len(shape) == 2 and shape[1] == width != shape[0] else ""
 
 
@@ -389,14 +389,14 @@ def import_npz(
         texts.check_width(np.shape(arrays["val_features"])[-1], "the file's features")
         if "class_names" in arrays and tuple(map(str, arrays["class_names"])) != texts.class_names:
             raise ApecliError(f"{path}: its class_names differ from those the text was computed from")
-    text = np.ascontiguousarray(texts.classifier.T) if texts is not None else _as_features(arrays["text_weights"], "text_weights")
+    text = np.ascontiguousarray(texts.classifier.T) if texts is not None else as_features(arrays["text_weights"], "text_weights")
     width = np.shape(arrays["val_features"])[-1] if np.ndim(arrays["val_features"]) else 0
-    transposed = _transposed_hint(text.shape, width)  # any other disagreement of widths, validate names
+    transposed = transposed_hint(text.shape, width)  # any other disagreement of widths, validate names
     if text.ndim != 2 or transposed:
         raise ApecliError(f"{path}: text_weights of shape {text.shape}, expected (D={width} channels, C classes)"
                           + transposed)
     num_classes = text.shape[1]
-    labels = _as_labels(arrays["cache_labels"], "cache_labels")
+    labels = as_labels(arrays["cache_labels"], "cache_labels")
     counts = np.bincount(labels[labels >= 0], minlength=num_classes) if labels.size else np.zeros(1, int)
     if labels.size == 0 or labels.min() < 0 or labels.max() >= num_classes:
         raise ApecliError(f"{path}: cache_labels out of range for {num_classes} classes")
@@ -423,14 +423,14 @@ def import_npz(
     if names is None:
         provenance["class_names"] = PLACEHOLDERS
     features = FeatureSet(
-        class_names=tuple(str(n) for n in names) if names is not None else _class_names(num_classes, None),
+        class_names=tuple(str(n) for n in names) if names is not None else names_from_file(num_classes, None),
         classifier=np.ascontiguousarray(text.T),
-        caches={shots: FewShotCache(_as_features(arrays["cache_keys"], "cache_keys"), labels,
-                                    None if views is None else _as_features(views, "cache_views", 3))},
+        caches={shots: FewShotCache(as_features(arrays["cache_keys"], "cache_keys"), labels,
+                                    None if views is None else as_features(views, "cache_views", 3))},
         splits={
             split: LabelledFeatures(
-                _as_features(arrays[f"{split}_features"], f"{split}_features"),
-                _as_labels(arrays[f"{split}_labels"], f"{split}_labels"),
+                as_features(arrays[f"{split}_features"], f"{split}_features"),
+                as_labels(arrays[f"{split}_labels"], f"{split}_labels"),
             )
             for split in ("val", "test")
         },

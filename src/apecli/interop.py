@@ -31,14 +31,14 @@ from apecli.errors import ApecliError, InputError, Placeholder, Setting, first_l
 from apecli.files import file_sha256
 from apecli.importers import (
     ClassTexts,
-    _as_features,
-    _as_labels,
-    _class_names,
-    _load_tensor,
-    _transposed_hint,
+    as_features,
+    as_labels,
+    load_tensor,
+    names_from_file,
+    transposed_hint,
     unit_rows,
 )
-from apecli.kinds.features import PLACEHOLDERS, FeatureSet, FewShotCache, LabelledFeatures
+from apecli.kinds.features import PLACEHOLDERS, Described, FeatureSet, FewShotCache, LabelledFeatures
 from apecli.presets import canonical_name
 
 CLIP_BENCHMARK_SHOTS = (1, 2, 4, 8, 16)
@@ -74,8 +74,8 @@ def _split(folder: Path, split: str, sources: dict[str, Path]) -> tuple[np.ndarr
     for path in (features_path, targets_path):
         if not path.is_file():
             raise InputError(path, f"no such file, beside {(targets_path if path == features_path else features_path).name}")
-    features = _as_features(_load_tensor(features_path), str(features_path))
-    targets = _as_labels(_load_tensor(targets_path), str(targets_path))
+    features = as_features(load_tensor(features_path), str(features_path))
+    targets = as_labels(load_tensor(targets_path), str(targets_path))
     if features.shape[0] != targets.shape[0]:
         raise InputError(features_path, f"{features.shape[0]} features, but {targets_path.name} has "
                                         f"{targets.shape[0]} targets")
@@ -130,10 +130,10 @@ def import_clip_benchmark(
         text = np.ascontiguousarray(texts.classifier.T)
     else:
         head = Path(text_weights)
-        text = _as_features(_load_tensor(head), str(head))
+        text = as_features(load_tensor(head), str(head))
         if text.shape[0] != dim:
             raise InputError(head, f"a head of shape {tuple(text.shape)}: {text.shape[0]} channels, the features have "
-                                   f"{dim}" + _transposed_hint(text.shape, dim))
+                                   f"{dim}" + transposed_hint(text.shape, dim))
         sources["head"] = head
     num_classes = text.shape[1]
     for name, part in (("train", train), ("val", val), ("test", test)):
@@ -148,7 +148,7 @@ def import_clip_benchmark(
     }
     if parts is not None:
         provenance["clip_benchmark"] = dict(zip(("model", "pretrained", "dataset"), parts))
-    names = _class_names(num_classes, Path(class_names) if class_names else None)
+    names = names_from_file(num_classes, Path(class_names) if class_names else None)
     if texts is None and class_names is None:
         provenance["class_names"] = PLACEHOLDERS
     return few_shot_set(train[0], train[1], val, test, text, shots, seed, names, provenance,
@@ -200,7 +200,7 @@ def few_shot_set(train_x: np.ndarray, train_y: np.ndarray, val: tuple[np.ndarray
         raise error.within(f"{source}: ") from None
 
 
-def clip_benchmark_result(summary: dict[str, Any], features: FeatureSet) -> dict[str, Any]:
+def clip_benchmark_result(summary: dict[str, Any], features: Described) -> dict[str, Any]:
     """An evaluation's summary (``apecli eval --json``) in CLIP_benchmark's result form: ``dataset``,
     ``model``, ``pretrained``, ``task``, ``metrics`` with ``acc1`` and ``mean_per_class_recall`` as
     fractions (and ``fewshot_k``, the shots), and the ``method`` that made it."""
@@ -298,7 +298,7 @@ def import_clip_retrieval(
             x = np.load(emb_path, allow_pickle=False)
         except (OSError, ValueError) as error:
             raise InputError(emb_path, f"not a readable .npy file ({first_line(error, 160)})") from None
-        x = _as_features(x, str(emb_path))
+        x = as_features(x, str(emb_path))
         table = _parquet_table(table_path)
         count = len(next(iter(table.values()))) if table else 0
         if count != x.shape[0]:
@@ -344,7 +344,7 @@ def import_clip_retrieval(
         text = np.ascontiguousarray(computed.classifier.T)
     else:
         computed, head = None, Path(text_weights)
-        text = _as_features(_load_tensor(head), str(head))
+        text = as_features(load_tensor(head), str(head))
         if text.shape != (x.shape[1], len(names)):
             raise InputError(head, f"a text classifier of shape {tuple(text.shape)}, expected (D={x.shape[1]} channels, "
                                    f"C={len(names)} classes: the labels found, sorted)")

@@ -148,8 +148,7 @@ def import_tip_adapter(
     from apecli.importers import import_tip_adapter as read
 
     counts = _integers(shots, "--shots") if shots is not None else None
-    if text_model is not None and text_weights is not None:
-        raise ApecliError("give --text-weights or --text-model, not both")
+    _one_text_source(text_weights, text_model)
     texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts, trust_torchscript)
     features = read(directory, text_weights, dataset, class_names, model, counts, texts, normalise, prompt_embeddings)
     _save_imported(features, store_dir, as_json, texts)
@@ -201,8 +200,7 @@ def import_clip_benchmark(
     """Import a CLIP_benchmark feature folder: few-shot caches drawn from its train split, its val and test as they are."""
     from apecli.interop import import_clip_benchmark as read
 
-    if text_model is not None and text_weights is not None:
-        raise ApecliError("give --text-weights or --text-model, not both")
+    _one_text_source(text_weights, text_model)
     texts = _class_texts(text_model, pretrained, dataset, root, class_names, prompts, trust_torchscript)
     features = read(directory, text_weights, texts, _integers(shots, "--shots"), seed, dataset, class_names)
     _save_imported(features, store_dir, as_json, texts)
@@ -233,8 +231,7 @@ def import_clip_retrieval(
     """Import a clip-retrieval embedding folder, labelled by folder or column (parquet needs apecli[interop])."""
     from apecli.interop import import_clip_retrieval as read
 
-    if text_model is not None and text_weights is not None:
-        raise ApecliError("give --text-weights or --text-model, not both")
+    _one_text_source(text_weights, text_model)
     texts = None
     if text_model is not None:
         from apecli.encoder import EncoderSpec
@@ -244,6 +241,11 @@ def import_clip_retrieval(
         texts = lambda names: class_texts(spec, dataset, prompts=prompts, names=names)  # noqa: E731
     features = read(directory, labels, splits, text_weights, texts, _integers(shots, "--shots"), seed, dataset)
     _save_imported(features, store_dir, as_json)
+
+
+def _one_text_source(text_weights: Path | None, text_model: str | None) -> None:
+    if text_model is not None and text_weights is not None:
+        raise ApecliError("give --text-weights or --text-model, not both")
 
 
 def _class_texts(text_model: str | None, pretrained: str, dataset: str | None, root: Path | None,
@@ -465,9 +467,10 @@ def evaluate(
         say(f"note: {note}")
     if result_format == "clip-benchmark":
         from apecli.interop import clip_benchmark_result
-        from apecli.kinds.evaluation import EvaluationRecord
+        from apecli.kinds.features import FeaturesHeader, root_features
 
-        typer.echo(json.dumps(clip_benchmark_result(evaluation.summary(), EvaluationRecord.read(saved).features())))
+        header = FeaturesHeader.of(root_features(artifact))  # its encoder and provenance: no arrays read again
+        typer.echo(json.dumps(clip_benchmark_result(evaluation.summary(), header)))
         return
     emit(saved, evaluation.summary(), as_json)
 

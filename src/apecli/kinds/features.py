@@ -481,10 +481,15 @@ def load_features(source: str | Path | store.Artifact, *, with_views: bool = Fal
         raise error.within(f"{artifact.path}: ") from None
 
 
-def features_of(artifact: store.Artifact) -> FeatureSet:
-    """The feature set at the root of an artifact's parents (each checked unchanged), without its views."""
+def root_features(artifact: store.Artifact) -> store.Artifact:
+    """The features artifact at the root of an artifact's parents (each checked unchanged)."""
     while artifact.kind != KIND:
         if not artifact.parents:
             raise InputError(artifact.path, "leads to no features artifact")
         artifact = artifact.parent(artifact.parents[0].kind)
-    return load_features(artifact, with_views=False)
+    return artifact
+
+
+def features_of(artifact: store.Artifact) -> FeatureSet:
+    """The feature set at the root of an artifact's parents (each checked unchanged), without its views."""
+    return load_features(root_features(artifact), with_views=False)

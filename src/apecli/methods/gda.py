@@ -23,10 +23,14 @@ def gda_head(samples: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple
     centred = x - means[labels]
     count, dim = centred.shape
     covariance = centred.T @ centred / (count - 1)
-    precision = dim * np.linalg.pinv((count - 1) * covariance + np.trace(covariance) * np.eye(dim))
+    return linear_head(means, dim * np.linalg.pinv((count - 1) * covariance + np.trace(covariance) * np.eye(dim)))
+
+
+def linear_head(means: np.ndarray, precision: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The linear head of class means (C × D) and a shared precision matrix: weights μ P, biases
+    log(1/C) − ½ μ P μᵀ (equal priors)."""
     weights = means @ precision
-    bias = np.log(1.0 / num_classes) - 0.5 * np.einsum("cd,cd->c", weights, means)
-    return weights, bias
+    return weights, np.log(1.0 / len(means)) - 0.5 * np.einsum("cd,cd->c", weights, means)
 
 
 class ScatterSums:
@@ -56,10 +60,8 @@ class ScatterSums:
         count, dim = self.counts.sum(), self.sums.shape[1]
         scatter = self.outer - (means * self.counts[:, None]).T @ means  # (count − 1) · covariance
         scatter = (scatter + scatter.T) / 2
-        precision = dim * np.linalg.pinv(scatter + np.trace(scatter) / (count - 1) * np.eye(dim), hermitian=True)
-        weights = means @ precision
-        bias = np.log(1.0 / len(means)) - 0.5 * np.einsum("cd,cd->c", weights, means)
-        return weights, bias
+        return linear_head(means, dim * np.linalg.pinv(scatter + np.trace(scatter) / (count - 1) * np.eye(dim),
+                                                       hermitian=True))
 
 
 def head_of(views: np.ndarray | None, keys: np.ndarray, key_labels: np.ndarray,
